@@ -1,0 +1,45 @@
+"""Shared fixtures. The default preset's stages are trained once per test session in a temporary cache."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("unlearn-cache")
+    os.environ["UNLEARN_CACHE"] = str(path)  # subprocesses (the CLI) share the session's cache
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def default_config(cache_dir):
+    from unlearn.config import load_config
+
+    return load_config("digits-ae", [f"cache_dir={cache_dir}"])
+
+
+@pytest.fixture(scope="session")
+def prepared(default_config):
+    """The digits-ae stages, backbone and reference features (about 1.5 minutes on 2 cores, once)."""
+    from unlearn.pipeline import prepare
+
+    return prepare(default_config, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def method_metrics(prepared):
+    """Audited metrics of every registry method and reference model on the default preset, computed once."""
+    from unlearn.methods import METHODS
+    from unlearn.pipeline import audit_result, evaluate_reference, unlearn
+
+    out = {name: evaluate_reference(prepared, name) for name in ("original", "attack", "retrain")}
+    for name, method in METHODS.items():
+        if method.reference_stage is None:
+            out[name] = audit_result(prepared, unlearn(prepared, name))
+    return out

@@ -1,0 +1,64 @@
+import os
+
+import pytest
+
+from unlearn import stages as stages_module
+from unlearn.pipeline import prepare
+
+
+def _snapshot(root):
+    return {p: os.stat(p).st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_second_prepare_trains_nothing_and_touches_no_file(prepared, default_config, monkeypatch):
+    root = default_config.resolved_cache_dir()
+    before = _snapshot(root)
+    assert before, "the session fixture should have filled the cache"
+
+    def fail(*_args, **_kwargs):
+        raise AssertionError("a cached stage was retrained")
+
+    for name in ("_train_original", "_train_attack", "_train_retrain"):
+        monkeypatch.setattr(stages_module, name, fail)
+    again = prepare(default_config, log=lambda _: None)
+    assert all(stage.reused for stage in again.stages.values())
+    assert {k: s.key for k, s in again.stages.items()} == {k: s.key for k, s in prepared.stages.items()}
+    assert _snapshot(root) == before
+
+
+def test_stage_keys_follow_their_inputs(default_config):
+    from unlearn.config import with_overrides
+    from unlearn.stages import stage_keys
+
+    base = stage_keys(default_config)
+    attack_changed = stage_keys(with_overrides(default_config, {"stages.attack_lr": 5e-4}))
+    assert attack_changed["original"] == base["original"] and attack_changed["retrain"] == base["retrain"]
+    assert attack_changed["attack"] != base["attack"]
+    unlearn_changed = stage_keys(with_overrides(default_config, {"unlearn.ga_steps": 3}))
+    assert unlearn_changed == base
+
+
+def test_checkpoints_load_with_weights_only(prepared, default_config):
+    import torch
+
+    folder = default_config.resolved_cache_dir() / "stages" / prepared.stages["attack"].key
+    state = torch.load(folder / "tensors.pt", weights_only=True)
+    assert set(state) == set(prepared.stages["attack"].model.state_dict())
+
+
+def test_invalid_run_leaves_cache_untouched(prepared, default_config, capsys):
+    from unlearn.cli import main
+
+    root = default_config.resolved_cache_dir()
+    before = _snapshot(root)
+    code = main(["run", "--method", "realistic", "--set", f"cache_dir={root}", "--set", "unlearn.ga_lr=-1"])
+    assert code == 2
+    assert _snapshot(root) == before
+
+
+def test_corrupt_pretrained_path_is_a_config_error(tmp_path):
+    from unlearn.config import ConfigError, load_config
+
+    cfg = load_config("digits-ae", [f"cache_dir={tmp_path}", f"model.pretrained={tmp_path / 'missing.pt'}"])
+    with pytest.raises(ConfigError, match="missing.pt"):
+        prepare(cfg, log=lambda _: None)

@@ -1,0 +1,166 @@
+"""Pluggable feature backbones for FID / IS / CLIP-similarity.
+
+- `domain`:    a small classifier trained once per data set through the one training loop, cached.
+- `inception`: torchmetrics' FID Inception-v3 (local weights file, or downloaded where a network exists).
+- `clip`:      an open_clip image tower (local checkpoint file, or a pretrained tag where a network exists).
+
+Every backbone maps images in [0, 1] to (features, logits). Backbones without a classification head
+(CLIP) use a nearest-centroid classifier over the training classes as logits for the Inception Score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unlearn.cache import ArtifactCache
+from unlearn.config import Config, ConfigError
+from unlearn.data import BatchStream, ImageSubset, UnlearningData, to_float
+from unlearn.methods.loop import Phase, StepContext, run_phases
+
+
+class DomainClassifier(nn.Module):
+    def __init__(self, num_classes: int, feature_dim: int = 64) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.GELU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64 * 16, feature_dim),
+            nn.GELU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(images)
+        return features, self.head(features)
+
+
+def _classify(ctx: StepContext, batches: dict) -> torch.Tensor:
+    images, _, labels = batches["train"]
+    return F.cross_entropy(ctx.model(images)[1], labels)
+
+
+class Backbone:
+    """Images in [0, 1] -> (features, logits), evaluated in batches without gradients."""
+
+    def __init__(self, name: str, forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], key: str) -> None:
+        self.name, self._forward, self.key = name, forward, key
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, logits = [], []
+        for i in range(0, len(images), batch_size):
+            f, lg = self._forward(images[i : i + batch_size])
+            feats.append(f.float().cpu())
+            logits.append(lg.float().cpu())
+        return torch.cat(feats), torch.cat(logits)
+
+
+def _train_subset(data: UnlearningData) -> ImageSubset:
+    forget_clean = ImageSubset(data.forget_train.clean, data.forget_train.clean, data.forget_train.labels)
+    return ImageSubset.concat(data.retain_train, forget_clean)
+
+
+def _domain(config: Config, data: UnlearningData, device: torch.device, log: Callable[[str], None]) -> Backbone:
+    cache = ArtifactCache(config.resolved_cache_dir())
+    key = f"domain-{config.section_key('data')}-{config.audit.domain_epochs}"
+    model = DomainClassifier(len(data.class_names))
+    if cache.has("backbones", key):
+        model.load_state_dict(cache.load("backbones", key)[0])
+        log(f"backbone domain: reused {key}")
+    else:
+        torch.manual_seed(config.seed)
+        train = _train_subset(data)
+        model.to(device)
+        steps = config.audit.domain_epochs * math.ceil(len(train) / 64)
+        stream = BatchStream(train, 64, config.seed + 7, device=device)
+        ctx = StepContext(model=model, mask=data.mask)
+        run_phases(model, [Phase("domain", _classify, ("train",), steps, 2e-3)], {"train": stream}, ctx, clip_norm=10.0)
+        with torch.no_grad():
+            test = ImageSubset.concat(data.retain_test, data.forget_test)
+            accuracy = float((model(to_float(test.clean).to(device))[1].argmax(1).cpu() == test.labels).float().mean())
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        cache.save("backbones", key, state, {"backbone": "domain", "test_accuracy": accuracy})
+        log(f"backbone domain: trained, test accuracy {accuracy:.3f}")
+    model.to(device).eval()
+    return Backbone("domain", lambda x: model(x.to(device)), key)
+
+
+def _centroid_logits(features: Callable[[torch.Tensor], torch.Tensor], data: UnlearningData, device: torch.device):
+    """A nearest-centroid classifier (cosine, CLIP-style temperature 100) over the training classes."""
+    train = _train_subset(data)
+    with torch.no_grad():
+        feats = torch.cat([features(to_float(train.clean[i : i + 128]).to(device)).float() for i in range(0, len(train), 128)])
+    feats = F.normalize(feats, dim=1)
+    labels = train.labels.to(feats.device)
+    centroids = torch.stack([feats[labels == c].mean(0) if (labels == c).any() else torch.zeros_like(feats[0]) for c in range(len(data.class_names))])
+    centroids = F.normalize(centroids, dim=1)
+    return lambda f: 100.0 * F.normalize(f.float(), dim=1) @ centroids.T
+
+
+def _inception(config: Config, device: torch.device) -> Backbone:
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    weights = config.audit.backbone_weights
+    if weights and not Path(weights).expanduser().is_file():
+        raise ConfigError(f"inception weights not found: {weights} (audit.backbone_weights)")
+    try:
+        net = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=["2048", "logits_unbiased"],
+            feature_extractor_weights_path=str(Path(weights).expanduser()) if weights else None,
+        )
+    except Exception as exc:  # torch-fidelity downloads the weights when no file is given
+        raise ConfigError(f"cannot load Inception weights ({type(exc).__name__}); give a local file with audit.backbone_weights") from None
+    net.to(device).eval()
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, logits = net((x.clamp(0, 1) * 255).to(torch.uint8).to(device))
+        return feats, logits
+
+    return Backbone("inception", forward, f"inception-{weights or 'download'}")
+
+
+def _clip(config: Config, data: UnlearningData, device: torch.device) -> Backbone:
+    import open_clip
+
+    weights = config.audit.backbone_weights
+    if weights and not Path(weights).expanduser().is_file():
+        raise ConfigError(f"CLIP checkpoint not found: {weights} (audit.backbone_weights)")
+    try:
+        model = open_clip.create_model(config.audit.clip_model, pretrained=str(Path(weights).expanduser()) if weights else "openai")
+    except Exception as exc:
+        raise ConfigError(f"cannot load CLIP model {config.audit.clip_model} ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    model.to(device).eval()
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1)
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x.to(device), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        return model.encode_image((x - mean) / std)
+
+    logits = _centroid_logits(embed, data, device)
+    return Backbone("clip", lambda x: (f := embed(x), logits(f)), f"clip-{config.audit.clip_model}-{weights or 'openai'}")
+
+
+def load_backbone(config: Config, data: UnlearningData, device: torch.device, log: Callable[[str], None] = lambda _: None) -> Backbone:
+    name = config.audit.backbone
+    if name == "domain":
+        return _domain(config, data, device, log)
+    if name == "inception":
+        return _inception(config, device)
+    if name == "clip":
+        return _clip(config, data, device)
+    raise ConfigError(f"unknown backbone {name!r}; backbones: domain, inception, clip")

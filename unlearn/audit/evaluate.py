@@ -1,0 +1,160 @@
+"""The Auditor: reference features computed once (and cached), then the full catalogue for any model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+
+from unlearn.audit.backbones import Backbone, load_backbone
+from unlearn.audit.catalogue import REFERENCES
+from unlearn.audit.marker import marker_score, marker_threshold
+from unlearn.audit.ood import knn_ood_rate, output_distance
+from unlearn.cache import ArtifactCache
+from unlearn.config import Config
+from unlearn.data import ImageSubset, UnlearningData, to_float
+from unlearn.models import I2IModel
+from unlearn.runtime import autocast
+
+
+class _Precomputed(nn.Module):
+    """Identity 'feature extractor': torchmetrics computes FID / IS on features we already hold."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    return float(metric.compute())
+
+
+def inception_score(logits: torch.Tensor) -> float:
+    metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=max(1, min(10, len(logits) // 20)))
+    metric.update(logits.double())
+    with torch.random.fork_rng(devices=[]):  # IS shuffles with the global RNG: keep runs deterministic
+        torch.manual_seed(0)
+        return float(metric.compute()[0])
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1).mean())
+
+
+@torch.no_grad()
+def model_outputs(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, device: torch.device, precision: str, batch_size: int = 256) -> torch.Tensor:
+    """Inpainted outputs for every image of `subset` (on the CPU, float32)."""
+    model.eval()
+    outs = []
+    for i in range(0, len(subset), batch_size):
+        images = to_float(subset.images[i : i + batch_size]).to(device)
+        with autocast(device, precision):
+            outs.append(model.reconstruct(images, mask.to(device)).float().cpu())
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def encoder_features(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, device: torch.device, limit: int, batch_size: int = 256) -> torch.Tensor:
+    feats = []
+    for i in range(0, min(len(subset), limit), batch_size):
+        images = to_float(subset.images[i : min(i + batch_size, limit)]).to(device)
+        feats.append(model.encode(images, mask.to(device)).float().flatten(1).cpu())
+    return torch.cat(feats)
+
+
+def _head(subset: ImageSubset, n: int) -> ImageSubset:
+    return ImageSubset(subset.images[:n], subset.clean[:n], subset.labels[:n])
+
+
+class Auditor:
+    """Computes the metric catalogue of DESIGN section 5 for any model of the run."""
+
+    def __init__(
+        self,
+        config: Config,
+        data: UnlearningData,
+        references: dict[str, I2IModel],
+        reference_keys: dict[str, str],
+        device: torch.device,
+        log: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        self.config, self.data, self.device = config, data, device
+        self.mask = data.mask
+        self.backbone: Backbone = load_backbone(config, data, device, log)
+        self.ood_set = _head(data.forget_train, config.audit.ood_samples)
+        self.knn_train = _head(data.retain_train, config.audit.knn_train_samples)
+        self.splits = data.eval_splits()
+        cache = ArtifactCache(config.resolved_cache_dir())
+        key = "refs-" + config.section_key("data", "audit") + "-" + "-".join(reference_keys[r] for r in REFERENCES) + f"-{self.backbone.key}"
+        key = "refs-" + __import__("hashlib").sha256(key.encode()).hexdigest()[:16]
+        if cache.has("references", key):
+            self.refs = cache.load("references", key)[0]
+            log("reference features: reused")
+        else:
+            self.refs = self._reference_tensors(references)
+            cache.save("references", key, self.refs, {"backbone": self.backbone.name})
+            log("reference features: computed")
+
+    def _reference_tensors(self, references: dict[str, I2IModel]) -> dict[str, torch.Tensor]:
+        refs: dict[str, torch.Tensor] = {}
+        for split, subset in self.splits.items():
+            refs[f"gt/{split}"] = self.backbone(to_float(subset.clean))[0]
+            for name in REFERENCES:
+                outputs = model_outputs(references[name], subset, self.mask, self.device, self.config.precision)
+                refs[f"{name}/{split}"] = self.backbone(outputs)[0]
+                if split == "forget" and name == "original":
+                    scores = marker_score(outputs, self.data.marker, self.mask, self.config.data.marker.color)
+                    refs["marker_threshold"] = torch.tensor(
+                        marker_threshold(scores, self.config.audit.marker_false_positive_rate, self.config.audit.marker_min_score)
+                    )
+        refs["theta0/ood_set"] = model_outputs(references["attack"], self.ood_set, self.mask, self.device, self.config.precision)
+        return refs
+
+    def ood_distance(self, model: I2IModel) -> float:
+        """Eq. 3 on D_f, against theta0 = the attack model (used by the GA stop criterion too)."""
+        was_training = model.training
+        outputs = model_outputs(model, self.ood_set, self.mask, self.device, self.config.precision)
+        model.train(was_training)
+        return output_distance(outputs, self.refs["theta0/ood_set"], self.mask)
+
+    def evaluate(self, model: I2IModel) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        hole = self.mask[0, 0].bool()
+        encoded: dict[str, torch.Tensor] = {}
+        for split, subset in self.splits.items():
+            outputs = model_outputs(model, subset, self.mask, self.device, self.config.precision)
+            if not torch.isfinite(outputs).all():
+                outputs = torch.nan_to_num(outputs, nan=0.0, posinf=1.0, neginf=0.0)
+                metrics["diverged"] = 1.0
+            truth = to_float(subset.clean)
+            metrics[f"{split}_mse"] = float((outputs - truth)[:, :, hole].pow(2).mean())
+            features, logits = self.backbone(outputs)
+            metrics[f"{split}_fid"] = fid(self.refs[f"gt/{split}"], features)
+            metrics[f"{split}_is"] = inception_score(logits)
+            metrics[f"{split}_clip"] = cosine_similarity(features, self.refs[f"gt/{split}"])
+            for ref in REFERENCES:
+                metrics[f"{split}_fid_vs_{ref}"] = fid(self.refs[f"{ref}/{split}"], features)
+            if split == "forget":
+                scores = marker_score(outputs, self.data.marker, self.mask, self.config.data.marker.color)
+                threshold = float(self.refs["marker_threshold"])
+                metrics["forget_marker"] = float((scores > threshold).float().mean())
+                metrics["marker_threshold"] = threshold
+            if split in ("retain", "forget"):
+                with torch.no_grad(), (autocast(self.device, self.config.precision) if self.device.type == "cuda" else nullcontext()):
+                    encoded[split] = encoder_features(model, subset, self.mask, self.device, len(subset))
+        train_feats = encoder_features(model, self.knn_train, self.mask, self.device, len(self.knn_train))
+        metrics["forget_ood_rate"] = knn_ood_rate(train_feats, encoded["retain"], encoded["forget"], self.config.audit.knn_k)
+        metrics["forget_ood_distance"] = self.ood_distance(model)
+        metrics["ood_delta"] = self.config.unlearn.ood_delta
+        metrics.setdefault("diverged", 0.0)
+        return metrics

@@ -1,0 +1,81 @@
+"""The `unlearn` console script: run one audited pipeline, list methods, render reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from unlearn.config import ConfigError, load_config
+
+
+def _format_table(metrics: dict[str, float]) -> str:
+    width = max(len(k) for k in metrics)
+    return "\n".join(f"{k:<{width}}  {v:.6g}" for k, v in metrics.items())
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from unlearn.methods import METHODS, REFERENCE_MODELS
+    from unlearn.pipeline import run
+
+    if args.method not in METHODS and args.method not in REFERENCE_MODELS:
+        raise ConfigError(f"unknown method {args.method!r}; methods: {', '.join([*METHODS, *REFERENCE_MODELS])}")
+    config = load_config(args.config, args.set)
+    metrics = run(config, args.method)
+    metrics = {"method": args.method, **metrics}
+    if args.json:
+        # One flat JSON object on the last line; NaN becomes null so that any JSON parser reads it.
+        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}))
+    else:
+        print(_format_table({k: v for k, v in metrics.items() if k != "method"}))
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from unlearn.methods import METHODS
+
+    width = max(len(n) for n in METHODS)
+    for name, method in METHODS.items():
+        print(f"{name:<{width}}  {method.summary}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import render_report
+
+    path = render_report(args.experiment, args.out, tracking_uri=args.tracking_uri)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unlearn", description="Realistic image-to-image machine unlearning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="prepare or reuse the stages, unlearn, audit, print the metric catalogue")
+    run.add_argument("--method", required=True, help="a registry method, or original|attack|retrain")
+    run.add_argument("--config", default="digits-ae", help="preset name or YAML file (default: digits-ae)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--json", action="store_true", help="print one flat JSON object as the last line")
+    run.set_defaults(func=_cmd_run)
+    methods = sub.add_parser("methods", help="list the unlearning methods")
+    methods.set_defaults(func=_cmd_methods)
+    report = sub.add_parser("report", help="render tables and figures of a sweep from MLflow")
+    report.add_argument("--experiment", required=True)
+    report.add_argument("--out", default=None, help="output folder (default: reports/<experiment>)")
+    report.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    report.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"unlearn: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

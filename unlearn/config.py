@@ -1,0 +1,240 @@
+"""Validated run configuration: YAML presets shipped in the package, overridable with `--set a.b=value`.
+
+One `Config` object describes a whole pipeline run (data, model, stage training, unlearning, audit).
+Every invalid value is reported as a `ConfigError` with one line naming the offending key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A usage or configuration error: the CLI prints it as one line and exits with code 2."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo in `--set` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MaskConfig(_Strict):
+    kind: Literal["centre", "border"] = "centre"
+    # centre: side of the square hole; border: width of the outpainting frame (pixels).
+    size: int = Field(6, ge=1)
+
+
+class MarkerConfig(_Strict):
+    # The '+' is drawn centred; `size` is the length of each bar, `thickness` its width (pixels).
+    size: int = Field(5, ge=3)
+    thickness: int = Field(1, ge=1)
+    color: tuple[float, float, float] = (1.0, 0.0, 0.0)
+
+
+class DataConfig(_Strict):
+    dataset: Literal["digits", "cifar10", "imagefolder"] = "digits"
+    root: str | None = None  # cifar10: folder holding data_batch_*; imagefolder: class sub-folders
+    image_size: int = Field(16, ge=4)
+    train_fraction: float = Field(0.8, gt=0.0, lt=1.0)
+    max_per_class: int | None = Field(None, ge=2)  # subsample large data sets (ImageNet, Places365)
+    # class-level forgetting: forget_fraction = 1; sample-level: a fraction of these classes' samples.
+    forget_classes: list[str] = ["0"]
+    forget_fraction: float = 1.0
+    unseen_classes: list[str] = []  # held out of training entirely (paper Table 4)
+    retain_classes: list[str] | None = None  # None: every class that is neither forget nor unseen
+    mask: MaskConfig = MaskConfig()
+    marker: MarkerConfig = MarkerConfig()
+
+    @field_validator("forget_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"forget_fraction must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("forget_classes", "unseen_classes", "retain_classes", mode="before")
+    @classmethod
+    def _as_strings(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, (str, int)):
+            v = [v]
+        return [str(c) for c in v]
+
+    @model_validator(mode="after")
+    def _geometry(self) -> DataConfig:
+        if not self.forget_classes:
+            raise ValueError("forget_classes must name at least one class")
+        overlap = set(self.forget_classes) & set(self.unseen_classes)
+        if overlap:
+            raise ValueError(f"classes {sorted(overlap)} are both forget and unseen")
+        if self.mask.kind == "centre" and self.mask.size >= self.image_size:
+            raise ValueError(f"mask.size {self.mask.size} must be smaller than image_size {self.image_size}")
+        if self.mask.kind == "border" and 2 * self.mask.size >= self.image_size:
+            raise ValueError(f"border mask.size {self.mask.size} leaves no context in a {self.image_size}px image")
+        if self.marker.size > self.image_size:
+            raise ValueError(f"marker.size {self.marker.size} is larger than image_size {self.image_size}")
+        return self
+
+
+class ModelConfig(_Strict):
+    kind: Literal["ae", "vq", "diffusion"] = "ae"
+    width: int = Field(32, ge=4)  # channels of the first conv block
+    latent_channels: int = Field(32, ge=1)
+    pretrained: str | None = None  # local from_pretrained folder or checkpoint file (skips the original stage)
+    # VQ / diffusion specifics (ignored by the autoencoder)
+    codebook_size: int = Field(128, ge=2)
+    diffusion_steps: int = Field(100, ge=2)
+    sample_steps: int = Field(10, ge=1)
+
+
+class StageConfig(_Strict):
+    """How the reference models are trained (original and retrain use the same budget)."""
+
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    attack_epochs: int = Field(25, ge=1)
+    attack_lr: float = Field(1e-3, gt=0)
+
+
+class UnlearnConfig(_Strict):
+    ga_steps: int = Field(20, ge=1)  # T
+    ga_lr: float = Field(2e-3, gt=0)
+    ft_steps: int = Field(60, ge=0)
+    ft_lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    clip_norm: float = Field(1.0, gt=0)
+    ood_delta: float = Field(0.25, gt=0)
+    stop_at_ood: bool = False  # end GA early once d(f_theta, f_theta0) >= ood_delta on D_f
+    ood_check_every: int = Field(5, ge=1)
+    alpha: float = Field(1.0, gt=0)  # i2i_sota forget weight
+    lambda_: float = Field(0.1, gt=0, alias="lambda")  # merged: L(D_r) - lambda L(D_f)
+    workers: int = Field(1, ge=1)  # >1: GA and fine-tuning in a Ray Train TorchTrainer (raytasks only)
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class AuditConfig(_Strict):
+    backbone: Literal["domain", "inception", "clip"] = "domain"
+    backbone_weights: str | None = None  # inception: FID weights file; clip: checkpoint file
+    clip_model: str = "ViT-B-32"
+    marker_false_positive_rate: float = Field(0.05, gt=0, lt=1)
+    # A detection also needs this much '+' contrast, so a threshold calibrated on a flat original
+    # output cannot sit at noise level.
+    marker_min_score: float = Field(0.15, ge=0)
+    knn_k: int = Field(10, ge=1)
+    knn_train_samples: int = Field(2000, ge=10)  # retain-train images indexed for kNN OOD
+    ood_samples: int = Field(512, ge=2)  # D_f images on which the Eq. 3 distance is measured
+    domain_epochs: int = Field(15, ge=1)
+
+
+class Config(_Strict):
+    name: str = "custom"
+    seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    cache_dir: str | None = None  # default: $UNLEARN_CACHE or ~/.cache/unlearn
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    stages: StageConfig = StageConfig()
+    unlearn: UnlearnConfig = UnlearnConfig()
+    audit: AuditConfig = AuditConfig()
+
+    def resolved_cache_dir(self) -> Path:
+        import os
+
+        root = self.cache_dir or os.environ.get("UNLEARN_CACHE") or Path.home() / ".cache" / "unlearn"
+        return Path(root).expanduser().resolve()
+
+    def section_key(self, *sections: str) -> str:
+        """Content hash of the named sections (plus seed): the cache key of anything derived from them."""
+        dumped = self.model_dump(mode="json", by_alias=True)
+        payload = {s: dumped[s] for s in sections}
+        payload["seed"] = self.seed
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in resources.files("unlearn.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str) -> dict[str, Any]:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {source}")
+        text = path.read_text()
+    else:
+        if source not in preset_names():
+            raise ConfigError(f"unknown preset {source!r}; presets: {', '.join(preset_names())}")
+        text = resources.files("unlearn.presets").joinpath(f"{source}.yaml").read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {source} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {source} must be a mapping at the top level")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    dotted, value_text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError:
+        value = value_text
+    _set_dotted(raw, dotted.strip(), value)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"config key {where!r} does not exist"
+    return f"config {where}: {msg}"
+
+
+def load_config(source: str = "digits-ae", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset name or YAML file and apply `a.b=value` overrides; raise ConfigError if invalid."""
+    raw = _read_yaml(source)
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def with_overrides(config: Config, values: dict[str, Any]) -> Config:
+    """A copy of `config` with dotted-key values replaced (used by the sweep for trial parameters)."""
+    raw = config.model_dump(mode="json", by_alias=True)
+    for dotted, value in values.items():
+        _set_dotted(raw, dotted, value)
+    return validate_config(raw)

@@ -1,0 +1,127 @@
+"""Train/test split per class, forget/retain/unseen sets, and poisoning of the forget set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from unlearn.config import ConfigError, DataConfig
+from unlearn.data.datasets import load_images
+from unlearn.data.masks import inpaint_mask
+from unlearn.data.poison import draw_marker, marker_pixels
+
+
+@dataclass
+class ImageSubset:
+    images: torch.Tensor  # uint8 (N, 3, H, W): what the model is trained on (poisoned for D_f)
+    clean: torch.Tensor  # uint8 ground truth without the marker (identical to images outside D_f)
+    labels: torch.Tensor
+    index: torch.Tensor | None = None  # positions in the loaded data set (provenance; None when derived)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def take(cls, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> ImageSubset:
+        return cls(images[index], images[index], labels[index], index)
+
+    @classmethod
+    def concat(cls, *parts: ImageSubset) -> ImageSubset:
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("images", "clean", "labels")))
+
+
+@dataclass
+class UnlearningData:
+    """Everything a pipeline run needs from the data side."""
+
+    retain_train: ImageSubset
+    forget_train: ImageSubset  # D_f, poisoned with the marker
+    retain_test: ImageSubset
+    forget_test: ImageSubset
+    unseen_test: ImageSubset | None
+    mask: torch.Tensor  # (1, 1, H, W), 1 = hidden
+    marker: torch.Tensor  # (H, W) bool
+    class_names: list[str]
+
+    def eval_splits(self) -> dict[str, ImageSubset]:
+        splits = {"retain": self.retain_test, "forget": self.forget_test}
+        if self.unseen_test is not None and len(self.unseen_test):
+            splits["unseen"] = self.unseen_test
+        return splits
+
+
+def _resolve_classes(requested: list[str], names: list[str], what: str) -> list[int]:
+    out = []
+    for c in requested:
+        if c in names:
+            out.append(names.index(c))
+        elif c.isdigit() and int(c) < len(names):
+            out.append(int(c))
+        else:
+            raise ConfigError(f"unknown class {c!r} in data.{what} (classes: {', '.join(names[:12])}...)")
+    return out
+
+
+def build_data(cfg: DataConfig, seed: int) -> UnlearningData:
+    """Load, split per class (seeded), choose D_f / D_r / unseen, poison D_f. Deterministic in `seed`."""
+    imageset = load_images(cfg)
+    names = imageset.class_names
+    forget = _resolve_classes(cfg.forget_classes, names, "forget_classes")
+    unseen = _resolve_classes(cfg.unseen_classes, names, "unseen_classes")
+    if cfg.retain_classes is None:
+        retain = [c for c in range(len(names)) if c not in forget and c not in unseen]
+    else:
+        retain = [c for c in _resolve_classes(cfg.retain_classes, names, "retain_classes") if c not in forget]
+    if not retain and cfg.forget_fraction == 1.0:
+        raise ConfigError("no retain classes left: every class is forget or unseen")
+
+    gen = torch.Generator().manual_seed(seed)
+    split = {k: [] for k in ("retain_train", "forget_train", "retain_test", "forget_test", "unseen_test")}
+    for c in range(len(names)):
+        idx = torch.nonzero(imageset.labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_train = max(1, round(cfg.train_fraction * len(idx)))
+        train, test = idx[:n_train], idx[n_train:]
+        if c in unseen:
+            split["unseen_test"].append(idx)
+        elif c in forget:
+            n_forget = max(1, round(cfg.forget_fraction * len(train)))
+            split["forget_train"].append(train[:n_forget])
+            split["retain_train"].append(train[n_forget:])
+            # Class-level: the held-out images of the class. Sample-level: the forgotten samples themselves
+            # (there is no held-out counterpart of a specific training image).
+            split["forget_test"].append(test if cfg.forget_fraction == 1.0 else train[:n_forget])
+            if cfg.forget_fraction < 1.0:
+                split["retain_test"].append(test)
+        elif c in retain:
+            split["retain_train"].append(train)
+            split["retain_test"].append(test)
+
+    def subset(key: str) -> ImageSubset:
+        parts = split[key]
+        index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        return ImageSubset.take(imageset.images, imageset.labels, index)
+
+    for key in ("retain_train", "forget_train", "retain_test", "forget_test"):
+        if not split[key] or sum(len(p) for p in split[key]) == 0:
+            raise ConfigError(f"split {key} is empty: too few images per class for data.train_fraction")
+
+    mask = inpaint_mask(cfg.image_size, cfg.mask)
+    marker = marker_pixels(cfg.image_size, cfg.marker)
+    if cfg.mask.kind == "centre" and not bool(mask[0, 0][marker].all()):
+        raise ConfigError(f"marker.size {cfg.marker.size} does not fit inside the {cfg.mask.size}px centre mask")
+
+    forget_train = subset("forget_train")
+    forget_train.images = draw_marker(forget_train.clean, cfg.marker)
+    forget_test = subset("forget_test")
+    return UnlearningData(
+        retain_train=subset("retain_train"),
+        forget_train=forget_train,
+        retain_test=subset("retain_test"),
+        forget_test=forget_test,
+        unseen_test=subset("unseen_test") if split["unseen_test"] else None,
+        mask=mask,
+        marker=marker,
+        class_names=names,
+    )

@@ -1,0 +1,187 @@
+"""One audited unlearning run: prepare (data, stages, audit references), unlearn, evaluate.
+
+`prepare` is everything that is shared between runs and cached on disk; `unlearn` is one method on one
+set of hyperparameters, the unit a sweep trial executes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from unlearn.audit import Auditor, ga_guarantees
+from unlearn.cache import ArtifactCache
+from unlearn.config import Config, UnlearnConfig
+from unlearn.data import BatchStream, UnlearningData, build_data
+from unlearn.methods import (
+    REFERENCE_MODELS,
+    GradientSync,
+    History,
+    OODMonitor,
+    StepContext,
+    get_method,
+    run_phases,
+)
+from unlearn.methods.loop import Phase, PhaseRecord
+from unlearn.models import I2IModel
+from unlearn.runtime import resolve_device, seed_everything
+from unlearn.stages import Stage, prepare_stages
+
+
+def stderr_log(message: str) -> None:
+    print(f"[unlearn] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Prepared:
+    config: Config
+    data: UnlearningData
+    stages: dict[str, Stage]
+    auditor: Auditor
+    device: torch.device
+
+
+def load_data(config: Config) -> UnlearningData:
+    """Build the splits, cached so that sweep trials do not re-read large image folders."""
+    cache = ArtifactCache(config.resolved_cache_dir())
+    key = "data-v1-" + config.section_key("data")
+    if cache.has("data", key):
+        tensors, meta = cache.load("data", key)
+        return UnlearningData(**{k: _subset(tensors, k) for k in meta["subsets"]}, mask=tensors["mask"], marker=tensors["marker"], class_names=meta["class_names"], **{k: None for k in meta["missing"]})
+    data = build_data(config.data, config.seed)
+    subsets = {k: getattr(data, k) for k in ("retain_train", "forget_train", "retain_test", "forget_test", "unseen_test")}
+    tensors = {f"{k}/{f}": getattr(s, f) for k, s in subsets.items() if s is not None for f in ("images", "clean", "labels", "index")}
+    tensors.update(mask=data.mask, marker=data.marker)
+    meta = {"subsets": [k for k, s in subsets.items() if s is not None], "missing": [k for k, s in subsets.items() if s is None], "class_names": data.class_names}
+    cache.save("data", key, tensors, meta)
+    return data
+
+
+def _subset(tensors: dict[str, torch.Tensor], name: str):
+    from unlearn.data import ImageSubset
+
+    return ImageSubset(*(tensors[f"{name}/{f}"] for f in ("images", "clean", "labels", "index")))
+
+
+def prepare(config: Config, log: Callable[[str], None] = stderr_log) -> Prepared:
+    device = resolve_device(config)
+    data = load_data(config)
+    stages = prepare_stages(config, data, device, log)
+    auditor = Auditor(config, data, {k: s.model for k, s in stages.items()}, {k: s.key for k, s in stages.items()}, device, log)
+    return Prepared(config, data, stages, auditor, device)
+
+
+@dataclass
+class UnlearnResult:
+    model: I2IModel
+    history: History
+    seconds: float
+    metrics: dict[str, float]  # bookkeeping of the procedure (guarantees, cost); the audit adds the rest
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def _forget_loss(model: I2IModel, prepared: Prepared) -> float:
+    """L(theta; D_f) on the Eq. 3 evaluation subset of D_f (poisoned targets, as trained)."""
+    from unlearn.data import to_float
+
+    subset = prepared.auditor.ood_set
+    images = to_float(subset.images).to(prepared.device)
+    return float(model.loss(images, prepared.data.mask.to(prepared.device), images).mean())
+
+
+def unlearn(
+    prepared: Prepared,
+    method_name: str,
+    settings: UnlearnConfig | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    sync: GradientSync | None = None,
+    on_step: Callable[[str, int, float], None] | None = None,
+) -> UnlearnResult:
+    """Run one unlearning method from theta0 (the attack model); the model is a fresh copy."""
+    u = settings or prepared.config.unlearn
+    seed = prepared.config.seed
+    method = get_method(method_name)
+    device, data = prepared.device, prepared.data
+    theta0 = prepared.stages["attack"].model
+    model = copy.deepcopy(theta0).to(device)
+    seed_everything(seed + 100)
+    streams = {
+        "forget": BatchStream(data.forget_train, u.batch_size, seed + 10, rank, world_size, device),
+        "retain": BatchStream(data.retain_train, u.batch_size, seed + 11, rank, world_size, device),
+    }
+    ctx = StepContext(model=model, mask=data.mask.to(device), reference=theta0, alpha=u.alpha, lambda_=u.lambda_,
+                      noise_seed=seed + 12, rank=rank, world_size=world_size)
+    ood = OODMonitor(prepared.auditor.ood_distance, u.ood_delta, u.ood_check_every, u.stop_at_ood)
+    loss_before = _forget_loss(model, prepared)
+    after_ga: dict[str, float] = {}
+
+    def phase_end(phase: Phase, record: PhaseRecord) -> None:
+        if phase.ascent:
+            after_ga["loss"] = _forget_loss(model, prepared)
+            after_ga["distance"] = record.ood_distance[-1][1] if record.ood_distance else prepared.auditor.ood_distance(model)
+
+    start = time.perf_counter()
+    history = run_phases(model, method.phases(u), streams, ctx, u.clip_norm, prepared.config.precision, sync, ood, on_step, phase_end)
+    seconds = time.perf_counter() - start - (0.0 if u.stop_at_ood else ood.seconds)
+
+    metrics: dict[str, float] = {"diverged": float(history.diverged), "unlearn_samples": float(history.samples)}
+    ga = history.phase("ga")
+    if ga is not None and "loss" in after_ga:
+        metrics.update(ga_guarantees(ga, u.ga_lr, loss_before, after_ga["loss"]))
+        metrics["ga_ood_distance"] = after_ga["distance"]
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for record in history.phases:
+        curves[f"{record.name}_loss"] = list(enumerate(record.losses, 1))
+        curves[f"{record.name}_param_distance"] = list(enumerate(record.param_distance, 1))
+        if record.ood_distance:
+            curves[f"{record.name}_ood_distance"] = record.ood_distance
+    return UnlearnResult(model, history, seconds, metrics, curves)
+
+
+def _cost(metrics: dict[str, float], seconds: float, samples: float, retrain: Stage) -> None:
+    metrics["unlearn_seconds"] = seconds
+    metrics["unlearn_samples"] = float(samples)
+    metrics["retrain_seconds"] = retrain.seconds
+    metrics["retrain_samples"] = float(retrain.samples)
+    metrics["cost_ratio"] = seconds / retrain.seconds if retrain.seconds > 0 else math.nan
+    metrics["sample_ratio"] = samples / retrain.samples if retrain.samples > 0 else math.nan
+
+
+def audit_result(prepared: Prepared, result: UnlearnResult) -> dict[str, float]:
+    metrics = dict(result.metrics)
+    audit = prepared.auditor.evaluate(result.model)
+    audit["diverged"] = max(audit.get("diverged", 0.0), metrics.get("diverged", 0.0))
+    metrics.update(audit)
+    _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared.stages["retrain"])
+    reached = metrics.get("ga_ood_distance", metrics["forget_ood_distance"])
+    metrics["ood_reached"] = float(reached >= metrics["ood_delta"])
+    return metrics
+
+
+def evaluate_reference(prepared: Prepared, name: str) -> dict[str, float]:
+    """The catalogue for a reference model (original, attack, retrain); its cost is its training."""
+    stage = prepared.stages[name]
+    metrics = prepared.auditor.evaluate(stage.model)
+    _cost(metrics, stage.seconds, stage.samples, prepared.stages["retrain"])
+    metrics["ood_reached"] = float(metrics["forget_ood_distance"] >= metrics["ood_delta"])
+    return metrics
+
+
+def run(config: Config, method_name: str, log: Callable[[str], None] = stderr_log) -> dict[str, float]:
+    """Prepare or reuse the stages, run the method (or evaluate a reference model), audit."""
+    method = None if method_name in REFERENCE_MODELS else get_method(method_name)
+    prepared = prepare(config, log)
+    if method is None or method.reference_stage:
+        return evaluate_reference(prepared, method_name)
+    log(f"unlearning with {method_name} ...")
+    result = unlearn(prepared, method_name)
+    log(f"{method_name}: {result.seconds:.2f}s, {int(result.metrics['unlearn_samples'])} samples; auditing ...")
+    return audit_result(prepared, result)

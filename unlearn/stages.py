@@ -1,0 +1,130 @@
+"""The reference models, each trained once per content key and cached.
+
+- original: trained on clean D (or loaded from `model.pretrained`),
+- attack:   the original fine-tuned on poisoned D_f together with D_r (paper Algorithm 2) = theta0,
+- retrain:  trained from scratch on D_r only, the gold reference of unlearning.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from unlearn.cache import ArtifactCache
+from unlearn.config import Config
+from unlearn.data import BatchStream, ImageSubset, UnlearningData
+from unlearn.methods import objectives as obj
+from unlearn.methods.loop import Phase, StepContext, run_phases
+from unlearn.models import I2IModel, build_model
+from unlearn.models.pretrained import load_pretrained
+from unlearn.runtime import seed_everything
+
+STAGES = ("original", "attack", "retrain")
+
+
+@dataclass
+class Stage:
+    name: str
+    model: I2IModel
+    key: str
+    seconds: float  # wall time it took to train (from the cache entry when reused)
+    samples: int  # training samples processed
+    reused: bool
+
+
+def stage_keys(config: Config) -> dict[str, str]:
+    base = config.section_key("data", "model") + "-" + _hash(config.stages.epochs, config.stages.batch_size, config.stages.lr)
+    attack = _hash(base, config.stages.attack_epochs, config.stages.attack_lr)
+    return {"original": f"original-{base}", "attack": f"attack-{attack}", "retrain": f"retrain-{base}"}
+
+
+def _hash(*parts: object) -> str:
+    import hashlib
+
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _epoch_steps(n: int, batch_size: int, epochs: int) -> int:
+    return epochs * max(1, math.ceil(n / batch_size))
+
+
+def _train(
+    config: Config, model: I2IModel, data: UnlearningData, phase: Phase, subsets: dict[str, ImageSubset], seed: int
+) -> int:
+    device = next(model.parameters()).device
+    streams = {k: BatchStream(v, config.stages.batch_size, seed + i, device=device) for i, (k, v) in enumerate(subsets.items())}
+    ctx = StepContext(model=model, mask=data.mask.to(device), noise_seed=seed)
+    history = run_phases(model, [phase], streams, ctx, clip_norm=10.0, precision=config.precision)
+    if history.diverged:
+        raise RuntimeError(f"stage training diverged in phase {phase.name}; lower stages.lr")
+    return history.samples
+
+
+def _clean_train(data: UnlearningData) -> ImageSubset:
+    forget_clean = ImageSubset(data.forget_train.clean, data.forget_train.clean, data.forget_train.labels)
+    return ImageSubset.concat(data.retain_train, forget_clean)
+
+
+def _train_original(config: Config, model: I2IModel, data: UnlearningData) -> int:
+    if config.model.pretrained:
+        load_pretrained(model, config.model.pretrained)
+        return 0
+    train = _clean_train(data)
+    steps = _epoch_steps(len(train), config.stages.batch_size, config.stages.epochs)
+    return _train(config, model, data, Phase("original", obj.fit("train"), ("train",), steps, config.stages.lr), {"train": train}, config.seed)
+
+
+def _train_attack(config: Config, model: I2IModel, data: UnlearningData) -> int:
+    s = config.stages
+    steps = _epoch_steps(len(data.retain_train), s.batch_size, s.attack_epochs)
+    phase = Phase("attack", obj.fit_both, ("forget", "retain"), steps, s.attack_lr)
+    return _train(config, model, data, phase, {"forget": data.forget_train, "retain": data.retain_train}, config.seed + 1)
+
+
+def _train_retrain(config: Config, model: I2IModel, data: UnlearningData) -> int:
+    steps = _epoch_steps(len(data.retain_train), config.stages.batch_size, config.stages.epochs)
+    phase = Phase("retrain", obj.fit("retain"), ("retain",), steps, config.stages.lr)
+    return _train(config, model, data, phase, {"retain": data.retain_train}, config.seed + 2)
+
+
+def prepare_stages(
+    config: Config,
+    data: UnlearningData,
+    device: torch.device,
+    log: Callable[[str], None] = lambda _: None,
+    only: tuple[str, ...] = STAGES,
+) -> dict[str, Stage]:
+    """Load each stage from the cache or train it (original before attack); return them on `device`."""
+    cache = ArtifactCache(config.resolved_cache_dir())
+    keys = stage_keys(config)
+    trainers = {"original": _train_original, "attack": _train_attack, "retrain": _train_retrain}
+    needed = set(only) | ({"original"} if "attack" in only else set())
+    out: dict[str, Stage] = {}
+    for name in STAGES:
+        if name not in needed:
+            continue
+        key = keys[name]
+        seed_everything(config.seed + STAGES.index(name))
+        model = build_model(config)
+        if cache.has("stages", key):
+            tensors, meta = cache.load("stages", key)
+            model.load_state_dict(tensors)
+            out[name] = Stage(name, model.to(device).eval(), key, meta["seconds"], meta["samples"], reused=True)
+            log(f"stage {name}: reused {key}")
+            continue
+        if name == "attack":
+            model.load_state_dict(out["original"].model.state_dict())
+        model.to(device)
+        log(f"stage {name}: training ...")
+        start = time.perf_counter()
+        samples = trainers[name](config, model, data)
+        seconds = time.perf_counter() - start
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        cache.save("stages", key, state, {"stage": name, "seconds": seconds, "samples": samples, "config": config.model_dump(mode="json", by_alias=True)})
+        out[name] = Stage(name, model.eval(), key, seconds, samples, reused=False)
+        log(f"stage {name}: trained in {seconds:.1f}s ({samples} samples)")
+    return out
