@@ -107,9 +107,9 @@ class StageConfig(_Strict):
 
 class UnlearnConfig(_Strict):
     ga_steps: int = Field(20, ge=1)  # T
-    ga_lr: float = Field(2e-3, gt=0)
-    ft_steps: int = Field(60, ge=0)
-    ft_lr: float = Field(1e-3, gt=0)
+    ga_lr: float = Field(5.0, gt=0)  # plain SGD: the sigmoid output saturates, so large steps are needed
+    ft_steps: int = Field(120, ge=0)
+    ft_lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(64, ge=1)
     clip_norm: float = Field(1.0, gt=0)
     ood_delta: float = Field(0.25, gt=0)
@@ -136,6 +136,46 @@ class AuditConfig(_Strict):
     domain_epochs: int = Field(15, ge=1)
 
 
+class SweepConfig(_Strict):
+    """What `raytasks/sweep.py` searches (plain data here; the library never imports Ray)."""
+
+    methods: list[str] = ["realistic"]
+    trials: int = Field(8, ge=1)  # per method: baselines get the same budget as `realistic`
+    max_concurrent: int | None = Field(None, ge=1)  # None: as many as the cluster holds
+    retain_metric: Literal["retain_mse", "retain_fid"] = "retain_mse"
+    # [low, high] per hyperparameter; steps are integers, rates and weights are sampled log-uniformly.
+    space: dict[str, tuple[float, float]] = {
+        "ga_steps": (5, 30),
+        "ga_lr": (0.5, 20.0),
+        "ft_steps": (40, 140),
+        "ft_lr": (5e-4, 5e-3),
+        "alpha": (0.1, 10.0),
+        "lambda": (0.01, 1.0),
+    }
+    start_from_defaults: bool = True  # the first trial of each method evaluates the config's own values
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _merge_defaults(cls, space: Any) -> Any:
+        # `--set sweep.space.ga_lr=[1,5]` changes one range and keeps the others.
+        if isinstance(space, dict):
+            return {**cls.model_fields["space"].default, **space}
+        return space
+
+    @field_validator("space")
+    @classmethod
+    def _ranges(cls, space: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        known = {"ga_steps", "ga_lr", "ft_steps", "ft_lr", "alpha", "lambda"}
+        for name, (low, high) in space.items():
+            if name not in known:
+                raise ValueError(f"unknown hyperparameter {name!r} (known: {', '.join(sorted(known))})")
+            if not low < high:
+                raise ValueError(f"{name}: empty range [{low}, {high}]")
+            if low <= 0:
+                raise ValueError(f"{name}: range must be positive, got [{low}, {high}]")
+        return space
+
+
 class Config(_Strict):
     name: str = "custom"
     seed: int = 0
@@ -147,6 +187,7 @@ class Config(_Strict):
     stages: StageConfig = StageConfig()
     unlearn: UnlearnConfig = UnlearnConfig()
     audit: AuditConfig = AuditConfig()
+    sweep: SweepConfig = SweepConfig()
 
     def resolved_cache_dir(self) -> Path:
         import os

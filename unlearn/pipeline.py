@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -104,14 +105,21 @@ def unlearn(
     world_size: int = 1,
     sync: GradientSync | None = None,
     on_step: Callable[[str, int, float], None] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> UnlearnResult:
-    """Run one unlearning method from theta0 (the attack model); the model is a fresh copy."""
+    """Run one unlearning method from theta0 (the attack model) on a fresh copy of it.
+
+    `on_checkpoint` receives a restorable state at every phase boundary; `resume` continues from one,
+    so a restarted data-parallel worker group picks up where the last finished phase left off.
+    """
     u = settings or prepared.config.unlearn
     seed = prepared.config.seed
     method = get_method(method_name)
     device, data = prepared.device, prepared.data
     theta0 = prepared.stages["attack"].model
     model = copy.deepcopy(theta0).to(device)
+    theta0_params = [p.detach().clone() for p in theta0.parameters()]
     seed_everything(seed + 100)
     streams = {
         "forget": BatchStream(data.forget_train, u.batch_size, seed + 10, rank, world_size, device),
@@ -120,22 +128,45 @@ def unlearn(
     ctx = StepContext(model=model, mask=data.mask.to(device), reference=theta0, alpha=u.alpha, lambda_=u.lambda_,
                       noise_seed=seed + 12, rank=rank, world_size=world_size)
     ood = OODMonitor(prepared.auditor.ood_distance, u.ood_delta, u.ood_check_every, u.stop_at_ood)
-    loss_before = _forget_loss(model, prepared)
-    after_ga: dict[str, float] = {}
+    phases = method.phases(u)
+    state: dict[str, Any] = {"next_phase": 0, "history": History(), "after_ga": {}, "seconds": 0.0}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        for name, stream in streams.items():
+            stream.load_state_dict(resume["streams"][name])
+        ctx.set_noise_state(resume["noise"])
+        state.update(next_phase=resume["next_phase"], history=History.from_dict(resume["history"]),
+                     after_ga=dict(resume["after_ga"]), seconds=resume["seconds"], loss_before=resume["loss_before"])
+    else:
+        state["loss_before"] = _forget_loss(model, prepared)
+    started = time.perf_counter()
 
     def phase_end(phase: Phase, record: PhaseRecord) -> None:
         if phase.ascent:
-            after_ga["loss"] = _forget_loss(model, prepared)
-            after_ga["distance"] = record.ood_distance[-1][1] if record.ood_distance else prepared.auditor.ood_distance(model)
+            state["after_ga"]["loss"] = _forget_loss(model, prepared)
+            state["after_ga"]["distance"] = record.ood_distance[-1][1] if record.ood_distance else prepared.auditor.ood_distance(model)
+        state["next_phase"] = phases.index(phase) + 1
+        if on_checkpoint is not None:
+            on_checkpoint({
+                "next_phase": state["next_phase"],
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "streams": {n: st.state_dict() for n, st in streams.items()},
+                "noise": ctx.noise_state(),
+                "history": state["history"].to_dict(),
+                "after_ga": state["after_ga"],
+                "loss_before": state["loss_before"],
+                "seconds": state["seconds"] + time.perf_counter() - started,
+            })
 
-    start = time.perf_counter()
-    history = run_phases(model, method.phases(u), streams, ctx, u.clip_norm, prepared.config.precision, sync, ood, on_step, phase_end)
-    seconds = time.perf_counter() - start - (0.0 if u.stop_at_ood else ood.seconds)
+    history = run_phases(model, phases[state["next_phase"]:], streams, ctx, u.clip_norm, prepared.config.precision, sync,
+                         ood, on_step, phase_end, history=state["history"], theta0=theta0_params)
+    seconds = state["seconds"] + time.perf_counter() - started - (0.0 if u.stop_at_ood else ood.seconds)
 
     metrics: dict[str, float] = {"diverged": float(history.diverged), "unlearn_samples": float(history.samples)}
     ga = history.phase("ga")
+    after_ga = state["after_ga"]
     if ga is not None and "loss" in after_ga:
-        metrics.update(ga_guarantees(ga, u.ga_lr, loss_before, after_ga["loss"]))
+        metrics.update(ga_guarantees(ga, u.ga_lr, state["loss_before"], after_ga["loss"]))
         metrics["ga_ood_distance"] = after_ga["distance"]
     curves: dict[str, list[tuple[int, float]]] = {}
     for record in history.phases:

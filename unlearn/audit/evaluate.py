@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -40,11 +42,13 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 
 def inception_score(logits: torch.Tensor) -> float:
-    metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=max(1, min(10, len(logits) // 20)))
-    metric.update(logits.double())
-    with torch.random.fork_rng(devices=[]):  # IS shuffles with the global RNG: keep runs deterministic
-        torch.manual_seed(0)
-        return float(metric.compute()[0])
+    with warnings.catch_warnings():  # feature buffering, and the std of a single split: both expected here
+        warnings.simplefilter("ignore", UserWarning)
+        metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=max(1, min(10, len(logits) // 20)))
+        metric.update(logits.double())
+        with torch.random.fork_rng(devices=[]):  # IS shuffles with the global RNG: keep runs deterministic
+            torch.manual_seed(0)
+            return float(metric.compute()[0])
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,8 +99,8 @@ class Auditor:
         self.knn_train = _head(data.retain_train, config.audit.knn_train_samples)
         self.splits = data.eval_splits()
         cache = ArtifactCache(config.resolved_cache_dir())
-        key = "refs-" + config.section_key("data", "audit") + "-" + "-".join(reference_keys[r] for r in REFERENCES) + f"-{self.backbone.key}"
-        key = "refs-" + __import__("hashlib").sha256(key.encode()).hexdigest()[:16]
+        inputs = config.section_key("data", "audit") + "".join(reference_keys[r] for r in REFERENCES) + self.backbone.key
+        key = "refs-" + hashlib.sha256(inputs.encode()).hexdigest()[:16]
         if cache.has("references", key):
             self.refs = cache.load("references", key)[0]
             log("reference features: reused")
@@ -126,6 +130,14 @@ class Auditor:
         outputs = model_outputs(model, self.ood_set, self.mask, self.device, self.config.precision)
         model.train(was_training)
         return output_distance(outputs, self.refs["theta0/ood_set"], self.mask)
+
+    def output_row(self, model: I2IModel):
+        """The model's outputs on the fixed grid samples, as one image strip (see audit.samples)."""
+        from unlearn.audit.samples import grid_images, to_row
+
+        with torch.no_grad():
+            images = grid_images(self.data).to(self.device)
+            return to_row(model.eval().reconstruct(images, self.mask.to(self.device)).float().cpu())
 
     def evaluate(self, model: I2IModel) -> dict[str, float]:
         metrics: dict[str, float] = {}

@@ -43,6 +43,14 @@ class BatchStream:
         self.samples_seen += self.batch_size
         return batch[self.rank :: self.world_size]
 
+    def state_dict(self) -> dict:
+        return {"gen": self._gen.get_state(), "order": self._order.clone(), "samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._gen.set_state(state["gen"])
+        self._order = state["order"].clone()
+        self.samples_seen = int(state["samples_seen"])
+
     def __iter__(self) -> BatchStream:
         return self
 

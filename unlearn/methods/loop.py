@@ -6,6 +6,7 @@ the data streams it consumes, a step count, an optimiser and the parameter group
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -35,12 +36,21 @@ class StepContext:
     world_size: int = 1
     _noise_gen: torch.Generator | None = None
 
-    def noise(self, shard_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """Gaussian noise for this worker's shard, cut from the same global-batch draw on every worker."""
+    def _generator(self) -> torch.Generator:
         if self._noise_gen is None:
             self._noise_gen = torch.Generator().manual_seed(self.noise_seed)
+        return self._noise_gen
+
+    def noise_state(self) -> torch.Tensor:
+        return self._generator().get_state()
+
+    def set_noise_state(self, state: torch.Tensor) -> None:
+        self._generator().set_state(state)
+
+    def noise(self, shard_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Gaussian noise for this worker's shard, cut from the same global-batch draw on every worker."""
         global_shape = (shard_shape[0] * self.world_size, *shard_shape[1:])
-        return torch.randn(global_shape, generator=self._noise_gen)[self.rank :: self.world_size].to(device)
+        return torch.randn(global_shape, generator=self._generator())[self.rank :: self.world_size].to(device)
 
 
 Objective = Callable[[StepContext, dict[str, Batch]], torch.Tensor]
@@ -73,6 +83,14 @@ class PhaseRecord:
 class History:
     phases: list[PhaseRecord] = field(default_factory=list)
     diverged: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict) -> History:
+        records = [PhaseRecord(**{**r, "ood_distance": [tuple(x) for x in r["ood_distance"]]}) for r in state["phases"]]
+        return cls(records, state["diverged"])
 
     def phase(self, name: str) -> PhaseRecord | None:
         return next((p for p in self.phases if p.name == name), None)
@@ -125,13 +143,18 @@ def run_phases(
     ood: OODMonitor | None = None,
     on_step: Callable[[str, int, float], None] | None = None,
     on_phase_end: Callable[[Phase, PhaseRecord], None] | None = None,
+    history: History | None = None,
+    theta0: list[torch.Tensor] | None = None,
 ) -> History:
-    """Run the phases in order on `model` (in place). Stops at the first non-finite loss or gradient."""
+    """Run the phases in order on `model` (in place). Stops at the first non-finite loss or gradient.
+
+    `history` and `theta0` continue a run restored from a phase-boundary checkpoint.
+    """
     sync = sync or GradientSync()
     device = next(model.parameters()).device
-    theta0 = [p.detach().clone() for p in model.parameters()]
+    theta0 = theta0 if theta0 is not None else [p.detach().clone() for p in model.parameters()]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
-    history = History()
+    history = history if history is not None else History()
     model.train()
     for phase in phases:
         record = PhaseRecord(phase.name)

@@ -1,0 +1,126 @@
+"""SweepDriver: prepares once, logs the references, runs (or restores) one Tuner per method, summarises."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from raytasks import tracking
+from raytasks.outcome import OBJECTIVES
+from raytasks.pareto import best_per_method, pareto_front
+from unlearn.audit.samples import reference_rows, save_png
+from unlearn.config import Config
+from unlearn.methods import METHODS, REFERENCE_MODELS
+from unlearn.pipeline import evaluate_reference, prepare, stderr_log
+
+SUMMARY_COLUMNS = ["method", "trial_id", *OBJECTIVES, "retain_mse", "forget_ood_distance", "feasible", "failed"]
+
+
+class SweepDriver:
+    def __init__(self, config: Config, name: str, out: Path, client: MlflowClient, uri: str, methods: list[str],
+                 trials: int, workers: int, use_gpu: bool, concurrency: int) -> None:
+        self.config, self.name, self.out, self.client, self.uri = config, name, out, client, uri
+        self.methods, self.trials, self.workers, self.use_gpu, self.concurrency = methods, trials, workers, use_gpu, concurrency
+        self.storage = out / "ray"
+
+    def logger(self, method: str) -> tracking.MLflowTrialLogger:
+        return tracking.MLflowTrialLogger(self.uri, self.experiment, self.parent, self.name, method, self.workers)
+
+    def _log_references(self, prepared) -> dict[str, dict[str, float]]:
+        refs = {}
+        for ref in REFERENCE_MODELS:
+            metrics = evaluate_reference(prepared, ref)
+            refs[ref] = metrics
+            with tempfile.TemporaryDirectory() as folder:
+                save_png(prepared.auditor.output_row(prepared.stages[ref].model), Path(folder) / "outputs.png")
+                tags = {"sweep": self.name, "reference": ref, "method": ref}
+                tracking.log_child(self.client, self.experiment, self.parent, tags, {"stage_key": prepared.stages[ref].key}, metrics, Path(folder))
+        with tempfile.TemporaryDirectory() as folder:
+            for row_name, row in reference_rows(prepared.data).items():
+                save_png(row, Path(folder) / f"{row_name}.png")
+            self.client.log_artifacts(self.parent, folder, "grid")
+        return refs
+
+    # --- Tune -------------------------------------------------------------------------------------
+    def _tuner(self, method: str, attack_metrics: dict[str, float], resume: bool) -> tune.Tuner:
+        from ray.tune.search import ConcurrencyLimiter
+
+        from raytasks.sweep import _searcher, _space, _trial_resources
+        from raytasks.trial import run_trial
+
+        spec = {"config": self.config.model_dump(mode="json", by_alias=True), "method": method, "workers": self.workers,
+                "use_gpu": self.use_gpu, "threads": 1, "storage_path": str(self.storage), "attack_metrics": attack_metrics}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), _trial_resources(self.workers, self.use_gpu))
+        path = self.storage / method
+        run_config = tune.RunConfig(name=method, storage_path=str(self.storage), verbose=0,
+                                    callbacks=[tracking.tune_callback(self.logger(method))])
+        if resume and tune.Tuner.can_restore(str(path)):
+            return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        searcher = ConcurrencyLimiter(_searcher(self.config, method, self.trials), max_concurrent=self.concurrency)
+        return tune.Tuner(trainable, param_space=_space(self.config, method),
+                          tune_config=tune.TuneConfig(search_alg=searcher, num_samples=self.trials), run_config=run_config)
+
+    def run(self, resume: bool) -> str:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state_path = self.out / "sweep.json"
+        state = json.loads(state_path.read_text()) if resume else {}
+        self.experiment = tracking.experiment_id(self.client, self.name)
+        self.parent = tracking.start_parent(self.client, self.experiment, self.name,
+                                            self.config.model_dump(mode="json", by_alias=True), state.get("parent_run_id"))
+        state.update(name=self.name, parent_run_id=self.parent, experiment_id=self.experiment, tracking_uri=self.uri,
+                     methods=self.methods, trials=self.trials, workers=self.workers, done=state.get("done", []))
+        state_path.write_text(json.dumps(state, indent=2))
+
+        stderr_log(f"sweep {self.name}: preparing stages and reference features once ...")
+        prepared = prepare(self.config)
+        refs = self._log_references(prepared)
+        rows: list[dict[str, Any]] = []
+        for method in self.methods:
+            stderr_log(f"sweep {self.name}: {method}, {self.trials} trials, {self.concurrency} at a time")
+            tuner = self._tuner(method, refs["attack"], resume)
+            grid = tuner.fit()
+            for result in grid:
+                trial_id = result.path.rstrip("/").split("/")[-1]
+                metrics = dict(result.metrics or {})
+                trial_id = metrics.get("trial_id", trial_id)
+                # Reconcile: a trial that finished while the driver was down is logged now (deduplicated).
+                self.logger(method).log(trial_id, dict(result.config or {}), metrics or {"failed": 1.0},
+                                        result.checkpoint.path if result.checkpoint else None, failed=result.error is not None)
+                rows.append({"method": method, "trial_id": trial_id, **(result.config or {}), **metrics})
+            state["done"] = sorted(set(state["done"]) | {method})
+            state_path.write_text(json.dumps(state, indent=2))
+        return self._summarise(rows, refs)
+
+    def _summarise(self, rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> str:
+        frame = pd.DataFrame(rows)
+        for col in SUMMARY_COLUMNS:
+            if col not in frame:
+                frame[col] = float("nan")
+        front = pareto_front(frame)
+        best = best_per_method(frame)
+        hp_cols = sorted({hp for m in self.methods for hp in METHODS[m].hyperparameters} & set(frame.columns))
+        cols = [*SUMMARY_COLUMNS, *hp_cols]
+        with tempfile.TemporaryDirectory() as folder:
+            frame[cols].to_csv(Path(folder) / "trials.csv", index=False)
+            front[cols].to_csv(Path(folder) / "pareto.csv", index=False)
+            best[cols].to_csv(Path(folder) / "best.csv", index=False)
+            (Path(folder) / "pareto.md").write_text(front[cols].to_markdown(index=False, floatfmt=".4g"))
+            self.client.log_artifacts(self.parent, folder, "summary")
+            for name in ("trials.csv", "pareto.csv", "best.csv"):
+                (self.out / name).write_text((Path(folder) / name).read_text())
+        self.client.set_terminated(self.parent, "FINISHED")
+        attack = refs["attack"]
+        lines = [f"sweep {self.name}: {len(frame)} trials, {int(frame['feasible'].fillna(0).sum())} feasible",
+                 f"attack reference: forget_marker={attack['forget_marker']:.3f} retain_mse={attack['retain_mse']:.5f}",
+                 "", "Pareto front (feasible, minimising forget_marker and retain_degradation):",
+                 front[cols].to_markdown(index=False, floatfmt=".4g") if len(front) else "(no feasible trial)",
+                 "", "Best feasible configuration per method:",
+                 best[cols].to_markdown(index=False, floatfmt=".4g") if len(best) else "(no feasible trial)",
+                 "", f"parent MLflow run: {self.parent} in experiment {self.name!r}"]
+        return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""The sweep: Ray Tune + Optuna over unlearning hyperparameters, every run tracked in MLflow.
+
+    python raytasks/sweep.py                               # embedded defaults: digits, local Ray, ./mlflow.db
+    python raytasks/sweep.py --methods realistic,finetune,max_loss --trials 12
+    python raytasks/sweep.py --name my-sweep --resume     # continue an interrupted sweep
+    ray submit cluster.yaml raytasks/sweep.py -- --config <name or file> [--set key=value ...]
+
+Stages and reference features are prepared once, in the driver, into the shared cache; trials only load
+them. Optuna minimises forget_marker and the retain degradation subject to forget_ood_distance >= ood_delta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script (`ray submit` does): make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from unlearn.config import Config, ConfigError, load_config, with_overrides  # noqa: E402
+from unlearn.methods import METHODS  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sweep", description="Ray Tune + Optuna sweep of unlearning hyperparameters")
+    p.add_argument("--config", default="digits-ae", help="preset name or YAML file (default: digits-ae)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: sweep.methods of the config)")
+    p.add_argument("--trials", type=int, default=None, help="trials per method (default: sweep.trials)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers per trial (default: unlearn.workers)")
+    p.add_argument("--name", default=None, help="sweep name = MLflow experiment (default: <config name>-sweep)")
+    p.add_argument("--out", default=None, help="output folder (default: ./sweeps/<name>)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
+    p.add_argument("--address", default=None, help="Ray address (default: a running cluster on this node, else local)")
+    p.add_argument("--no-report", action="store_true", help="skip rendering report.md at the end")
+    return p.parse_args(argv)
+
+
+def _methods(args: argparse.Namespace, config: Config) -> list[str]:
+    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(config.sweep.methods)
+    if not names:
+        raise ConfigError("--methods names no method")
+    for name in names:
+        if name not in METHODS:
+            raise ConfigError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
+        if METHODS[name].reference_stage:
+            raise ConfigError(f"{name} is a reference model, not an unlearning method to sweep")
+    return names
+
+
+def _space(config: Config, method: str) -> dict[str, Any]:
+    from ray import tune
+
+    space = {}
+    for hp in METHODS[method].hyperparameters:
+        low, high = config.sweep.space[hp]
+        space[hp] = tune.randint(int(low), int(high) + 1) if hp.endswith("_steps") else tune.loguniform(low, high)
+    return space
+
+
+def _defaults(config: Config, method: str) -> dict[str, Any]:
+    """The config's own values, clipped into the search ranges: the first point of every method."""
+    values = config.unlearn.model_dump(by_alias=True)
+    out = {}
+    for hp in METHODS[method].hyperparameters:
+        low, high = config.sweep.space[hp]
+        v = min(max(values[hp], low), high)
+        out[hp] = int(v) if hp.endswith("_steps") else float(v)
+    return out
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address or Path("/tmp/ray/ray_current_cluster").exists() and os.environ.get("UNLEARN_LOCAL_RAY") != "1":
+        try:
+            ray.init(address=address or "auto", log_to_driver=False)
+            return
+        except ConnectionError:
+            if address:
+                raise ConfigError(f"cannot connect to the Ray cluster at {address}") from None
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             object_store_memory=200 * 1024**2)
+
+
+def cluster_capacity() -> dict[str, float]:
+    """Resources the cluster can ever hold: the autoscaler's maximum on a cluster, else what is there."""
+    import ray
+
+    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
+    if bootstrap.is_file():
+        import yaml
+
+        spec = yaml.safe_load(bootstrap.read_text()) or {}
+        total: dict[str, float] = {}
+        for name, node in (spec.get("available_node_types") or {}).items():
+            count = 1 if name == spec.get("head_node_type") else node.get("max_workers", 0)
+            for res, amount in (node.get("resources") or {}).items():
+                total[res] = total.get(res, 0.0) + amount * count
+        if total:
+            return total
+    return dict(ray.cluster_resources())
+
+
+def _trial_resources(workers: int, use_gpu: bool) -> dict[str, float]:
+    if workers > 1:
+        return {"CPU": 0.01}  # the Ray Train workers hold the real resources
+    return {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+
+
+def _check_capacity(workers: int, use_gpu: bool, capacity: dict[str, float]) -> int:
+    unit = "GPU" if use_gpu else "CPU"
+    have = capacity.get(unit, 0.0)
+    if workers > have:
+        raise ConfigError(f"{workers} workers per trial need {workers} {unit}s; this cluster can hold at most {have:g}")
+    return max(1, int(have // workers))
+
+
+def _searcher(config: Config, method: str, trials: int):
+    import optuna
+
+    from raytasks.outcome import OBJECTIVES
+    from raytasks.search import ConstrainedOptunaSearch, constraint_of
+
+    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, trials // 3), constraints_func=constraint_of)
+    points = [_defaults(config, method)] if config.sweep.start_from_defaults else None
+    return ConstrainedOptunaSearch(metric=list(OBJECTIVES), mode=["min", "min"], sampler=sampler, points_to_evaluate=points)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    methods = _methods(args, config)
+    trials = args.trials or config.sweep.trials
+    if trials < 1:
+        raise ConfigError("--trials must be at least 1")
+    workers = args.workers or config.unlearn.workers
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    if config.unlearn.batch_size % workers:
+        raise ConfigError(f"unlearn.batch_size {config.unlearn.batch_size} must be divisible by {workers} workers")
+    name = args.name or f"{config.name}-sweep"
+    out = Path(args.out or Path("sweeps") / name).resolve()
+    state_path = out / "sweep.json"
+    if args.resume and not state_path.is_file():
+        raise ConfigError(f"nothing to resume: no sweep {name!r} in {out}")
+    if not args.resume and state_path.is_file():
+        raise ConfigError(f"sweep {name!r} already exists in {out}: pass --resume to continue it, or choose another --name")
+
+    from raytasks import tracking
+
+    uri = tracking.resolve_uri(args.tracking_uri)
+    client = tracking.connect(uri)
+
+    _init_ray(args.address)
+    capacity = cluster_capacity()
+    use_gpu = config.device == "cuda" or (config.device == "auto" and capacity.get("GPU", 0) > 0)
+    concurrency = _check_capacity(workers, use_gpu, capacity)
+    if config.sweep.max_concurrent:
+        concurrency = min(concurrency, config.sweep.max_concurrent)
+    config = with_overrides(config, {"cache_dir": str(config.resolved_cache_dir()), "device": "cuda" if use_gpu else "cpu",
+                                     "unlearn.workers": workers})
+
+    from raytasks.driver import SweepDriver
+
+    driver = SweepDriver(config, name, out, client, uri, methods, trials, workers, use_gpu, concurrency)
+    summary = driver.run(resume=args.resume)
+    print(summary)
+    if not args.no_report:
+        from analysis.report import render_report  # the report lives in analysis; imported at the very end
+
+        report = render_report(name, out / "report", tracking_uri=uri)
+        print(f"report: {report}")
+    print(f"MLflow: mlflow ui --backend-store-uri {uri}  (experiment {name!r})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run_sweep(args)
+    except ConfigError as exc:
+        print(f"sweep: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""MLflow tracking of a sweep: one experiment, a parent run, nested child runs per trial and per reference.
+
+All writes happen in the sweep's driver process (one writer: safe with sqlite), and every child run is
+found again by its tags before it is created, so `--resume` never duplicates a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from unlearn.config import ConfigError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+
+
+def resolve_uri(uri: str | None) -> str:
+    """Flag, then $MLFLOW_TRACKING_URI, then ./mlflow.db; sqlite paths are made absolute (workers chdir)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def connect(uri: str) -> MlflowClient:
+    """A client that has proven it can reach the store, or ConfigError naming the URI."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise ConfigError(f"MLflow tracking URI {uri}: folder {folder} does not exist")
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
+        except Exception as exc:
+            raise ConfigError(f"MLflow tracking URI {uri} is unreachable ({type(exc).__name__})") from None
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:
+        raise ConfigError(f"MLflow tracking URI {uri} is unusable: {str(exc).splitlines()[0][:200]}") from None
+    return client
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    return client.create_experiment(name)
+
+
+def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str | None:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment], filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, v, now, step) for k, v in _finite(metrics).items()]
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run_id, metrics=items[i : i + _BATCH])
+
+
+def log_curves(client: MlflowClient, run_id: str, curves: dict[str, list[list[float]]]) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(f"curve/{name}", float(v), now, int(step)) for name, points in curves.items() for step, v in points if math.isfinite(v)]
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run_id, metrics=items[i : i + _BATCH])
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def start_parent(client: MlflowClient, experiment: str, sweep: str, config: dict[str, Any], resume_run: str | None) -> str:
+    if resume_run is not None:
+        client.update_run(resume_run, status="RUNNING")
+        return resume_run
+    run = client.create_run(experiment, run_name=sweep, tags={"sweep": sweep, "role": "parent"})
+    flat = _flatten(config)
+    log_params(client, run.info.run_id, flat)
+    client.log_dict(run.info.run_id, config, "config.json")
+    return run.info.run_id
+
+
+def log_child(
+    client: MlflowClient,
+    experiment: str,
+    parent: str,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    artifacts: Path | None,
+    failed: bool = False,
+) -> str:
+    """Create (once) a nested run; a run left unfinished by an interrupted sweep is replaced."""
+    existing = find_run(client, experiment, tags)
+    if existing is not None:
+        if client.get_run(existing).info.status == "FINISHED" or client.get_run(existing).info.status == "FAILED":
+            return existing
+        client.delete_run(existing)
+    name = tags.get("trial_name") or tags.get("reference") or "run"
+    run = client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent, **tags})
+    run_id = run.info.run_id
+    log_params(client, run_id, params)
+    log_metrics(client, run_id, metrics)
+    if artifacts is not None and artifacts.is_dir():
+        curves_path = artifacts / "curves.json"
+        if curves_path.is_file():
+            log_curves(client, run_id, json.loads(curves_path.read_text()))
+        for path in sorted(artifacts.iterdir()):
+            if path.is_file():
+                client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    return run_id
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def log_trial(client: MlflowClient, experiment: str, parent: str, sweep: str, method: str, workers: int, trial_id: str,
+              params: dict, metrics: dict, artifacts: str | None, failed: bool = False) -> str:
+    """One trial as a nested run, tagged so that it is found (not duplicated) on --resume."""
+    failed = failed or bool(metrics.get("failed", 0.0))
+    status = "failed-infeasible" if failed else ("feasible" if metrics.get("feasible") else "infeasible")
+    tags = {"sweep": sweep, "method": method, "ray.trial_id": trial_id, "trial_name": f"{method}-{trial_id}", "status_detail": status}
+    return log_child(client, experiment, parent, tags, {**params, "method": method, "workers": workers}, metrics,
+                     Path(artifacts) if artifacts else None, failed=failed)
+
+
+class MLflowTrialLogger:
+    """A Tune callback (driver side, one writer) that logs each finished trial as it completes.
+
+    It holds only plain data, so Tune can pickle it into the experiment state for `--resume`.
+    """
+
+    def __init__(self, uri: str, experiment: str, parent: str, sweep: str, method: str, workers: int) -> None:
+        self.args = (experiment, parent, sweep, method, workers)
+        self.uri = uri
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict:
+        return {"args": self.args, "uri": self.uri, "_client": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def log(self, trial_id: str, params: dict, metrics: dict, artifacts: str | None, failed: bool = False) -> str:
+        return log_trial(self.client, *self.args, trial_id, params, metrics, artifacts, failed)
+
+
+def tune_callback(logger: MLflowTrialLogger):
+    from ray import tune
+
+    class _Callback(tune.Callback):
+        def __init__(self, logger: MLflowTrialLogger) -> None:
+            self.logger = logger
+
+        def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+            ckpt = trial.checkpoint
+            self.logger.log(trial.trial_id, trial.config, trial.last_result or {}, ckpt.path if ckpt else None)
+
+        def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+            self.logger.log(trial.trial_id, trial.config, {"failed": 1.0, "feasible": 0.0}, None, failed=True)
+
+    return _Callback(logger)
