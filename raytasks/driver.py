@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,20 @@ from unlearn.pipeline import evaluate_reference, prepare, stderr_log
 SUMMARY_COLUMNS = ["method", "trial_id", *OBJECTIVES, "retain_mse", "forget_ood_distance", "feasible", "failed"]
 
 
+def _trial_id_from_path(path: str) -> str:
+    """Tune names trial folders <trainable>_<trial_id>_<index>_<params>, e.g. run_trial_564a3dff_2_ft_lr=..."""
+    match = re.search(r"^run_trial_([0-9a-f]+)_\d+_", Path(path).name)
+    return match.group(1) if match else Path(path).name
+
+
 class SweepDriver:
     def __init__(self, config: Config, name: str, out: Path, client: MlflowClient, uri: str, methods: list[str],
-                 trials: int, workers: int, use_gpu: bool, concurrency: int) -> None:
+                 trials: int, workers: int, use_gpu: bool, concurrency: int, storage: str) -> None:
         self.config, self.name, self.out, self.client, self.uri = config, name, out, client, uri
         self.methods, self.trials, self.workers, self.use_gpu, self.concurrency = methods, trials, workers, use_gpu, concurrency
-        self.storage = out / "ray"
+        self.storage = storage  # a local folder, or shared storage (a mount, s3://...) on a cluster
+        self.searchers: dict[str, Any] = {}  # method -> the OptunaSearch of this run (tests inspect the study)
+        self.report_path: Path | None = None
 
     def logger(self, method: str) -> tracking.MLflowTrialLogger:
         return tracking.MLflowTrialLogger(self.uri, self.experiment, self.parent, self.name, method, self.workers)
@@ -55,14 +64,15 @@ class SweepDriver:
         from raytasks.trial import run_trial
 
         spec = {"config": self.config.model_dump(mode="json", by_alias=True), "method": method, "workers": self.workers,
-                "use_gpu": self.use_gpu, "threads": 1, "storage_path": str(self.storage), "attack_metrics": attack_metrics}
+                "use_gpu": self.use_gpu, "threads": 1, "storage_path": self.storage, "attack_metrics": attack_metrics}
         trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), _trial_resources(self.workers, self.use_gpu))
-        path = self.storage / method
-        run_config = tune.RunConfig(name=method, storage_path=str(self.storage), verbose=0,
-                                    callbacks=[tracking.tune_callback(self.logger(method))])
-        if resume and tune.Tuner.can_restore(str(path)):
-            return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
-        searcher = ConcurrencyLimiter(_searcher(self.config, method, self.trials), max_concurrent=self.concurrency)
+        path = f"{self.storage}/{method}"
+        run_config = tune.RunConfig(name=method, storage_path=self.storage, verbose=0,
+                                    callbacks=[tracking.TrialLoggingCallback(self.logger(method))])
+        if resume and tune.Tuner.can_restore(path):
+            return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        self.searchers[method] = _searcher(self.config, method, self.trials)
+        searcher = ConcurrencyLimiter(self.searchers[method], max_concurrent=self.concurrency)
         return tune.Tuner(trainable, param_space=_space(self.config, method),
                           tune_config=tune.TuneConfig(search_alg=searcher, num_samples=self.trials), run_config=run_config)
 
@@ -86,9 +96,8 @@ class SweepDriver:
             tuner = self._tuner(method, refs["attack"], resume)
             grid = tuner.fit()
             for result in grid:
-                trial_id = result.path.rstrip("/").split("/")[-1]
                 metrics = dict(result.metrics or {})
-                trial_id = metrics.get("trial_id", trial_id)
+                trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
                 # Reconcile: a trial that finished while the driver was down is logged now (deduplicated).
                 self.logger(method).log(trial_id, dict(result.config or {}), metrics or {"failed": 1.0},
                                         result.checkpoint.path if result.checkpoint else None, failed=result.error is not None)

@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
     p.add_argument("--address", default=None, help="Ray address (default: a running cluster on this node, else local)")
+    p.add_argument("--storage", default=None,
+                   help="Ray storage for trial results and checkpoints, shared by all nodes on a cluster "
+                        "(default: $UNLEARN_RAY_STORAGE or <out>/ray)")
     p.add_argument("--no-report", action="store_true", help="skip rendering report.md at the end")
     return p.parse_args(argv)
 
@@ -127,14 +130,15 @@ def _searcher(config: Config, method: str, trials: int):
     import optuna
 
     from raytasks.outcome import OBJECTIVES
-    from raytasks.search import ConstrainedOptunaSearch, constraint_of
+    from raytasks.search import ConstrainedOptunaSearch
 
-    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, trials // 3), constraints_func=constraint_of)
+    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, trials // 3))
     points = [_defaults(config, method)] if config.sweep.start_from_defaults else None
     return ConstrainedOptunaSearch(metric=list(OBJECTIVES), mode=["min", "min"], sampler=sampler, points_to_evaluate=points)
 
 
-def run_sweep(args: argparse.Namespace) -> int:
+def run_sweep(args: argparse.Namespace):
+    """Validate everything that can be checked before a trial starts, then run the sweep; return the driver."""
     config = load_config(args.config, args.set)
     methods = _methods(args, config)
     trials = args.trials or config.sweep.trials
@@ -148,7 +152,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     name = args.name or f"{config.name}-sweep"
     out = Path(args.out or Path("sweeps") / name).resolve()
     state_path = out / "sweep.json"
-    if args.resume and not state_path.is_file():
+    if args.resume and not state_path.is_file():  # the driver's state lives on the head, in <out>
         raise ConfigError(f"nothing to resume: no sweep {name!r} in {out}")
     if not args.resume and state_path.is_file():
         raise ConfigError(f"sweep {name!r} already exists in {out}: pass --resume to continue it, or choose another --name")
@@ -169,22 +173,24 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     from raytasks.driver import SweepDriver
 
-    driver = SweepDriver(config, name, out, client, uri, methods, trials, workers, use_gpu, concurrency)
-    summary = driver.run(resume=args.resume)
-    print(summary)
+    storage = args.storage or os.environ.get("UNLEARN_RAY_STORAGE")
+    storage = f"{storage.rstrip('/')}/{name}" if storage else str(out / "ray")
+    driver = SweepDriver(config, name, out, client, uri, methods, trials, workers, use_gpu, concurrency, storage)
+    print(driver.run(resume=args.resume))
     if not args.no_report:
         from analysis.report import render_report  # the report lives in analysis; imported at the very end
 
-        report = render_report(name, out / "report", tracking_uri=uri)
-        print(f"report: {report}")
+        driver.report_path = render_report(name, out / "report", tracking_uri=uri)
+        print(f"report: {driver.report_path}")
     print(f"MLflow: mlflow ui --backend-store-uri {uri}  (experiment {name!r})")
-    return 0
+    return driver
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return run_sweep(args)
+        run_sweep(args)
+        return 0
     except ConfigError as exc:
         print(f"sweep: error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from typing import Any
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from ray import tune
 
 from unlearn.config import ConfigError
 
@@ -177,18 +178,13 @@ class MLflowTrialLogger:
         return log_trial(self.client, *self.args, trial_id, params, metrics, artifacts, failed)
 
 
-def tune_callback(logger: MLflowTrialLogger):
-    from ray import tune
+class TrialLoggingCallback(tune.Callback):
+    def __init__(self, logger: MLflowTrialLogger) -> None:
+        self.logger = logger
 
-    class _Callback(tune.Callback):
-        def __init__(self, logger: MLflowTrialLogger) -> None:
-            self.logger = logger
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        ckpt = trial.checkpoint
+        self.logger.log(trial.trial_id, trial.config, trial.last_result or {}, ckpt.path if ckpt else None)
 
-        def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-            ckpt = trial.checkpoint
-            self.logger.log(trial.trial_id, trial.config, trial.last_result or {}, ckpt.path if ckpt else None)
-
-        def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-            self.logger.log(trial.trial_id, trial.config, {"failed": 1.0, "feasible": 0.0}, None, failed=True)
-
-    return _Callback(logger)
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.logger.log(trial.trial_id, trial.config, {"failed": 1.0, "feasible": 0.0}, None, failed=True)

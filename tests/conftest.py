@@ -43,3 +43,14 @@ def method_metrics(prepared):
         if method.reference_stage is None:
             out[name] = audit_result(prepared, unlearn(prepared, name))
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session (start-up costs about 10 s)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=150 * 1024**2,
+             log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

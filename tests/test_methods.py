@@ -68,3 +68,32 @@ def test_cli_run_prints_flat_json_last(prepared, default_config):
     assert metrics["forget_marker"] >= 0.8
     assert all(isinstance(v, (int, float)) for k, v in metrics.items() if k != "method")
     assert "reused" in out.stderr  # progress goes to standard error, stages come from the cache
+
+
+def test_resume_from_phase_checkpoint_matches_uninterrupted_run(prepared):
+    """What a restarted Ray Train worker group does: continue after the last finished phase."""
+    import torch
+
+    from unlearn.config import with_overrides
+    from unlearn.pipeline import unlearn
+
+    settings = with_overrides(prepared.config, {"unlearn.ga_steps": 5, "unlearn.ft_steps": 7}).unlearn
+    checkpoints = []
+    full = unlearn(prepared, "realistic", settings, on_checkpoint=checkpoints.append)
+    assert [c["next_phase"] for c in checkpoints] == [1, 2]
+    after_ga = torch.load(_roundtrip(checkpoints[0]), weights_only=True)  # checkpoints survive weights_only loading
+    resumed = unlearn(prepared, "realistic", settings, resume=after_ga)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert {k: v for k, v in full.metrics.items()} == {k: v for k, v in resumed.metrics.items()}
+
+
+def _roundtrip(state):
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer

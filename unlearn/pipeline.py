@@ -149,7 +149,7 @@ def unlearn(
         if on_checkpoint is not None:
             on_checkpoint({
                 "next_phase": state["next_phase"],
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                 "streams": {n: st.state_dict() for n, st in streams.items()},
                 "noise": ctx.noise_state(),
                 "history": state["history"].to_dict(),
@@ -187,7 +187,13 @@ def _cost(metrics: dict[str, float], seconds: float, samples: float, retrain: St
 
 
 def audit_result(prepared: Prepared, result: UnlearnResult) -> dict[str, float]:
+    """The full catalogue; a diverged model (non-finite loss or weights) is reported, not audited."""
     metrics = dict(result.metrics)
+    finite = all(bool(torch.isfinite(p).all()) for p in result.model.parameters())
+    if result.history.diverged or not finite:
+        metrics.update(diverged=1.0, ood_delta=prepared.config.unlearn.ood_delta, ood_reached=0.0)
+        _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared.stages["retrain"])
+        return metrics
     audit = prepared.auditor.evaluate(result.model)
     audit["diverged"] = max(audit.get("diverged", 0.0), metrics.get("diverged", 0.0))
     metrics.update(audit)

@@ -1,0 +1,137 @@
+"""The distributed sweep (issue 3): Tune + Optuna + MLflow, Ray Train with two workers, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raytasks.sweep import main, parse_args, run_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _child_runs(uri, experiment_name):
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`ray.trial_id` != ''", max_results=1000)
+
+
+def test_sweep_logs_parent_children_and_keeps_optuna_consistent(ray_session, prepared, default_config, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = parse_args([
+        "--methods", "realistic,max_loss", "--trials", "3", "--name", "t-sweep", "--out", str(tmp_path / "out"),
+        "--tracking-uri", uri, "--no-report",
+        "--set", f"cache_dir={default_config.cache_dir}", "--set", "sweep.max_concurrent=2",
+        # max_loss searches absurd learning rates: its trials diverge to NaN and must be failed-infeasible
+        "--set", "sweep.space.ga_lr=[1e29,1e30]", "--set", "sweep.start_from_defaults=false",
+    ])
+    driver = run_sweep(args)
+    client = _client(uri)
+    exp = client.get_experiment_by_name("t-sweep")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    refs = {r.data.tags["reference"] for r in children if "reference" in r.data.tags}
+    assert refs == {"original", "attack", "retrain"}
+    trials = [r for r in children if "ray.trial_id" in r.data.tags]
+    assert len(trials) == 6 and len({r.data.tags["ray.trial_id"] for r in trials}) == 6
+    for run in trials:
+        assert "ga_lr" in run.data.params
+    realistic = [r for r in trials if r.data.tags["method"] == "realistic"]
+    assert all(r.info.status == "FINISHED" and "forget_marker" in r.data.metrics for r in realistic)
+    history = client.get_metric_history(realistic[0].info.run_id, "curve/ga_param_distance")
+    assert len(history) == int(realistic[0].data.params["ga_steps"])  # one point per GA step
+    assert {a.path for a in client.list_artifacts(realistic[0].info.run_id)} >= {"outputs.png", "curves.json"}
+    diverged = [r for r in trials if r.data.tags["method"] == "max_loss"]
+    assert all(r.data.tags["status_detail"] == "failed-infeasible" and r.info.status == "FAILED" for r in diverged)
+    # Optuna saw every trial finish: nothing left RUNNING, the diverged ones infeasible
+    import optuna
+
+    for method, searcher in driver.searchers.items():
+        states = [t.state for t in searcher._ot_study.trials]
+        assert optuna.trial.TrialState.RUNNING not in states, method
+        assert len(states) == 3
+    assert (tmp_path / "out" / "pareto.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+        (["--set", "sweep.space.ft_lr=[0.01,0.01]"], "empty range"),
+        (["--resume", "--name", "never-ran"], "nothing to resume"),
+        (["--workers", "64"], "can hold at most"),
+        (["--methods", "retrain"], "reference model"),
+    ],
+)
+def test_bad_sweep_input_exits_2_before_any_trial(ray_session, extra, needle, tmp_path, capsys):
+    code = main(["--out", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--set", f"cache_dir={tmp_path}/c", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert needle in err[-1] and err[-1].startswith("sweep: error:")
+    assert not (tmp_path / "out" / "ray").exists()  # no trial started
+
+
+def test_two_workers_match_one_worker(ray_session, prepared, default_config, tmp_path):
+    """One global batch semantics: a 2-worker Ray Train run matches the in-process run (tolerance 1e-4)."""
+    from raytasks.distributed import run_data_parallel
+    from raytasks.outcome import finish_trial
+    from unlearn.config import with_overrides
+    from unlearn.pipeline import evaluate_reference, prepare, unlearn
+
+    config = with_overrides(default_config, {"unlearn.ga_steps": 4, "unlearn.ga_lr": 0.5, "unlearn.ft_steps": 6})
+    attack = evaluate_reference(prepared, "attack")
+    local = prepare(config, log=lambda _: None)
+    single, _ = finish_trial(local, unlearn(local, "realistic"), attack)
+    double, folder = run_data_parallel(config, "realistic", 2, str(tmp_path / "ray"), "two-workers", attack)
+    assert (folder / "curves.json").is_file()
+    for key in ("ga_param_distance", "ga_loss_increase", "ga_grad_max", "retain_mse", "forget_mse", "forget_ood_distance"):
+        assert double[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+    assert double["forget_marker"] == single["forget_marker"]
+    assert double["unlearn_samples"] == single["unlearn_samples"]
+
+
+def test_interrupted_sweep_resumes_without_rerun_or_duplicates(prepared, default_config, tmp_path):
+    """Ctrl-C a sweep (its own Ray) after two trials, then --resume: four trials, each logged once."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "raytasks" / "sweep.py"), "--methods", "realistic", "--trials", "4", "--name", "resume",
+           "--out", str(out), "--tracking-uri", uri, "--no-report", "--set", f"cache_dir={default_config.cache_dir}",
+           "--set", "sweep.max_concurrent=1"]
+    env = {**os.environ, "UNLEARN_LOCAL_RAY": "1", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (out / "sweep.json").is_file() and len(_child_runs(uri, "resume")) >= 2:
+            break
+        time.sleep(1)
+    assert len(_child_runs(uri, "resume")) >= 2, "the sweep did not finish two trials in time"
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    finished = {r.data.tags["ray.trial_id"]: r.info.run_id for r in _child_runs(uri, "resume")}
+    assert 2 <= len(finished) < 4
+    result_files = {p: p.stat().st_mtime_ns for p in (out / "ray" / "realistic").glob("run_trial_*/result.json")}
+
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    runs = _child_runs(uri, "resume")
+    ids = [r.data.tags["ray.trial_id"] for r in runs]
+    assert len(ids) == 4 and len(set(ids)) == 4  # every trial once, no duplicates
+    for trial_id, run_id in finished.items():  # finished trials were not re-run or re-logged
+        assert {r.info.run_id for r in runs if r.data.tags["ray.trial_id"] == trial_id} == {run_id}
+    for path, mtime in result_files.items():
+        if path.stat().st_size and '"done": true' in path.read_text():
+            assert path.stat().st_mtime_ns == mtime
