@@ -1,0 +1,1 @@
+"""Analysis: MLflow runs -> tables, figures and the report; benchmarks (analysis -> raytasks -> unlearn)."""

@@ -23,6 +23,10 @@ from unlearn.pipeline import evaluate_reference, prepare, stderr_log
 SUMMARY_COLUMNS = ["method", "trial_id", *OBJECTIVES, "retain_mse", "forget_ood_distance", "feasible", "failed"]
 
 
+class SweepInterrupted(RuntimeError):
+    pass
+
+
 def _trial_id_from_path(path: str) -> str:
     """Tune names trial folders <trainable>_<trial_id>_<index>_<params>, e.g. run_trial_564a3dff_2_ft_lr=..."""
     match = re.search(r"^run_trial_([0-9a-f]+)_\d+_", Path(path).name)
@@ -48,6 +52,7 @@ class SweepDriver:
             refs[ref] = metrics
             with tempfile.TemporaryDirectory() as folder:
                 save_png(prepared.auditor.output_row(prepared.stages[ref].model), Path(folder) / "outputs.png")
+                prepared.auditor.save_embeddings(prepared.stages[ref].model, Path(folder) / "embeddings.npz")
                 tags = {"sweep": self.name, "reference": ref, "method": ref}
                 tracking.log_child(self.client, self.experiment, self.parent, tags, {"stage_key": prepared.stages[ref].key}, metrics, Path(folder))
         with tempfile.TemporaryDirectory() as folder:
@@ -95,13 +100,18 @@ class SweepDriver:
             stderr_log(f"sweep {self.name}: {method}, {self.trials} trials, {self.concurrency} at a time")
             tuner = self._tuner(method, refs["attack"], resume)
             grid = tuner.fit()
-            for result in grid:
+            unfinished = sum(1 for r in grid if not r.metrics and r.error is None) + max(0, self.trials - len(grid))
                 metrics = dict(result.metrics or {})
+                if not metrics and result.error is None:
+                    continue  # interrupted before it reported: --resume runs it
                 trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
                 # Reconcile: a trial that finished while the driver was down is logged now (deduplicated).
                 self.logger(method).log(trial_id, dict(result.config or {}), metrics or {"failed": 1.0},
                                         result.checkpoint.path if result.checkpoint else None, failed=result.error is not None)
                 rows.append({"method": method, "trial_id": trial_id, **(result.config or {}), **metrics})
+            if unfinished:  # Tune returns normally after Ctrl-C: stop here, the parent stays open for --resume
+                raise SweepInterrupted(f"sweep {self.name!r} interrupted with {unfinished} {method} trial(s) unfinished; "
+                                       f"continue with --resume --name {self.name}")
             state["done"] = sorted(set(state["done"]) | {method})
             state_path.write_text(json.dumps(state, indent=2))
         return self._summarise(rows, refs)

@@ -33,10 +33,6 @@ def sanitise(metrics: dict[str, float], attack_retain: float, retain_metric: str
     return out
 
 
-def failed_outcome(config_ood_delta: float, reason: str) -> dict[str, float]:
-    return sanitise({"diverged": 1.0, "ood_delta": config_ood_delta}, 1.0, "retain_mse") | {"error": reason}
-
-
 def finish_trial(prepared: Prepared, result: UnlearnResult, attack_metrics: dict[str, float], folder: Path | None = None) -> tuple[dict, Path]:
     """Audit the unlearned model, sanitise, and write outputs.png + curves.json into `folder`."""
     retain_metric = prepared.config.sweep.retain_metric
@@ -51,4 +47,5 @@ def finish_trial(prepared: Prepared, result: UnlearnResult, attack_metrics: dict
     (folder / "curves.json").write_text(json.dumps(curves))
     if not metrics["failed"]:
         save_png(prepared.auditor.output_row(result.model), folder / "outputs.png")
+        prepared.auditor.save_embeddings(result.model, folder / "embeddings.npz")
     return metrics, folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 OBJECTIVES = ("forget_marker", "retain_degradation")
@@ -11,11 +12,8 @@ def pareto_front(frame: pd.DataFrame, objectives: tuple[str, ...] = OBJECTIVES) 
     """Feasible rows not dominated on the (minimised) objectives."""
     feasible = frame[(frame.get("feasible", 1.0) == 1.0)].dropna(subset=list(objectives))
     values = feasible[list(objectives)].to_numpy()
-    keep = []
-    for row in values:
-        dominated = ((values <= row).all(axis=1) & (values < row).any(axis=1)).any()
-        keep.append(not dominated)
-    return feasible[keep].sort_values(list(objectives))
+    keep = np.array([not ((values <= row).all(axis=1) & (values < row).any(axis=1)).any() for row in values], dtype=bool)
+    return feasible.loc[keep].sort_values(list(objectives))
 
 
 def best_per_method(frame: pd.DataFrame) -> pd.DataFrame:

@@ -60,7 +60,7 @@ def _space(config: Config, method: str) -> dict[str, Any]:
 
     space = {}
     for hp in METHODS[method].hyperparameters:
-        low, high = config.sweep.space[hp]
+        low, high = config.sweep.range_of(method, hp)
         space[hp] = tune.randint(int(low), int(high) + 1) if hp.endswith("_steps") else tune.loguniform(low, high)
     return space
 
@@ -70,7 +70,7 @@ def _defaults(config: Config, method: str) -> dict[str, Any]:
     values = config.unlearn.model_dump(by_alias=True)
     out = {}
     for hp in METHODS[method].hyperparameters:
-        low, high = config.sweep.space[hp]
+        low, high = config.sweep.range_of(method, hp)
         v = min(max(values[hp], low), high)
         out[hp] = int(v) if hp.endswith("_steps") else float(v)
     return out
@@ -168,8 +168,9 @@ def run_sweep(args: argparse.Namespace):
     concurrency = _check_capacity(workers, use_gpu, capacity)
     if config.sweep.max_concurrent:
         concurrency = min(concurrency, config.sweep.max_concurrent)
+    # The logged config states what actually runs (methods and trials from the flags included).
     config = with_overrides(config, {"cache_dir": str(config.resolved_cache_dir()), "device": "cuda" if use_gpu else "cpu",
-                                     "unlearn.workers": workers})
+                                     "unlearn.workers": workers, "sweep.methods": methods, "sweep.trials": trials})
 
     from raytasks.driver import SweepDriver
 
@@ -187,6 +188,8 @@ def run_sweep(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from raytasks.driver import SweepInterrupted
+
     args = parse_args(argv)
     try:
         run_sweep(args)
@@ -194,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sweep: error: {exc}", file=sys.stderr)
         return 2
+    except SweepInterrupted as exc:
+        print(f"sweep: {exc}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -106,20 +106,27 @@ def log_child(
     client: MlflowClient,
     experiment: str,
     parent: str,
-    tags: dict[str, str],
+    identity: dict[str, str],
     params: dict[str, Any],
     metrics: dict[str, Any],
     artifacts: Path | None,
     failed: bool = False,
+    tags: dict[str, str] | None = None,
 ) -> str:
-    """Create (once) a nested run; a run left unfinished by an interrupted sweep is replaced."""
-    existing = find_run(client, experiment, tags)
+    """Create a nested run once per `identity` (tags that name it across --resume).
+
+    A finished run is kept; a run left RUNNING by an interrupted sweep, or a failed one that has since
+    succeeded, is replaced (soft-deleted) so that the experiment shows exactly one run per identity.
+    """
+    existing = find_run(client, experiment, identity)
     if existing is not None:
-        if client.get_run(existing).info.status == "FINISHED" or client.get_run(existing).info.status == "FAILED":
+        status = client.get_run(existing).info.status
+        if status == "FINISHED" or (status == "FAILED" and failed):
             return existing
         client.delete_run(existing)
-    name = tags.get("trial_name") or tags.get("reference") or "run"
-    run = client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent, **tags})
+    all_tags = {**identity, **(tags or {})}
+    name = all_tags.get("trial_name") or all_tags.get("reference") or "run"
+    run = client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent, **all_tags})
     run_id = run.info.run_id
     log_params(client, run_id, params)
     log_metrics(client, run_id, metrics)
@@ -149,9 +156,10 @@ def log_trial(client: MlflowClient, experiment: str, parent: str, sweep: str, me
     """One trial as a nested run, tagged so that it is found (not duplicated) on --resume."""
     failed = failed or bool(metrics.get("failed", 0.0))
     status = "failed-infeasible" if failed else ("feasible" if metrics.get("feasible") else "infeasible")
-    tags = {"sweep": sweep, "method": method, "ray.trial_id": trial_id, "trial_name": f"{method}-{trial_id}", "status_detail": status}
-    return log_child(client, experiment, parent, tags, {**params, "method": method, "workers": workers}, metrics,
-                     Path(artifacts) if artifacts else None, failed=failed)
+    identity = {"sweep": sweep, "method": method, "ray.trial_id": trial_id}
+    return log_child(client, experiment, parent, identity, {**params, "method": method, "workers": workers}, metrics,
+                     Path(artifacts) if artifacts else None, failed=failed,
+                     tags={"trial_name": f"{method}-{trial_id}", "status_detail": status})
 
 
 class MLflowTrialLogger:

@@ -54,3 +54,19 @@ def ray_session():
              log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_sweep(ray_session, prepared, default_config, tmp_path_factory):
+    """A 3 x 3 sweep with its report: realistic, finetune, and max_loss searched at diverging rates."""
+    from raytasks.sweep import parse_args, run_sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    args = parse_args([
+        "--methods", "realistic,finetune,max_loss", "--trials", "3", "--name", "t-sweep", "--out", str(tmp / "out"),
+        "--tracking-uri", uri, "--set", f"cache_dir={default_config.cache_dir}", "--set", "sweep.max_concurrent=2",
+        # max_loss searches absurd learning rates: its trials diverge to NaN and must be failed-infeasible
+        "--set", "sweep.method_space.max_loss.ga_lr=[1e29,1e30]",
+    ])
+    return run_sweep(args), uri, tmp / "out"

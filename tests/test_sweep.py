@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from raytasks.sweep import main, parse_args, run_sweep
+from raytasks.sweep import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,16 +28,8 @@ def _child_runs(uri, experiment_name):
     return client.search_runs([exp.experiment_id], filter_string="tags.`ray.trial_id` != ''", max_results=1000)
 
 
-def test_sweep_logs_parent_children_and_keeps_optuna_consistent(ray_session, prepared, default_config, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = parse_args([
-        "--methods", "realistic,max_loss", "--trials", "3", "--name", "t-sweep", "--out", str(tmp_path / "out"),
-        "--tracking-uri", uri, "--no-report",
-        "--set", f"cache_dir={default_config.cache_dir}", "--set", "sweep.max_concurrent=2",
-        # max_loss searches absurd learning rates: its trials diverge to NaN and must be failed-infeasible
-        "--set", "sweep.space.ga_lr=[1e29,1e30]", "--set", "sweep.start_from_defaults=false",
-    ])
-    driver = run_sweep(args)
+def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
+    driver, uri, out = small_sweep
     client = _client(uri)
     exp = client.get_experiment_by_name("t-sweep")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
@@ -47,24 +39,26 @@ def test_sweep_logs_parent_children_and_keeps_optuna_consistent(ray_session, pre
     refs = {r.data.tags["reference"] for r in children if "reference" in r.data.tags}
     assert refs == {"original", "attack", "retrain"}
     trials = [r for r in children if "ray.trial_id" in r.data.tags]
-    assert len(trials) == 6 and len({r.data.tags["ray.trial_id"] for r in trials}) == 6
-    for run in trials:
-        assert "ga_lr" in run.data.params
+    assert len(trials) == 9 and len({r.data.tags["ray.trial_id"] for r in trials}) == 9
     realistic = [r for r in trials if r.data.tags["method"] == "realistic"]
-    assert all(r.info.status == "FINISHED" and "forget_marker" in r.data.metrics for r in realistic)
+    for run in realistic:
+        assert {"ga_lr", "ga_steps", "ft_lr", "ft_steps"} <= set(run.data.params)
+        assert run.info.status == "FINISHED" and "forget_marker" in run.data.metrics
     history = client.get_metric_history(realistic[0].info.run_id, "curve/ga_param_distance")
     assert len(history) == int(realistic[0].data.params["ga_steps"])  # one point per GA step
     assert {a.path for a in client.list_artifacts(realistic[0].info.run_id)} >= {"outputs.png", "curves.json"}
     diverged = [r for r in trials if r.data.tags["method"] == "max_loss"]
     assert all(r.data.tags["status_detail"] == "failed-infeasible" and r.info.status == "FAILED" for r in diverged)
-    # Optuna saw every trial finish: nothing left RUNNING, the diverged ones infeasible
+    # Optuna saw every trial finish: nothing left RUNNING, and every trial carries the OOD constraint
     import optuna
 
     for method, searcher in driver.searchers.items():
-        states = [t.state for t in searcher._ot_study.trials]
-        assert optuna.trial.TrialState.RUNNING not in states, method
-        assert len(states) == 3
-    assert (tmp_path / "out" / "pareto.csv").is_file()
+        study = searcher._ot_study
+        assert [t.state for t in study.trials].count(optuna.trial.TrialState.RUNNING) == 0, method
+        assert len(study.trials) == 3
+    infeasible = [t for t in driver.searchers["max_loss"]._ot_study.trials]
+    assert all(t.system_attrs.get("constraints:ood", t.system_attrs.get("constraints", [1.0])) != 0 for t in infeasible)
+    assert (out / "pareto.csv").is_file()
 
 
 @pytest.mark.parametrize(
@@ -120,7 +114,7 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(prepared, default
         time.sleep(1)
     assert len(_child_runs(uri, "resume")) >= 2, "the sweep did not finish two trials in time"
     os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=120)
+    assert proc.wait(timeout=120) == 130, proc.stderr.read()[-2000:]
     finished = {r.data.tags["ray.trial_id"]: r.info.run_id for r in _child_runs(uri, "resume")}
     assert 2 <= len(finished) < 4
     result_files = {p: p.stat().st_mtime_ns for p in (out / "ray" / "realistic").glob("run_trial_*/result.json")}

@@ -152,7 +152,12 @@ class SweepConfig(_Strict):
         "alpha": (0.1, 10.0),
         "lambda": (0.01, 1.0),
     }
+    # Per-method ranges that replace the shared ones, e.g. {"max_loss": {"ga_lr": [0.1, 2.0]}}.
+    method_space: dict[str, dict[str, tuple[float, float]]] = {}
     start_from_defaults: bool = True  # the first trial of each method evaluates the config's own values
+
+    def range_of(self, method: str, hyperparameter: str) -> tuple[float, float]:
+        return self.method_space.get(method, {}).get(hyperparameter, self.space[hyperparameter])
 
     @field_validator("space", mode="before")
     @classmethod
@@ -161,6 +166,16 @@ class SweepConfig(_Strict):
         if isinstance(space, dict):
             return {**cls.model_fields["space"].default, **space}
         return space
+
+    @field_validator("method_space")
+    @classmethod
+    def _method_ranges(cls, spaces: dict[str, dict[str, tuple[float, float]]]) -> dict:
+        for method, space in spaces.items():
+            try:
+                cls._ranges(space)
+            except ValueError as exc:
+                raise ValueError(f"{method}: {exc}") from None
+        return spaces
 
     @field_validator("space")
     @classmethod

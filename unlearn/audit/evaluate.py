@@ -35,7 +35,8 @@ class _Precomputed(nn.Module):
 
 
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+    # sync_on_compute=False: in a data-parallel run only rank 0 audits; torchmetrics must not wait for the others.
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return float(metric.compute())
@@ -44,7 +45,8 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
 def inception_score(logits: torch.Tensor) -> float:
     with warnings.catch_warnings():  # feature buffering, and the std of a single split: both expected here
         warnings.simplefilter("ignore", UserWarning)
-        metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=max(1, min(10, len(logits) // 20)))
+        metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=max(1, min(10, len(logits) // 20)),
+                                sync_on_compute=False)
         metric.update(logits.double())
         with torch.random.fork_rng(devices=[]):  # IS shuffles with the global RNG: keep runs deterministic
             torch.manual_seed(0)
@@ -138,6 +140,16 @@ class Auditor:
         with torch.no_grad():
             images = grid_images(self.data).to(self.device)
             return to_row(model.eval().reconstruct(images, self.mask.to(self.device)).float().cpu())
+
+    def save_embeddings(self, model: I2IModel, path, per_split: int = 200) -> None:
+        """Backbone embeddings of the model's outputs on retain-test and forget-test (for the t-SNE plot)."""
+        import numpy as np
+
+        arrays = {}
+        for split in ("retain", "forget"):
+            subset = _head(self.splits[split], per_split)
+            arrays[split] = self.backbone(model_outputs(model, subset, self.mask, self.device, self.config.precision))[0].numpy()
+        np.savez_compressed(path, **arrays)
 
     def evaluate(self, model: I2IModel) -> dict[str, float]:
         metrics: dict[str, float] = {}

@@ -1,0 +1,259 @@
+"""Benchmarks, measured side by side in one run: unlearning vs retraining, orchestration and sweep overhead,
+evaluation throughput. Prints small tables and writes DIR/bench.json.
+
+    python analysis/bench.py --out bench-out                 # CPU, default preset (a few minutes)
+    python analysis/bench.py --out bench-out --device cuda   # the same on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from unlearn.config import Config, ConfigError, load_config, with_overrides  # noqa: E402
+from unlearn.methods import METHODS  # noqa: E402
+
+WARMUP_STEPS = 20
+
+
+# --- the measured loop, identical in every environment ----------------------------------------------------
+def timed_loop(config_dict: dict, steps: int, rank: int = 0, world: int = 1, sync=None) -> dict[str, float]:
+    """Prepare from the cache and run `steps` fine-tuning steps; wall-clock stamps of each step."""
+    from unlearn.config import validate_config
+    from unlearn.pipeline import prepare, unlearn
+
+    entered = time.time()
+    config = validate_config(config_dict)
+    prepared = prepare(config, log=lambda _: None)
+    stamps: list[float] = []
+    settings = with_overrides(config, {"unlearn.ft_steps": steps}).unlearn
+    unlearn(prepared, "finetune", settings, rank, world, sync, on_step=lambda *_: stamps.append(time.time()))
+    steady = (len(stamps) - 1 - WARMUP_STEPS) / (stamps[-1] - stamps[WARMUP_STEPS])
+    return {"entered": entered, "first_step": stamps[0], "steady_steps_per_second": steady}
+
+
+def _tune_trainable(config: dict) -> None:
+    from ray import tune
+
+    torch.set_num_threads(1)
+    tune.report(timed_loop(config["config"], config["steps"]))
+
+
+def _train_worker(config: dict) -> None:
+    import ray.train
+
+    from raytasks.distributed import AllReduceSync
+
+    torch.set_num_threads(1)
+    ctx = ray.train.get_context()
+    out = timed_loop(config["config"], config["steps"], ctx.get_world_rank(), ctx.get_world_size(), AllReduceSync())
+    ray.train.report(out)
+
+
+def orchestration(config: Config, steps: int, storage: str) -> dict[str, Any]:
+    from ray import tune
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = config.model_dump(mode="json", by_alias=True)
+    rows: dict[str, Any] = {}
+    torch.set_num_threads(1)  # every variant runs its loop on one thread: a like-for-like comparison
+    launched = time.time()
+    bare = timed_loop(cfg, steps)
+    rows["bare"] = {**bare, "launched": launched}
+
+    launched = time.time()
+    trainable = tune.with_resources(_tune_trainable, {"CPU": 1})
+    grid = tune.Tuner(trainable, param_space={"config": cfg, "steps": steps},
+                      run_config=tune.RunConfig(name="bench-tune", storage_path=storage, verbose=0)).fit()
+    rows["tune_trial"] = {**grid[0].metrics, "launched": launched}
+
+    backend = "nccl" if config.device == "cuda" else "gloo"
+    for workers in (1, 2):
+        launched = time.time()
+        trainer = TorchTrainer(_train_worker, train_loop_config={"config": cfg, "steps": steps},
+                               torch_config=TorchConfig(backend=backend),
+                               scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.device == "cuda"),
+                               run_config=RunConfig(name=f"bench-train-{workers}", storage_path=storage))
+        rows[f"ray_train_{workers}"] = {**trainer.fit().metrics, "launched": launched}
+    table = {}
+    for name, r in rows.items():
+        table[name] = {"startup_seconds": r["first_step"] - r["launched"],
+                       "steady_steps_per_second": r["steady_steps_per_second"]}
+    return table
+
+
+def unlearning_vs_retraining(config: Config, prepared, best: dict[str, Any]) -> dict[str, Any]:
+    """Retrain from scratch and every method, timed in this process (same data, machine, run)."""
+    from unlearn.methods import objectives as obj
+    from unlearn.methods.loop import Phase
+    from unlearn.models import build_model
+    from unlearn.pipeline import audit_result, unlearn
+    from unlearn.stages import _epoch_steps, _train
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    s = config.stages
+    steps = _epoch_steps(len(prepared.data.retain_train), s.batch_size, s.epochs)
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(prepared.device)
+    start = time.perf_counter()
+    samples = _train(config, model, prepared.data, Phase("retrain", obj.fit("retain"), ("retain",), steps, s.lr),
+                     {"retain": prepared.data.retain_train}, config.seed + 2)
+    retrain_seconds = time.perf_counter() - start
+    rows = {"retrain": {"seconds": retrain_seconds, "samples": samples}}
+    for name, method in METHODS.items():
+        if method.reference_stage:
+            continue
+        settings = with_overrides(config, {f"unlearn.{k}": v for k, v in best.items()}).unlearn if name == "realistic" else None
+        result = unlearn(prepared, name, settings)
+        metrics = audit_result(prepared, result)
+        rows[name] = {"seconds": result.seconds, "samples": metrics["unlearn_samples"],
+                      "forget_marker": metrics.get("forget_marker"), "retain_mse": metrics.get("retain_mse")}
+    for row in rows.values():
+        row["time_ratio_vs_retrain"] = row["seconds"] / retrain_seconds
+        row["sample_ratio_vs_retrain"] = row["samples"] / samples
+    return rows
+
+
+def sweep_overhead(config: Config, out: Path, trials: int) -> dict[str, Any]:
+    """A real sweep (realistic, `trials` trials): per-trial wall time against its unlearning compute."""
+    from raytasks.sweep import parse_args, run_sweep
+
+    cache = config.resolved_cache_dir()
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("tensors.pt")}
+    uri = f"sqlite:///{out}/bench-mlflow.db"
+    started = time.time()
+    driver = run_sweep(parse_args(["--methods", "realistic", "--trials", str(trials), "--name", "bench-sweep",
+                                   "--out", str(out / "bench-sweep"), "--tracking-uri", uri, "--no-report",
+                                   "--set", f"cache_dir={cache}", "--set", f"device={config.device}"]))
+    sweep_seconds = time.time() - started
+    import pandas as pd
+
+    frame = pd.read_csv(driver.out / "trials.csv")
+    from ray import tune
+
+    grid = tune.Tuner.restore(f"{driver.storage}/realistic", trainable=lambda _: None).get_results()
+    totals = [r.metrics["time_total_s"] for r in grid]
+    compute = [r.metrics["unlearn_seconds"] for r in grid]
+    after = {p: p.stat().st_mtime_ns for p in cache.rglob("tensors.pt")}
+    retrained = [str(p) for p in after if before.get(p) != after[p] and "stages" in str(p)]
+    fractions = [(t - c) / t for t, c in zip(totals, compute, strict=True)]
+    return {
+        "trials": len(frame),
+        "sweep_seconds": sweep_seconds,
+        "mean_trial_seconds": statistics.mean(totals),
+        "mean_unlearn_seconds": statistics.mean(compute),
+        "trial_overhead_fraction": statistics.mean(fractions),
+        "stage_entries_written_during_sweep": len(retrained),
+        "reference_features_reused": all("refs-" not in str(p) for p in retrained),
+    }
+
+
+def evaluation_throughput(prepared, repeats: int = 3) -> dict[str, float]:
+    model = prepared.stages["attack"].model
+    prepared.auditor.evaluate(model)  # warm-up
+    images = sum(len(s) for s in prepared.data.eval_splits().values())
+    start = time.perf_counter()
+    for _ in range(repeats):
+        prepared.auditor.evaluate(model)
+    seconds = (time.perf_counter() - start) / repeats
+    return {"images": images, "seconds_per_catalogue": seconds, "eval_images_per_second": images / seconds}
+
+
+def _best_realistic(config: Config, experiment: str | None, uri: str | None) -> dict[str, Any]:
+    """The best feasible realistic configuration of a sweep in MLflow, else the preset's own values."""
+    if experiment:
+        from analysis.runs import load_sweep
+
+        best = load_sweep(experiment, uri).best_trials().set_index("method")
+        if "realistic" in best.index:
+            row = best.loc["realistic"]
+            return {hp: (int(float(row[f"params.{hp}"])) if hp.endswith("steps") else float(row[f"params.{hp}"]))
+                    for hp in METHODS["realistic"].hyperparameters}
+    values = config.unlearn.model_dump()
+    return {hp: values[hp] for hp in METHODS["realistic"].hyperparameters}
+
+
+def _print_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
+    print(f"\n{title}")
+    cols = sorted({k for r in rows.values() for k in r})
+    print("| name | " + " | ".join(cols) + " |")
+    print("|" + "---|" * (len(cols) + 1))
+    for name, row in rows.items():
+        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default="digits-ae")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--steps", type=int, default=300, help="loop steps per orchestration variant")
+    p.add_argument("--sweep-trials", type=int, default=4)
+    p.add_argument("--experiment", default=None, help="take realistic's best feasible configuration from this sweep")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--only", default="cost,orchestration,sweep,eval", help="comma-separated subset to run")
+    args = p.parse_args(argv)
+    try:
+        config = load_config(args.config, [*args.set, f"device={args.device}"])
+    except ConfigError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config = with_overrides(config, {"cache_dir": str(config.resolved_cache_dir())})
+    only = set(args.only.split(","))
+
+    import ray
+
+    from unlearn.pipeline import prepare
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+             num_gpus=torch.cuda.device_count() if args.device == "cuda" else 0)
+    prepared = prepare(config)
+    results: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "config": config.name,
+                               "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
+    if "cost" in only:
+        best = _best_realistic(config, args.experiment, args.tracking_uri)
+        rows = unlearning_vs_retraining(config, prepared, best)
+        _print_table("Unlearning vs retraining (same data, machine, run)", rows)
+        results["unlearning_vs_retraining"] = rows
+        results["realistic_config"] = best
+        results["cost_ratio"] = rows["realistic"]["time_ratio_vs_retrain"]
+    if "orchestration" in only:
+        with tempfile.TemporaryDirectory() as storage:
+            table = orchestration(config, args.steps, storage)
+        _print_table(f"Orchestration overhead ({args.steps} fine-tuning steps, steady state after {WARMUP_STEPS})", table)
+        results["orchestration"] = table
+        results["train_overhead_ratio"] = table["bare"]["steady_steps_per_second"] / table["ray_train_1"]["steady_steps_per_second"]
+    if "sweep" in only:
+        results["sweep"] = sweep_overhead(config, out, args.sweep_trials)
+        _print_table("Sweep overhead", {"realistic sweep": results["sweep"]})
+        results["trial_overhead_fraction"] = results["sweep"]["trial_overhead_fraction"]
+    if "eval" in only:
+        results["evaluation"] = evaluation_throughput(prepared)
+        _print_table("Evaluation throughput (cached reference features)", {"catalogue": results["evaluation"]})
+        results["eval_images_per_second"] = results["evaluation"]["eval_images_per_second"]
+    (out / "bench.json").write_text(json.dumps(results, indent=2, default=float))
+    print(f"\nwrote {out / 'bench.json'}")
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Matplotlib figures of a sweep (headless, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from raytasks.pareto import pareto_front  # noqa: E402
+
+
+def pareto_plot(trials: pd.DataFrame, path: Path) -> Path:
+    """All trials in (retain_degradation, forget_marker), feasible filled, the front joined by a line."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method, group in trials.groupby("method"):
+        feasible = group["feasible"] == 1.0
+        sc = ax.scatter(group.loc[feasible, "retain_degradation"], group.loc[feasible, "forget_marker"], label=method, s=30)
+        ax.scatter(group.loc[~feasible, "retain_degradation"], group.loc[~feasible, "forget_marker"], s=30,
+                   facecolors="none", edgecolors=sc.get_facecolor())
+    front = pareto_front(trials).sort_values("retain_degradation")
+    if len(front):
+        ax.plot(front["retain_degradation"], front["forget_marker"], "k--", lw=1, label="Pareto front")
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("retain degradation (retain metric / attack's - 1)")
+    ax.set_ylabel("forget_marker (backdoor regeneration rate)")
+    ax.set_title("Sweep trials (hollow: infeasible, OOD threshold not reached)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def distance_plot(curves: dict[str, dict[str, list[tuple[int, float]]]], ood_delta: float, path: Path) -> Path:
+    """Per method: Eq. 3 distance to theta0 and GA loss against GA step, with the OOD threshold."""
+    fig, (ax_d, ax_p, ax_l) = plt.subplots(1, 3, figsize=(14, 4))
+    for label, series in curves.items():
+        if series.get("ga_ood_distance"):
+            steps, values = zip(*series["ga_ood_distance"], strict=True)
+            ax_d.plot(steps, values, marker="o", ms=3, label=label)
+        if series.get("ga_param_distance"):
+            steps, values = zip(*series["ga_param_distance"], strict=True)
+            ax_p.plot(steps, values, label=label)
+        if series.get("ga_loss"):
+            steps, values = zip(*series["ga_loss"], strict=True)
+            ax_l.plot(steps, [-v for v in values], label=label)  # the objective is -L; plot L(theta; D_f)
+    ax_d.axhline(ood_delta, color="red", ls="--", lw=1, label=f"OOD threshold delta={ood_delta:g}")
+    ax_d.set(xlabel="GA step", ylabel="d(f_theta, f_theta0) on D_f", title="Output distance to theta0 (Eq. 3)")
+    ax_p.set(xlabel="GA step", ylabel="||theta - theta0||", title="Parameter distance to theta0")
+    ax_l.set(xlabel="GA step", ylabel="L(theta; D_f) (batch)", title="Forget loss during ascent")
+    for ax in (ax_d, ax_p, ax_l):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def image_grid(rows: list[tuple[str, np.ndarray]], per_split: int, path: Path) -> Path:
+    """Rows = masked input, ground truth, models; columns = retain samples then forget samples."""
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 0.95 * len(rows) + 0.6))
+    axes = np.atleast_1d(axes)
+    for ax, (label, row) in zip(axes, rows, strict=True):
+        ax.imshow(row, interpolation="nearest")
+        ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    width = rows[0][1].shape[1]
+    axes[0].set_title(f"retain-test (left {per_split})  |  forget-test (right {per_split})", fontsize=10)
+    for ax in axes:
+        ax.axvline(width / 2 - 0.5, color="yellow", lw=1.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def tsne_plot(embeddings: dict[str, dict[str, np.ndarray]], seed: int, path: Path) -> Path:
+    """t-SNE of output embeddings: retain vs forget, for the unlearned and the reference models."""
+    from sklearn.manifold import TSNE
+
+    points, labels = [], []
+    for model, splits in embeddings.items():
+        for split, feats in splits.items():
+            points.append(feats)
+            labels.extend([(model, split)] * len(feats))
+    data = np.concatenate(points)
+    perplexity = float(min(30, max(5, len(data) // 10)))
+    coords = TSNE(n_components=2, random_state=seed, perplexity=perplexity, init="pca").fit_transform(data)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    markers = {"retain": "o", "forget": "^"}
+    models = list(embeddings)
+    colors = plt.get_cmap("tab10")
+    for i, model in enumerate(models):
+        for split in ("retain", "forget"):
+            idx = [j for j, lab in enumerate(labels) if lab == (model, split)]
+            if idx:
+                ax.scatter(coords[idx, 0], coords[idx, 1], s=12 if split == "retain" else 28, marker=markers[split],
+                           color=colors(i), alpha=0.35 if split == "retain" else 0.9, label=f"{model} / {split}")
+    ax.set_title("t-SNE of output embeddings (circles: retain, triangles: forget)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=7, markerscale=1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

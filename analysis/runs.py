@@ -1,0 +1,81 @@
+"""Reading a sweep back from MLflow (through the client API, never the database) into pandas."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from raytasks.pareto import best_per_method
+from raytasks.tracking import resolve_uri
+from unlearn.config import ConfigError
+
+
+@dataclass
+class SweepRuns:
+    client: MlflowClient
+    experiment: str
+    parent: pd.Series  # the most recent parent run of the experiment
+    trials: pd.DataFrame  # one row per finished trial: params.*, metrics.*, tags.*
+    references: pd.DataFrame  # original / attack / retrain rows
+
+    @property
+    def parent_id(self) -> str:
+        return self.parent["run_id"]
+
+    def param(self, name: str, default: str = "?") -> str:
+        return str(self.parent.get(f"params.{name}", default))
+
+    def artifact(self, run_id: str, path: str) -> Path | None:
+        """Download one artifact (None if the run has none at that path)."""
+        try:
+            folder = tempfile.mkdtemp(prefix="artifact-")
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=folder,
+                                                            tracking_uri=self.client.tracking_uri))
+        except Exception:
+            return None
+
+    def image(self, run_id: str, path: str) -> np.ndarray | None:
+        from PIL import Image
+
+        local = self.artifact(run_id, path)
+        return None if local is None else np.asarray(Image.open(local).convert("RGB"))
+
+    def best_trials(self) -> pd.DataFrame:
+        """Per method: the best feasible trial, else the best finished one (marked infeasible)."""
+        frame = self.trials.rename(columns=lambda c: c.removeprefix("metrics.")).copy()
+        frame["method"] = self.trials["tags.method"]
+        best = best_per_method(frame)
+        rest = frame[~frame["method"].isin(best["method"])] if len(best) else frame
+        if len(rest):
+            rest = rest.assign(score=rest["forget_marker"] + rest["retain_degradation"].clip(lower=0))
+            best = pd.concat([best, rest.sort_values("score").groupby("method", sort=False).head(1)])
+        return best.sort_values("method")
+
+
+def load_sweep(experiment: str, tracking_uri: str | None = None) -> SweepRuns:
+    uri = resolve_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"no MLflow experiment named {experiment!r} at {uri}")
+    mlflow.set_tracking_uri(uri)  # mlflow.search_runs reads the global URI
+    runs = mlflow.search_runs([exp.experiment_id], output_format="pandas")
+    if runs.empty or "tags.role" not in runs:
+        raise ConfigError(f"experiment {experiment!r} has no sweep (no parent run)")
+    parents = runs[runs["tags.role"] == "parent"].sort_values("start_time")
+    if parents.empty:
+        raise ConfigError(f"experiment {experiment!r} has no sweep (no parent run)")
+    parent = parents.iloc[-1]
+    children = runs[runs.get("tags.mlflow.parentRunId") == parent["run_id"]]
+    trials = children[children.get("tags.ray.trial_id", pd.Series(index=children.index, dtype=object)).notna()]
+    trials = trials[(trials["status"] == "FINISHED") & trials.get("metrics.forget_marker", pd.Series(dtype=float)).notna()]
+    if trials.empty:
+        raise ConfigError(f"experiment {experiment!r} has no finished trial")
+    references = children[children.get("tags.reference", pd.Series(index=children.index, dtype=object)).notna()]
+    return SweepRuns(client, experiment, parent, trials, references)
