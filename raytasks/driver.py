@@ -101,6 +101,7 @@ class SweepDriver:
             tuner = self._tuner(method, refs["attack"], resume)
             grid = tuner.fit()
             unfinished = sum(1 for r in grid if not r.metrics and r.error is None) + max(0, self.trials - len(grid))
+            for result in grid:
                 metrics = dict(result.metrics or {})
                 if not metrics and result.error is None:
                     continue  # interrupted before it reported: --resume runs it
