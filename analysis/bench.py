@@ -218,13 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     config = with_overrides(config, {"cache_dir": str(config.resolved_cache_dir())})
     only = set(args.only.split(","))
 
-    import ray
-
     from unlearn.pipeline import prepare
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-             num_gpus=torch.cuda.device_count() if args.device == "cuda" else 0)
+    if only & {"orchestration", "sweep"}:  # Ray only where measured: `--only cost,eval` runs without it
+        import ray
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+                 num_gpus=torch.cuda.device_count() if args.device == "cuda" else 0)
     prepared = prepare(config)
     results: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "config": config.name,
                                "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
@@ -251,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
         results["eval_images_per_second"] = results["evaluation"]["eval_images_per_second"]
     (out / "bench.json").write_text(json.dumps(results, indent=2, default=float))
     print(f"\nwrote {out / 'bench.json'}")
-    ray.shutdown()
     return 0
 
 

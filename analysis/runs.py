@@ -72,10 +72,15 @@ def load_sweep(experiment: str, tracking_uri: str | None = None) -> SweepRuns:
     if parents.empty:
         raise ConfigError(f"experiment {experiment!r} has no sweep (no parent run)")
     parent = parents.iloc[-1]
-    children = runs[runs.get("tags.mlflow.parentRunId") == parent["run_id"]]
-    trials = children[children.get("tags.ray.trial_id", pd.Series(index=children.index, dtype=object)).notna()]
-    trials = trials[(trials["status"] == "FINISHED") & trials.get("metrics.forget_marker", pd.Series(dtype=float)).notna()]
+    children = runs[_column(runs, "tags.mlflow.parentRunId") == parent["run_id"]]
+    trials = children[_column(children, "tags.ray.trial_id").notna() & (children["status"] == "FINISHED")
+                      & _column(children, "metrics.forget_marker").notna()]
     if trials.empty:
         raise ConfigError(f"experiment {experiment!r} has no finished trial")
-    references = children[children.get("tags.reference", pd.Series(index=children.index, dtype=object)).notna()]
+    references = children[_column(children, "tags.reference").notna()]
     return SweepRuns(client, experiment, parent, trials, references)
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A column, or all-missing when no run has that tag or metric."""
+    return frame[name] if name in frame else pd.Series(np.nan, index=frame.index, dtype=object)

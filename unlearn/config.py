@@ -41,9 +41,11 @@ class MarkerConfig(_Strict):
 class DataConfig(_Strict):
     dataset: Literal["digits", "cifar10", "imagefolder"] = "digits"
     root: str | None = None  # cifar10: folder holding data_batch_*; imagefolder: class sub-folders
+    root_env: str | None = None  # environment variable read when `root` is not set (presets use this)
     image_size: int = Field(16, ge=4)
     train_fraction: float = Field(0.8, gt=0.0, lt=1.0)
     max_per_class: int | None = Field(None, ge=2)  # subsample large data sets (ImageNet, Places365)
+    # Classes by name or index; "a-b" is the index range a..b (for 100-class forget sets).
     # class-level forgetting: forget_fraction = 1; sample-level: a fraction of these classes' samples.
     forget_classes: list[str] = ["0"]
     forget_fraction: float = 1.0

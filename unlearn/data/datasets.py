@@ -38,16 +38,42 @@ def _load_digits(cfg: DataConfig) -> ImageSet:
     gray = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8)
     images = _resize_uint8(gray.repeat(1, 3, 1, 1), cfg.image_size)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
+    images, labels = _cap_per_class(images, labels, cfg.max_per_class)
     return ImageSet(images, labels, [str(i) for i in range(10)])
 
 
 def _require_root(cfg: DataConfig) -> Path:
-    if not cfg.root:
-        raise ConfigError(f"data.root is required for dataset {cfg.dataset!r} (set it with --set data.root=PATH)")
-    root = Path(cfg.root).expanduser()
+    import os
+
+    source = "data.root"
+    root_text = cfg.root
+    if not root_text and cfg.root_env:
+        root_text, source = os.environ.get(cfg.root_env), f"${cfg.root_env}"
+    if not root_text:
+        hint = f" or export {cfg.root_env}" if cfg.root_env else ""
+        raise ConfigError(f"the {cfg.dataset} data root is not set: pass --set data.root=PATH{hint}")
+    root = Path(root_text).expanduser()
     if not root.is_dir():
-        raise ConfigError(f"data root not found: {root} (data.root)")
+        raise ConfigError(f"data root not found: {root} ({source})")
     return root
+
+
+def expand_class_specs(specs: list[str], names: list[str]) -> list[str]:
+    """Class names for specs that are names, indices, or index ranges 'a-b' (inclusive)."""
+    out = []
+    for spec in specs:
+        low, sep, high = spec.partition("-")
+        if sep and low.isdigit() and high.isdigit() and spec not in names:
+            if int(high) >= len(names) or int(low) > int(high):
+                raise ConfigError(f"class range {spec!r} is outside the {len(names)} classes")
+            out.extend(names[int(low) : int(high) + 1])
+        elif spec in names:
+            out.append(spec)
+        elif spec.isdigit() and int(spec) < len(names):
+            out.append(names[int(spec)])
+        else:
+            raise ConfigError(f"unknown class {spec!r} (classes: {', '.join(names[:12])}{'...' if len(names) > 12 else ''})")
+    return out
 
 
 def _load_cifar10(cfg: DataConfig) -> ImageSet:
@@ -94,11 +120,11 @@ def _load_imagefolder(cfg: DataConfig) -> ImageSet:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise ConfigError(f"no class folders in {root} (data.root)")
-    wanted = set(cfg.forget_classes) | set(cfg.unseen_classes)
-    if cfg.retain_classes is not None:
-        wanted |= set(cfg.retain_classes)
-        classes = [c for c in classes if c in wanted]  # read only the classes the run uses
-    class_to_idx = {c: i for i, c in enumerate(classes)}
+    wanted = set(classes)
+    if cfg.retain_classes is not None:  # read only the classes the run uses (ImageNet: 200 of 1000)
+        wanted = set(expand_class_specs([*cfg.forget_classes, *cfg.unseen_classes, *cfg.retain_classes], classes))
+    # Labels index the full sorted folder list, so class specs resolve the same way everywhere.
+    class_to_idx = {c: i for i, c in enumerate(classes) if c in wanted}
     samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
     per_class: dict[int, list[str]] = {}
     for path, label in samples:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from unlearn.config import ConfigError, DataConfig
-from unlearn.data.datasets import load_images
+from unlearn.data.datasets import expand_class_specs, load_images
 from unlearn.data.masks import inpaint_mask
 from unlearn.data.poison import draw_marker, marker_pixels
 
@@ -52,15 +52,10 @@ class UnlearningData:
 
 
 def _resolve_classes(requested: list[str], names: list[str], what: str) -> list[int]:
-    out = []
-    for c in requested:
-        if c in names:
-            out.append(names.index(c))
-        elif c.isdigit() and int(c) < len(names):
-            out.append(int(c))
-        else:
-            raise ConfigError(f"unknown class {c!r} in data.{what} (classes: {', '.join(names[:12])}...)")
-    return out
+    try:
+        return [names.index(name) for name in expand_class_specs(requested, names)]
+    except ConfigError as exc:
+        raise ConfigError(f"data.{what}: {exc}") from None
 
 
 def build_data(cfg: DataConfig, seed: int) -> UnlearningData:
@@ -70,7 +65,8 @@ def build_data(cfg: DataConfig, seed: int) -> UnlearningData:
     forget = _resolve_classes(cfg.forget_classes, names, "forget_classes")
     unseen = _resolve_classes(cfg.unseen_classes, names, "unseen_classes")
     if cfg.retain_classes is None:
-        retain = [c for c in range(len(names)) if c not in forget and c not in unseen]
+        present = set(imageset.labels.unique().tolist())
+        retain = [c for c in range(len(names)) if c not in forget and c not in unseen and c in present]
     else:
         retain = [c for c in _resolve_classes(cfg.retain_classes, names, "retain_classes") if c not in forget]
     if not retain and cfg.forget_fraction == 1.0:

@@ -1,0 +1,107 @@
+"""The model interface (autoencoder, VQ, diffusion), pretrained loading, and the large presets."""
+
+import pytest
+import torch
+
+from unlearn.cli import main
+from unlearn.config import load_config
+from unlearn.models import build_model
+from unlearn.models.pretrained import load_pretrained
+
+KINDS = ["ae", "vq", "diffusion"]
+
+
+def _tiny(kind: str, tmp_path=None):
+    extra = [f"cache_dir={tmp_path}"] if tmp_path else []
+    return load_config("digits-ae", [f"model.kind={kind}", "model.width=8", "model.latent_channels=4", *extra])
+
+
+def _batch():
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 16, 16)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 5:11, 5:11] = 1
+    return images, mask
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interface(kind):
+    torch.manual_seed(0)
+    model = build_model(_tiny(kind))
+    images, mask = _batch()
+    loss = model.loss(images, mask, images)
+    assert loss.shape == (4,) and torch.isfinite(loss).all()
+    out = model.reconstruct(images, mask)
+    assert out.shape == images.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert torch.equal(out * (1 - mask), images * (1 - mask))  # the context is kept
+    assert model.encode(images, mask).shape[0] == 4
+    enc = {id(p) for p in model.encoder_parameters()}
+    dec = {id(p) for p in model.decoder_parameters()}
+    assert enc and dec and not enc & dec and enc | dec == {id(p) for p in model.parameters()}
+    loss.mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder_parameters())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_masked_region_is_hidden_from_the_model(kind):
+    torch.manual_seed(0)
+    model = build_model(_tiny(kind)).eval()
+    images, mask = _batch()
+    changed = images.clone()
+    changed[..., 5:11, 5:11] = 1.0 - changed[..., 5:11, 5:11]
+    assert torch.allclose(model.generate(images, mask), model.generate(changed, mask))
+
+
+def test_diffusion_sampling_is_deterministic():
+    torch.manual_seed(0)
+    model = build_model(_tiny("diffusion")).eval()
+    images, mask = _batch()
+    assert torch.equal(model.generate(images, mask), model.generate(images, mask))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pretrained_checkpoint_file(kind, tmp_path):
+    torch.manual_seed(0)
+    source = build_model(_tiny(kind))
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    target = build_model(_tiny(kind))
+    load_pretrained(target, str(tmp_path / "weights.pt"))
+    images, mask = _batch()
+    assert torch.equal(source.eval().generate(images, mask), target.eval().generate(images, mask))
+
+
+@pytest.mark.parametrize(("kind", "attr"), [("vq", "vq"), ("diffusion", "unet")])
+def test_pretrained_diffusers_folder(kind, attr, tmp_path):
+    torch.manual_seed(0)
+    source = build_model(_tiny(kind))
+    getattr(source, attr).save_pretrained(tmp_path / "model")
+    target = build_model(_tiny(kind))
+    load_pretrained(target, str(tmp_path / "model"))
+    for a, b in zip(source.parameters(), target.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_pretrained_mismatch_is_a_config_error(tmp_path):
+    from unlearn.config import ConfigError
+
+    torch.save(build_model(_tiny("ae")).state_dict(), tmp_path / "ae.pt")
+    with pytest.raises(ConfigError, match="does not match"):
+        load_pretrained(build_model(_tiny("vq")), str(tmp_path / "ae.pt"))
+
+
+@pytest.mark.parametrize(
+    ("preset", "env"),
+    [("cifar10-ae", "CIFAR10_ROOT"), ("cifar10-sample", "CIFAR10_ROOT"), ("imagenet-vqgan", "IMAGENET_ROOT"),
+     ("places365-diffusion", "PLACES365_ROOT")],
+)
+def test_large_presets_validate_and_name_the_missing_root(preset, env, monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv(env, raising=False)
+    config = load_config(preset)
+    assert config.data.root_env == env and config.precision == "bf16"
+    assert main(["run", "--method", "realistic", "--config", preset, "--set", f"cache_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and env in err
+    monkeypatch.setenv(env, str(tmp_path / "missing"))
+    assert main(["run", "--method", "realistic", "--config", preset, "--set", f"cache_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(tmp_path / "missing") in err and env in err
