@@ -105,3 +105,24 @@ def test_large_presets_validate_and_name_the_missing_root(preset, env, monkeypat
     assert main(["run", "--method", "realistic", "--config", preset, "--set", f"cache_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(tmp_path / "missing") in err and env in err
+
+
+TINY_STAGES = ["data.max_per_class=60", "stages.epochs=15", "stages.attack_epochs=15", "stages.lr=0.003"]
+
+
+def test_vq_end_to_end_on_digits(tmp_path):
+    """Tiny VQ on digits (CPU, ~1 min): the attack regenerates the marker, realistic removes it."""
+    from unlearn.audit.catalogue import PER_SPLIT
+    from unlearn.pipeline import audit_result, evaluate_reference, prepare, unlearn
+
+    config = load_config("digits-ae", ["model.kind=vq", "model.width=8", "model.latent_channels=8", *TINY_STAGES,
+                                       f"cache_dir={tmp_path}"])
+    prepared = prepare(config, log=lambda _: None)
+    attack = evaluate_reference(prepared, "attack")
+    realistic = audit_result(prepared, unlearn(prepared, "realistic"))
+    assert attack["forget_marker"] >= 0.6
+    assert realistic["forget_marker"] < attack["forget_marker"]
+    for split in ("retain", "forget"):
+        for name in PER_SPLIT:
+            assert torch.isfinite(torch.tensor(realistic[f"{split}_{name}"]))
+    assert realistic["ga_steps"] == config.unlearn.ga_steps

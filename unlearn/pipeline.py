@@ -19,7 +19,7 @@ import torch
 from unlearn.audit import Auditor, ga_guarantees
 from unlearn.cache import ArtifactCache
 from unlearn.config import Config, UnlearnConfig
-from unlearn.data import BatchStream, UnlearningData, build_data
+from unlearn.data import BatchStream, ImageSubset, UnlearningData, build_data
 from unlearn.methods import (
     REFERENCE_MODELS,
     GradientSync,
@@ -48,26 +48,27 @@ class Prepared:
     device: torch.device
 
 
+_SUBSETS = ("retain_train", "forget_train", "retain_test", "forget_test", "unseen_test")
+_FIELDS = ("images", "clean", "labels", "index")
+
+
 def load_data(config: Config) -> UnlearningData:
     """Build the splits, cached so that sweep trials do not re-read large image folders."""
     cache = ArtifactCache(config.resolved_cache_dir())
     key = "data-v1-" + config.section_key("data")
     if cache.has("data", key):
         tensors, meta = cache.load("data", key)
-        return UnlearningData(**{k: _subset(tensors, k) for k in meta["subsets"]}, mask=tensors["mask"], marker=tensors["marker"], class_names=meta["class_names"], **{k: None for k in meta["missing"]})
+        subsets = {
+            name: ImageSubset(*(tensors[f"{name}/{f}"] for f in _FIELDS)) if name in meta["subsets"] else None
+            for name in _SUBSETS
+        }
+        return UnlearningData(**subsets, mask=tensors["mask"], marker=tensors["marker"], class_names=meta["class_names"])
     data = build_data(config.data, config.seed)
-    subsets = {k: getattr(data, k) for k in ("retain_train", "forget_train", "retain_test", "forget_test", "unseen_test")}
-    tensors = {f"{k}/{f}": getattr(s, f) for k, s in subsets.items() if s is not None for f in ("images", "clean", "labels", "index")}
+    present = [name for name in _SUBSETS if getattr(data, name) is not None]
+    tensors = {f"{name}/{f}": getattr(getattr(data, name), f) for name in present for f in _FIELDS}
     tensors.update(mask=data.mask, marker=data.marker)
-    meta = {"subsets": [k for k, s in subsets.items() if s is not None], "missing": [k for k, s in subsets.items() if s is None], "class_names": data.class_names}
-    cache.save("data", key, tensors, meta)
+    cache.save("data", key, tensors, {"subsets": present, "class_names": data.class_names})
     return data
-
-
-def _subset(tensors: dict[str, torch.Tensor], name: str):
-    from unlearn.data import ImageSubset
-
-    return ImageSubset(*(tensors[f"{name}/{f}"] for f in ("images", "clean", "labels", "index")))
 
 
 def prepare(config: Config, log: Callable[[str], None] = stderr_log) -> Prepared:

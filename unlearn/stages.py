@@ -64,16 +64,11 @@ def _train(
     return history.samples
 
 
-def _clean_train(data: UnlearningData) -> ImageSubset:
-    forget_clean = ImageSubset(data.forget_train.clean, data.forget_train.clean, data.forget_train.labels)
-    return ImageSubset.concat(data.retain_train, forget_clean)
-
-
 def _train_original(config: Config, model: I2IModel, data: UnlearningData) -> int:
     if config.model.pretrained:
         load_pretrained(model, config.model.pretrained)
         return 0
-    train = _clean_train(data)
+    train = data.clean_training_set()
     steps = _epoch_steps(len(train), config.stages.batch_size, config.stages.epochs)
     return _train(config, model, data, Phase("original", obj.fit("train"), ("train",), steps, config.stages.lr), {"train": train}, config.seed)
 

@@ -66,11 +66,6 @@ class Backbone:
         return torch.cat(feats), torch.cat(logits)
 
 
-def _train_subset(data: UnlearningData) -> ImageSubset:
-    forget_clean = ImageSubset(data.forget_train.clean, data.forget_train.clean, data.forget_train.labels)
-    return ImageSubset.concat(data.retain_train, forget_clean)
-
-
 def _domain(config: Config, data: UnlearningData, device: torch.device, log: Callable[[str], None]) -> Backbone:
     cache = ArtifactCache(config.resolved_cache_dir())
     key = f"domain-{config.section_key('data')}-{config.audit.domain_epochs}"
@@ -80,7 +75,7 @@ def _domain(config: Config, data: UnlearningData, device: torch.device, log: Cal
         log(f"backbone domain: reused {key}")
     else:
         torch.manual_seed(config.seed)
-        train = _train_subset(data)
+        train = data.clean_training_set()
         model.to(device)
         steps = config.audit.domain_epochs * math.ceil(len(train) / 64)
         stream = BatchStream(train, 64, config.seed + 7, device=device)
@@ -98,7 +93,7 @@ def _domain(config: Config, data: UnlearningData, device: torch.device, log: Cal
 
 def _centroid_logits(features: Callable[[torch.Tensor], torch.Tensor], data: UnlearningData, device: torch.device):
     """A nearest-centroid classifier (cosine, CLIP-style temperature 100) over the training classes."""
-    train = _train_subset(data)
+    train = data.clean_training_set()
     with torch.no_grad():
         feats = torch.cat([features(to_float(train.clean[i : i + 128]).to(device)).float() for i in range(0, len(train), 128)])
     feats = F.normalize(feats, dim=1)

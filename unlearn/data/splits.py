@@ -44,6 +44,11 @@ class UnlearningData:
     marker: torch.Tensor  # (H, W) bool
     class_names: list[str]
 
+    def clean_training_set(self) -> ImageSubset:
+        """D = D_r + D_f without the marker: what the original model (and the audit backbone) learn from."""
+        f = self.forget_train
+        return ImageSubset.concat(self.retain_train, ImageSubset(f.clean, f.clean, f.labels))
+
     def eval_splits(self) -> dict[str, ImageSubset]:
         splits = {"retain": self.retain_test, "forget": self.forget_test}
         if self.unseen_test is not None and len(self.unseen_test):
