@@ -141,8 +141,9 @@ class AuditConfig(_Strict):
 class SweepConfig(_Strict):
     """What `raytasks/sweep.py` searches (plain data here; the library never imports Ray)."""
 
-    methods: list[str] = ["realistic"]
-    trials: int = Field(8, ge=1)  # per method: baselines get the same budget as `realistic`
+    # Every unlearning method, each with the same number of trials: a fair comparison table by default.
+    methods: list[str] = ["realistic", "max_loss", "finetune", "noisy_label", "random_encoder", "i2i_sota", "merged"]
+    trials: int = Field(8, ge=1)
     max_concurrent: int | None = Field(None, ge=1)  # None: as many as the cluster holds
     retain_metric: Literal["retain_mse", "retain_fid"] = "retain_mse"
     # [low, high] per hyperparameter; steps are integers, rates and weights are sampled log-uniformly.

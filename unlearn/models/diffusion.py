@@ -33,8 +33,9 @@ class DiffusionInpainter(I2IModel):
             norm_num_groups=min(8, width),
             add_attention=False,
         )
-        self.train_schedule = DDPMScheduler(num_train_timesteps=diffusion_steps)
-        self.sample_schedule = DDIMScheduler(num_train_timesteps=diffusion_steps)
+        # The cosine schedule reaches pure noise at t = T for any T; the default linear betas assume T = 1000.
+        self.train_schedule = DDPMScheduler(num_train_timesteps=diffusion_steps, beta_schedule="squaredcos_cap_v2")
+        self.sample_schedule = DDIMScheduler(num_train_timesteps=diffusion_steps, beta_schedule="squaredcos_cap_v2")
         self.sample_steps = sample_steps
 
     def load_diffusers_folder(self, folder: Path) -> None:
