@@ -29,6 +29,8 @@ class AllReduceSync(GradientSync):
         self.world_size = dist.get_world_size()
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world_size == 1:  # nothing to average: a one-worker group runs the bare loop
+            return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
@@ -40,6 +42,8 @@ class AllReduceSync(GradientSync):
             offset += n
 
     def mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
         t = torch.tensor([value], dtype=torch.float64, device=_sync_device())
         dist.all_reduce(t)
         return float(t) / self.world_size
