@@ -48,12 +48,16 @@ class SweepDriver:
     def _log_references(self, prepared) -> dict[str, dict[str, float]]:
         refs = {}
         for ref in REFERENCE_MODELS:
+            tags = {"sweep": self.name, "reference": ref, "method": ref}
+            logged = tracking.find_run(self.client, self.experiment, tags)
+            if logged is not None and self.client.get_run(logged).info.status == "FINISHED":  # --resume: read back
+                refs[ref] = dict(self.client.get_run(logged).data.metrics)
+                continue
             metrics = evaluate_reference(prepared, ref)
             refs[ref] = metrics
             with tempfile.TemporaryDirectory() as folder:
                 save_png(prepared.auditor.output_row(prepared.stages[ref].model), Path(folder) / "outputs.png")
                 prepared.auditor.save_embeddings(prepared.stages[ref].model, Path(folder) / "embeddings.npz")
-                tags = {"sweep": self.name, "reference": ref, "method": ref}
                 tracking.log_child(self.client, self.experiment, self.parent, tags, {"stage_key": prepared.stages[ref].key}, metrics, Path(folder))
         with tempfile.TemporaryDirectory() as folder:
             for row_name, row in reference_rows(prepared.data).items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -70,11 +69,13 @@ def model_outputs(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, devi
 
 
 @torch.no_grad()
-def encoder_features(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, device: torch.device, limit: int, batch_size: int = 256) -> torch.Tensor:
+def encoder_features(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, device: torch.device, precision: str,
+                     batch_size: int = 256) -> torch.Tensor:
     feats = []
-    for i in range(0, min(len(subset), limit), batch_size):
-        images = to_float(subset.images[i : min(i + batch_size, limit)]).to(device)
-        feats.append(model.encode(images, mask.to(device)).float().flatten(1).cpu())
+    for i in range(0, len(subset), batch_size):
+        images = to_float(subset.images[i : i + batch_size]).to(device)
+        with autocast(device, precision):
+            feats.append(model.encode(images, mask.to(device)).float().flatten(1).cpu())
     return torch.cat(feats)
 
 
@@ -174,9 +175,8 @@ class Auditor:
                 metrics["forget_marker"] = float((scores > threshold).float().mean())
                 metrics["marker_threshold"] = threshold
             if split in ("retain", "forget"):
-                with torch.no_grad(), (autocast(self.device, self.config.precision) if self.device.type == "cuda" else nullcontext()):
-                    encoded[split] = encoder_features(model, subset, self.mask, self.device, len(subset))
-        train_feats = encoder_features(model, self.knn_train, self.mask, self.device, len(self.knn_train))
+                encoded[split] = encoder_features(model, subset, self.mask, self.device, self.config.precision)
+        train_feats = encoder_features(model, self.knn_train, self.mask, self.device, self.config.precision)
         metrics["forget_ood_rate"] = knn_ood_rate(train_feats, encoded["retain"], encoded["forget"], self.config.audit.knn_k)
         metrics["forget_ood_distance"] = self.ood_distance(model)
         metrics["ood_delta"] = self.config.unlearn.ood_delta
