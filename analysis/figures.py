@@ -14,21 +14,21 @@ import pandas as pd  # noqa: E402
 from raytasks.pareto import pareto_front  # noqa: E402
 
 
-def pareto_plot(trials: pd.DataFrame, path: Path) -> Path:
-    """All trials in (retain_degradation, forget_marker), feasible filled, the front joined by a line."""
+def pareto_plot(trials: pd.DataFrame, objectives: list[str], path: Path) -> Path:
+    """All trials in (retain_degradation, forget_marker_strength), feasible filled, the front joined by a line."""
+    x, y = "retain_degradation", "forget_marker_strength"
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for method, group in trials.groupby("method"):
         feasible = group["feasible"] == 1.0
-        sc = ax.scatter(group.loc[feasible, "retain_degradation"], group.loc[feasible, "forget_marker"], label=method, s=30)
-        ax.scatter(group.loc[~feasible, "retain_degradation"], group.loc[~feasible, "forget_marker"], s=30,
-                   facecolors="none", edgecolors=sc.get_facecolor())
-    front = pareto_front(trials).sort_values("retain_degradation")
+        sc = ax.scatter(group.loc[feasible, x], group.loc[feasible, y], label=method, s=30)
+        ax.scatter(group.loc[~feasible, x], group.loc[~feasible, y], s=30, facecolors="none", edgecolors=sc.get_facecolor())
+    front = pareto_front(trials, objectives).sort_values(x) if {x, y} <= set(objectives) else trials.iloc[0:0]
     if len(front):
-        ax.plot(front["retain_degradation"], front["forget_marker"], "k--", lw=1, label="Pareto front")
+        ax.plot(front[x], front[y], "k--", lw=1, label="Pareto front")
     ax.set_xscale("symlog", linthresh=0.1)
     ax.set_xlabel("retain degradation (retain metric / attack's - 1)")
-    ax.set_ylabel("forget_marker (backdoor regeneration rate)")
-    ax.set_title("Sweep trials (hollow: infeasible, OOD threshold not reached)")
+    ax.set_ylabel("forget_marker_strength (0 clean, 1 drawn '+')")
+    ax.set_title("Sweep trials (hollow: infeasible)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

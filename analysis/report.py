@@ -14,7 +14,8 @@ from analysis.runs import SweepRuns, load_sweep
 from unlearn.audit.samples import SAMPLES_PER_SPLIT
 
 TABLE_METRICS = [
-    "forget_marker", "retain_mse", "forget_mse",
+    "forget_marker_strength", "forget_marker", "forget_marker_ci_low", "forget_marker_ci_high",
+    "forget_gap_vs_retrain", "retain_degradation", "collapsed", "retain_mse", "forget_mse",
     "retain_fid", "retain_is", "retain_clip", "forget_fid", "forget_is", "forget_clip",
     "retain_fid_vs_retrain", "forget_fid_vs_retrain", "forget_fid_vs_attack", "forget_fid_vs_original",
     "forget_ood_distance", "forget_ood_rate", "sample_ratio", "cost_ratio",
@@ -33,18 +34,19 @@ def comparison_table(runs: SweepRuns) -> pd.DataFrame:
     for name in REFERENCE_ORDER:
         if name in refs.index:
             ref = refs.loc[name]
-            rows.append({"model": f"{name} (reference)", "run_id": ref["run_id"], "feasible": None,
+            rows.append({"model": f"{name} (reference)", "run_id": ref["run_id"],
+                         "feasible": bool(ref.get("metrics.feasible", 0) == 1.0),
                          **{m: ref.get(f"metrics.{m}", math.nan) for m in TABLE_METRICS}})
     return pd.DataFrame(rows)
 
 
 def sample_table(runs: SweepRuns) -> pd.DataFrame | None:
-    """Forget fraction x method (forget_marker of the best trial), for sample-level sweeps."""
+    """Forget fraction x method (forget_marker_strength of the best trial), for sample-level sweeps."""
     fraction = float(runs.param("data.forget_fraction", "1.0"))
     if fraction >= 1.0:
         return None
     best = runs.best_trials()
-    return pd.DataFrame([{"forget_fraction": fraction, **dict(zip(best["method"], best["forget_marker"], strict=True))}])
+    return pd.DataFrame([{"forget_fraction": fraction, **dict(zip(best["method"], best["forget_marker_strength"], strict=True))}])
 
 
 def _curves(runs: SweepRuns, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -59,21 +61,24 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
     out.mkdir(parents=True, exist_ok=True)
     seed = int(runs.param("seed", "0"))
 
+    config = runs.config()
     table = comparison_table(runs)
     table.to_csv(out / "comparison.csv", index=False)
     shown = table.drop(columns=["run_id"])
 
     trials = runs.trials.rename(columns=lambda c: c.removeprefix("metrics."))
     trials = trials.assign(method=runs.trials["tags.method"])
-    pareto_plot(trials, out / "pareto.png")
+    pareto_plot(trials, list(config.sweep.objectives), out / "pareto.png")
 
     best = runs.best_trials()
+    refs = runs.references.set_index("tags.reference")
+    attack = refs.loc["attack"] if "attack" in refs.index else pd.Series(dtype=object)
+    ood_delta = float(attack.get("metrics.ood_delta", math.nan))
     curves = {row["method"]: _curves(runs, row["run_id"]) for _, row in best.iterrows()}
     distance_plot({m: c for m, c in curves.items() if c.get("ga_ood_distance") or c.get("ga_param_distance")} or curves,
-                  float(runs.param("unlearn.ood_delta", "nan")), out / "distance.png")
+                  ood_delta, out / "distance.png")
 
     rows = [(label, runs.image(runs.parent_id, f"grid/{label}.png")) for label in ("masked_input", "ground_truth")]
-    refs = runs.references.set_index("tags.reference")
     rows += [(name, runs.image(refs.loc[name, "run_id"], "outputs.png")) for name in REFERENCE_ORDER if name in refs.index]
     rows += [(row["method"], runs.image(row["run_id"], "outputs.png")) for _, row in best.iterrows()]
     image_grid([(label, img) for label, img in rows if img is not None], SAMPLES_PER_SPLIT, out / "grid.png")
@@ -92,8 +97,11 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
         figures.append("tsne.png")
 
     samples = sample_table(runs)
-    swept = [m.strip() for m in runs.param("sweep.methods", "").strip("[]").replace("'", "").split(",") if m.strip()]
-    missing = [m for m in swept if m not in set(best["method"])]
+    swept = list(config.sweep.methods)
+    infeasible = runs.infeasible_methods()
+    missing = [m for m in swept if m not in set(best["method"]) and m not in infeasible]
+    valid = float(attack.get("metrics.audit_valid", 0.0)) == 1.0
+    notes = str(runs.parent.get("tags.audit_notes", "none"))
     lines = [
         f"# Unlearning report: {experiment}",
         "",
@@ -104,20 +112,33 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
         f"mask `{runs.param('data.mask.kind')}` of {runs.param('data.mask.size')}px",
         f"- model: `{runs.param('model.kind')}`; seed {seed} (splits, stages, unlearning)",
         f"- FID / IS / CLIP backbone: `{runs.param('audit.backbone')}`",
-        f"- OOD threshold delta = {runs.param('unlearn.ood_delta')}; trials: {len(runs.trials)} finished",
+        f"- **marker audit: {'valid' if valid else 'NOT VALID: this audit cannot decide whether the marker was unlearned'}** "
+        f"(attack model strength {float(attack.get('metrics.audit_attack_strength', math.nan)):.3f}, null method = fine-tuning "
+        f"on D_r alone {float(attack.get('metrics.audit_null_strength', math.nan)):.3f}; both must be >= "
+        f"{config.audit.min_marker_strength:g}; strengthening rounds used "
+        f"{int(attack.get('metrics.attack_strengthen_rounds_used', 0) or 0)}){'' if notes == 'none' else '. ' + notes}",
+        f"- OOD threshold delta = {ood_delta:.4g} (`unlearn.ood_delta` = {config.unlearn.ood_delta}; the retrain "
+        f"reference's own distance {float(attack.get('metrics.retrain_ood_distance', math.nan)):.4g}); trials: "
+        f"{len(runs.trials)} finished",
+        f"- feasible = OOD reached, not collapsed, not diverged, forget_gap_vs_retrain <= {config.sweep.max_forget_gap}, "
+        f"retain_degradation <= {config.sweep.max_retain_degradation}; objectives: {', '.join(config.sweep.objectives)}",
         f"- MLflow experiment `{experiment}`, parent run `{runs.parent_id}`",
         "",
         "## Method comparison",
         "",
-        "Best trial per method (feasible first: smallest forget_marker + retain degradation), then the reference models.",
+        f"Best feasible trial per method (smallest {config.sweep.objectives[0]}, rounded to 0.01, then "
+        f"{', '.join(config.sweep.objectives[1:]) or 'nothing'}), then the reference models.",
         "",
         shown.to_markdown(index=False, floatfmt=".4g"),
         "",
     ]
+    if infeasible:
+        lines += ["Methods without a feasible trial (violated constraints, counted over their finished trials): "
+                  + "; ".join(f"{m} ({', '.join(f'{k} x{v}' for k, v in c.items())})" for m, c in infeasible.items()) + ".", ""]
     if missing:
         lines += [f"Methods swept without a finished trial (all failed-infeasible): {', '.join(missing)}.", ""]
     if samples is not None:
-        lines += ["## Sample-level unlearning (forget_marker)", "", samples.to_markdown(index=False, floatfmt=".3g"), ""]
+        lines += ["## Sample-level unlearning (forget_marker_strength)", "", samples.to_markdown(index=False, floatfmt=".3g"), ""]
     lines += [
         "## Outputs", "", "![image grid](grid.png)", "",
         "## Trade-off", "", "![Pareto front](pareto.png)", "",

@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from raytasks.pareto import best_per_method
 from raytasks.tracking import resolve_uri
-from unlearn.config import ConfigError
+from unlearn.audit.verdict import violations
+from unlearn.config import Config, ConfigError, validate_config
 
 
 @dataclass
@@ -23,6 +24,7 @@ class SweepRuns:
     parent: pd.Series  # the most recent parent run of the experiment
     trials: pd.DataFrame  # one row per finished trial: params.*, metrics.*, tags.*
     references: pd.DataFrame  # original / attack / retrain rows
+    _config: Config | None = None
 
     @property
     def parent_id(self) -> str:
@@ -46,16 +48,42 @@ class SweepRuns:
         local = self.artifact(run_id, path)
         return None if local is None else np.asarray(Image.open(local).convert("RGB"))
 
-    def best_trials(self) -> pd.DataFrame:
-        """Per method: the best feasible trial, else the best finished one (marked infeasible)."""
+    def config(self) -> Config:
+        """The sweep's resolved config, as logged on the parent run."""
+        import json
+
+        if self._config is not None:
+            return self._config
+        local = self.artifact(self.parent_id, "config.json")
+        if local is None:
+            raise ConfigError(f"sweep {self.experiment!r}: the parent run has no config.json")
+        self._config = validate_config(json.loads(local.read_text()))
+        return self._config
+
+    def metric_frame(self) -> pd.DataFrame:
+        """Finished trials with plain metric names and a `method` column."""
         frame = self.trials.rename(columns=lambda c: c.removeprefix("metrics.")).copy()
         frame["method"] = self.trials["tags.method"]
-        best = best_per_method(frame)
-        rest = frame[~frame["method"].isin(best["method"])] if len(best) else frame
-        if len(rest):
-            rest = rest.assign(score=rest["forget_marker"] + rest["retain_degradation"].clip(lower=0))
-            best = pd.concat([best, rest.sort_values("score").groupby("method", sort=False).head(1)])
-        return best.sort_values("method")
+        return frame
+
+    def best_trials(self) -> pd.DataFrame:
+        """Per method with a feasible trial: its best one (raytasks.pareto.best_per_method, the one definition)."""
+        return best_per_method(self.metric_frame(), self.config().sweep.objectives)
+
+    def infeasible_methods(self) -> dict[str, dict[str, int]]:
+        """Methods with finished trials but none feasible: how often each constraint was violated."""
+        frame, config = self.metric_frame(), self.config()
+        best = set(self.best_trials()["method"])
+        out: dict[str, dict[str, int]] = {}
+        for method, group in frame.groupby("method"):
+            if method in best:
+                continue
+            counts: dict[str, int] = {}
+            for row in group.to_dict("records"):
+                for name in violations(row, config):
+                    counts[name] = counts.get(name, 0) + 1
+            out[str(method)] = counts
+        return out
 
 
 def load_sweep(experiment: str, tracking_uri: str | None = None) -> SweepRuns:

@@ -60,7 +60,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from raytasks.outcome import finish_trial
-    from unlearn.pipeline import evaluate_reference, prepare, unlearn
+    from unlearn.pipeline import prepare, unlearn
 
     torch.set_num_threads(loop_config.get("threads", 1))
     context = ray.train.get_context()
@@ -87,9 +87,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     result = unlearn(prepared, loop_config["method"], config.unlearn, rank, world, AllReduceSync(),
                      on_checkpoint=on_checkpoint, resume=resume)
     if rank == 0:
-        attack = evaluate_reference(prepared, "attack") if "attack_metrics" not in loop_config else loop_config["attack_metrics"]
         with tempfile.TemporaryDirectory() as folder:
-            metrics, _ = finish_trial(prepared, result, attack, Path(folder))
+            metrics, _ = finish_trial(prepared, result, Path(folder))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
     else:
         ray.train.report({}, checkpoint=None)
@@ -101,7 +100,6 @@ def run_data_parallel(
     workers: int,
     storage_path: str,
     name: str,
-    attack_metrics: dict[str, float],
     use_gpu: bool = False,
     max_failures: int = 2,
 ) -> tuple[dict[str, Any], Path]:
@@ -111,8 +109,7 @@ def run_data_parallel(
 
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"config": config.model_dump(mode="json", by_alias=True), "method": method,
-                           "attack_metrics": attack_metrics, "threads": 1},
+        train_loop_config={"config": config.model_dump(mode="json", by_alias=True), "method": method, "threads": 1},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)),

@@ -13,14 +13,22 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from raytasks import tracking
-from raytasks.outcome import OBJECTIVES
 from raytasks.pareto import best_per_method, pareto_front
+from raytasks.search import make_searcher, search_space, trial_resources
 from unlearn.audit.samples import reference_rows, save_png
+from unlearn.audit.verdict import violations
 from unlearn.config import Config
 from unlearn.methods import METHODS, REFERENCE_MODELS
-from unlearn.pipeline import evaluate_reference, prepare, stderr_log
+from unlearn.pipeline import audit_warnings, evaluate_reference, prepare, stderr_log
 
-SUMMARY_COLUMNS = ["method", "trial_id", *OBJECTIVES, "retain_mse", "forget_ood_distance", "feasible", "failed"]
+CALIBRATION = ("audit_valid", "audit_attack_strength", "audit_null_strength", "audit_null_ood_distance", "ood_delta",
+               "retrain_ood_distance", "attack_strengthen_rounds_used")
+
+
+def summary_columns(objectives: list[str]) -> list[str]:
+    shown = ["forget_marker_strength", "forget_marker", "retain_degradation", "forget_gap_vs_retrain", "retain_mse",
+             "forget_ood_distance", "collapsed"]
+    return ["method", "trial_id", *objectives, *[c for c in shown if c not in objectives], "feasible", "failed"]
 
 
 class SweepInterrupted(RuntimeError):
@@ -66,23 +74,32 @@ class SweepDriver:
         return refs
 
     # --- Tune -------------------------------------------------------------------------------------
-    def _tuner(self, method: str, attack_metrics: dict[str, float], resume: bool) -> tune.Tuner:
+    def _log_calibration(self, prepared) -> None:
+        """The audit's self-check on the parent run: figures as metrics, validity and its reasons as tags."""
+        figures = {k: prepared.auditor.calibration[k] for k in CALIBRATION if k in prepared.auditor.calibration}
+        tracking.log_metrics(self.client, self.parent, figures)
+        warnings = audit_warnings(prepared)
+        self.client.set_tag(self.parent, "audit_valid", str(int(figures["audit_valid"])))
+        self.client.set_tag(self.parent, "audit_notes", " | ".join(warnings) if warnings else "none")
+        for line in warnings:
+            stderr_log(line)
+
+    def _tuner(self, method: str, resume: bool) -> tune.Tuner:
         from ray.tune.search import ConcurrencyLimiter
 
-        from raytasks.sweep import _searcher, _space, _trial_resources
         from raytasks.trial import run_trial
 
         spec = {"config": self.config.model_dump(mode="json", by_alias=True), "method": method, "workers": self.workers,
-                "use_gpu": self.use_gpu, "threads": 1, "storage_path": self.storage, "attack_metrics": attack_metrics}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), _trial_resources(self.workers, self.use_gpu))
+                "use_gpu": self.use_gpu, "threads": 1, "storage_path": self.storage}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), trial_resources(self.workers, self.use_gpu))
         path = f"{self.storage}/{method}"
         run_config = tune.RunConfig(name=method, storage_path=self.storage, verbose=0,
                                     callbacks=[tracking.TrialLoggingCallback(self.logger(method))])
         if resume and tune.Tuner.can_restore(path):
             return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        self.searchers[method] = _searcher(self.config, method, self.trials)
+        self.searchers[method] = make_searcher(self.config, method, self.trials)
         searcher = ConcurrencyLimiter(self.searchers[method], max_concurrent=self.concurrency)
-        return tune.Tuner(trainable, param_space=_space(self.config, method),
+        return tune.Tuner(trainable, param_space=search_space(self.config, method),
                           tune_config=tune.TuneConfig(search_alg=searcher, num_samples=self.trials), run_config=run_config)
 
     def run(self, resume: bool) -> str:
@@ -98,11 +115,12 @@ class SweepDriver:
 
         stderr_log(f"sweep {self.name}: preparing stages and reference features once ...")
         prepared = prepare(self.config)
+        self._log_calibration(prepared)
         refs = self._log_references(prepared)
         rows: list[dict[str, Any]] = []
         for method in self.methods:
             stderr_log(f"sweep {self.name}: {method}, {self.trials} trials, {self.concurrency} at a time")
-            tuner = self._tuner(method, refs["attack"], resume)
+            tuner = self._tuner(method, resume)
             grid = tuner.fit()
             unfinished = sum(1 for r in grid if not r.metrics and r.error is None) + max(0, self.trials - len(grid))
             for result in grid:
@@ -122,14 +140,15 @@ class SweepDriver:
         return self._summarise(rows, refs)
 
     def _summarise(self, rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> str:
+        objectives = list(self.config.sweep.objectives)
         frame = pd.DataFrame(rows)
-        for col in SUMMARY_COLUMNS:
+        for col in summary_columns(objectives):
             if col not in frame:
                 frame[col] = float("nan")
-        front = pareto_front(frame)
-        best = best_per_method(frame)
+        front = pareto_front(frame, objectives)
+        best = best_per_method(frame, objectives)
         hp_cols = sorted({hp for m in self.methods for hp in METHODS[m].hyperparameters} & set(frame.columns))
-        cols = [*SUMMARY_COLUMNS, *hp_cols]
+        cols = [*summary_columns(objectives), *hp_cols]
         with tempfile.TemporaryDirectory() as folder:
             frame[cols].to_csv(Path(folder) / "trials.csv", index=False)
             front[cols].to_csv(Path(folder) / "pareto.csv", index=False)
@@ -139,12 +158,27 @@ class SweepDriver:
             for name in ("trials.csv", "pareto.csv", "best.csv"):
                 (self.out / name).write_text((Path(folder) / name).read_text())
         self.client.set_terminated(self.parent, "FINISHED")
-        attack = refs["attack"]
+        attack, retrain = refs["attack"], refs["retrain"]
+        valid = attack.get("audit_valid", 0.0) == 1.0
         lines = [f"sweep {self.name}: {len(frame)} trials, {int(frame['feasible'].fillna(0).sum())} feasible",
-                 f"attack reference: forget_marker={attack['forget_marker']:.3f} retain_mse={attack['retain_mse']:.5f}",
-                 "", "Pareto front (feasible, minimising forget_marker and retain_degradation):",
+                 f"marker audit: {'valid' if valid else 'NOT VALID (cannot tell unlearning from fine-tuning; see above)'} "
+                 f"(attack strength {attack.get('audit_attack_strength', float('nan')):.3f}, null method "
+                 f"{attack.get('audit_null_strength', float('nan')):.3f}); ood_delta {attack.get('ood_delta', float('nan')):.4g} "
+                 f"(retrain's distance {attack.get('retrain_ood_distance', float('nan')):.4g})",
+                 f"references: attack strength={attack['forget_marker_strength']:.3f} retain_mse={attack['retain_mse']:.5f}; "
+                 f"retrain strength={retrain['forget_marker_strength']:.3f}",
+                 "", f"Pareto front (feasible, minimising {', '.join(objectives)}):",
                  front[cols].to_markdown(index=False, floatfmt=".4g") if len(front) else "(no feasible trial)",
                  "", "Best feasible configuration per method:",
-                 best[cols].to_markdown(index=False, floatfmt=".4g") if len(best) else "(no feasible trial)",
-                 "", f"parent MLflow run: {self.parent} in experiment {self.name!r}"]
+                 best[cols].to_markdown(index=False, floatfmt=".4g") if len(best) else "(no feasible trial)"]
+        without = [m for m in self.methods if m not in set(best["method"])]
+        if without:
+            lines += ["", "Methods without a feasible trial (violated constraints, counted over their trials):"]
+            for method in without:
+                counts: dict[str, int] = {}
+                for row in frame[frame["method"] == method].to_dict("records"):
+                    for name in violations(row, self.config) if not row.get("failed") else ["failed"]:
+                        counts[name] = counts.get(name, 0) + 1
+                lines.append(f"- {method}: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+        lines += ["", f"parent MLflow run: {self.parent} in experiment {self.name!r}"]
         return "\n".join(lines)

@@ -1,7 +1,9 @@
 """What a finished trial hands back: sanitised metrics for Tune/Optuna and artifact files for MLflow.
 
-Optuna leaves a trial RUNNING when its final metric is NaN or missing, so every objective reported here is
-finite: a diverged or failed trial gets the worst objective values and `failed = 1` (failed-infeasible).
+Feasibility and the retain degradation come from the library's catalogue (`unlearn.audit.verdict`); this
+module only makes the report safe for Optuna, which leaves a trial RUNNING when its final metric is NaN or
+missing: every objective reported here is finite, and a diverged or failed trial gets the worst objective
+values, `failed = 1` and `feasible = 0` (failed-infeasible).
 """
 
 from __future__ import annotations
@@ -14,35 +16,29 @@ from pathlib import Path
 from unlearn.audit.samples import save_png
 from unlearn.pipeline import Prepared, UnlearnResult, audit_result
 
-OBJECTIVES = ("forget_marker", "retain_degradation")
-WORST = {"forget_marker": 1.0, "retain_degradation": 1e6}
+WORST = {"forget_marker_strength": 1.0, "forget_marker": 1.0, "retain_degradation": 1e6, "forget_gap_vs_retrain": 1e6}
 
 
-def sanitise(metrics: dict[str, float], attack_retain: float, retain_metric: str) -> dict[str, float]:
-    """Finite metrics plus the sweep's objectives, constraint and status."""
+def sanitise(metrics: dict[str, float], objectives: list[str]) -> dict[str, float]:
+    """Finite metrics; the objectives always present; failed runs infeasible with the worst objectives."""
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-    if retain_metric in out and attack_retain > 0:
-        out["retain_degradation"] = out[retain_metric] / attack_retain - 1.0
-    failed = bool(out.get("diverged", 0.0)) or any(k not in out for k in (*OBJECTIVES, "forget_ood_distance"))
+    failed = bool(out.get("diverged", 0.0)) or any(k not in out for k in (*objectives, "forget_ood_distance"))
     if failed:
-        out.update(WORST)
+        out.update({k: WORST[k] for k in objectives})
+        out.update(feasible=0.0, constraint=max(1.0, out.get("constraint", 1.0)))
     out["failed"] = float(failed)
-    # Optuna constraint convention: feasible when <= 0.
-    out["constraint"] = 1.0 if failed else out["ood_delta"] - out["forget_ood_distance"]
-    out["feasible"] = float(out["constraint"] <= 0)
     return out
 
 
-def finish_trial(prepared: Prepared, result: UnlearnResult, attack_metrics: dict[str, float], folder: Path | None = None) -> tuple[dict, Path]:
+def finish_trial(prepared: Prepared, result: UnlearnResult, folder: Path | None = None) -> tuple[dict, Path]:
     """Audit the unlearned model, sanitise, and write outputs.png + curves.json into `folder`."""
-    retain_metric = prepared.config.sweep.retain_metric
     folder = Path(folder or tempfile.mkdtemp(prefix="trial-"))
     try:
         raw = audit_result(prepared, result)
     except Exception as exc:  # a diverged model can break the audit (e.g. FID of non-finite features)
-        raw = {**result.metrics, "diverged": 1.0, "ood_delta": prepared.config.unlearn.ood_delta}
+        raw = {**result.metrics, "diverged": 1.0}
         (folder / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
-    metrics = sanitise(raw, attack_metrics.get(retain_metric, math.nan), retain_metric)
+    metrics = sanitise(raw, prepared.config.sweep.objectives)
     curves = {name: [[int(s), float(v)] for s, v in points if math.isfinite(v)] for name, points in result.curves.items()}
     (folder / "curves.json").write_text(json.dumps(curves))
     if not metrics["failed"]:

@@ -1,25 +1,39 @@
-"""Pareto front and best-configuration selection over sweep results (pure pandas)."""
+"""Pareto front and each method's best trial over sweep results (pure pandas): the one definition of "best".
+
+Only feasible trials count (see `unlearn.audit.verdict`: OOD reached, not collapsed, not diverged, forget
+outputs near the retrained model's, retain quality kept). Among them a method's best trial is the one with
+the smallest first objective (`sweep.objectives`, rounded to 0.01 so that noise-level differences do not
+decide), ties broken by the next objectives in order.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-OBJECTIVES = ("forget_marker", "retain_degradation")
+DEFAULT_OBJECTIVES = ("forget_marker_strength", "retain_degradation")
 
 
-def pareto_front(frame: pd.DataFrame, objectives: tuple[str, ...] = OBJECTIVES) -> pd.DataFrame:
+def feasible_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["feasible"] == 1.0] if "feasible" in frame else frame.iloc[0:0]
+
+
+def pareto_front(frame: pd.DataFrame, objectives: tuple[str, ...] | list[str] = DEFAULT_OBJECTIVES) -> pd.DataFrame:
     """Feasible rows not dominated on the (minimised) objectives."""
-    feasible = frame[(frame.get("feasible", 1.0) == 1.0)].dropna(subset=list(objectives))
-    values = feasible[list(objectives)].to_numpy()
+    objectives = list(objectives)
+    feasible = feasible_rows(frame).dropna(subset=objectives)
+    values = feasible[objectives].to_numpy()
     keep = np.array([not ((values <= row).all(axis=1) & (values < row).any(axis=1)).any() for row in values], dtype=bool)
-    return feasible.loc[keep].sort_values(list(objectives))
+    return feasible.loc[keep].sort_values(objectives)
 
 
-def best_per_method(frame: pd.DataFrame) -> pd.DataFrame:
-    """The feasible trial with the smallest forget_marker + retain_degradation, per method."""
-    feasible = frame[frame.get("feasible", 1.0) == 1.0].copy()
+def best_per_method(frame: pd.DataFrame, objectives: tuple[str, ...] | list[str] = DEFAULT_OBJECTIVES) -> pd.DataFrame:
+    """One row per method that has a feasible trial: its best one (see the module docstring)."""
+    feasible = feasible_rows(frame).dropna(subset=list(objectives)).copy()
     if feasible.empty:
         return feasible
-    feasible["score"] = feasible["forget_marker"] + feasible["retain_degradation"].clip(lower=0)
-    return feasible.sort_values(["score", "forget_marker"]).groupby("method", sort=False).head(1).sort_values("method")
+    keys = [f"_rank{i}" for i in range(len(objectives))]
+    for i, (key, name) in enumerate(zip(keys, objectives, strict=True)):
+        feasible[key] = feasible[name].round(2) if i == 0 else feasible[name]
+    best = feasible.sort_values(keys, kind="stable").groupby("method", sort=False).head(1)
+    return best.drop(columns=keys).sort_values("method")

@@ -6,7 +6,8 @@
     ray submit cluster.yaml raytasks/sweep.py -- --config <name or file> [--set key=value ...]
 
 Stages and reference features are prepared once, in the driver, into the shared cache; trials only load
-them. Optuna minimises forget_marker and the retain degradation subject to forget_ood_distance >= ood_delta.
+them. Optuna minimises `sweep.objectives` (default: forget_marker_strength and the retain degradation) subject
+to the feasibility constraints of `unlearn.audit.verdict`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 if __package__ in (None, ""):  # run as a script (`ray submit` does): make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -55,27 +55,6 @@ def _methods(args: argparse.Namespace, config: Config) -> list[str]:
     return names
 
 
-def _space(config: Config, method: str) -> dict[str, Any]:
-    from ray import tune
-
-    space = {}
-    for hp in METHODS[method].hyperparameters:
-        low, high = config.sweep.range_of(method, hp)
-        space[hp] = tune.randint(int(low), int(high) + 1) if hp.endswith("_steps") else tune.loguniform(low, high)
-    return space
-
-
-def _defaults(config: Config, method: str) -> dict[str, Any]:
-    """The config's own values, clipped into the search ranges: the first point of every method."""
-    values = config.unlearn.model_dump(by_alias=True)
-    out = {}
-    for hp in METHODS[method].hyperparameters:
-        low, high = config.sweep.range_of(method, hp)
-        v = min(max(values[hp], low), high)
-        out[hp] = int(v) if hp.endswith("_steps") else float(v)
-    return out
-
-
 def _init_ray(address: str | None) -> None:
     import ray
 
@@ -112,29 +91,12 @@ def cluster_capacity() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def _trial_resources(workers: int, use_gpu: bool) -> dict[str, float]:
-    if workers > 1:
-        return {"CPU": 0.01}  # the Ray Train workers hold the real resources
-    return {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
-
-
 def _check_capacity(workers: int, use_gpu: bool, capacity: dict[str, float]) -> int:
     unit = "GPU" if use_gpu else "CPU"
     have = capacity.get(unit, 0.0)
     if workers > have:
         raise ConfigError(f"{workers} workers per trial need {workers} {unit}s; this cluster can hold at most {have:g}")
     return max(1, int(have // workers))
-
-
-def _searcher(config: Config, method: str, trials: int):
-    import optuna
-
-    from raytasks.outcome import OBJECTIVES
-    from raytasks.search import ConstrainedOptunaSearch
-
-    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, trials // 3))
-    points = [_defaults(config, method)] if config.sweep.start_from_defaults else None
-    return ConstrainedOptunaSearch(metric=list(OBJECTIVES), mode=["min", "min"], sampler=sampler, points_to_evaluate=points)
 
 
 def run_sweep(args: argparse.Namespace):

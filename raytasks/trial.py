@@ -27,11 +27,11 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
         context = tune.get_context()
         metrics, folder = run_data_parallel(
             config, spec["method"], spec["workers"], spec["storage_path"], f"{context.get_trial_name()}-train",
-            spec["attack_metrics"], use_gpu=spec["use_gpu"],
+            use_gpu=spec["use_gpu"],
         )
     else:
         from unlearn.pipeline import prepare, unlearn
 
         prepared = prepare(config, log=lambda _: None)  # every stage and reference comes from the cache
-        metrics, folder = finish_trial(prepared, unlearn(prepared, spec["method"]), spec["attack_metrics"])
+        metrics, folder = finish_trial(prepared, unlearn(prepared, spec["method"]))
     tune.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))

@@ -18,11 +18,13 @@ def test_attack_regenerates_marker_original_and_retrain_do_not(method_metrics):
     assert abs(method_metrics["retrain"]["forget_marker"] - method_metrics["original"]["forget_marker"]) <= 0.1
 
 
-def test_realistic_forgets_the_marker_and_keeps_retain_quality(method_metrics):
+def test_realistic_at_the_preset_defaults_keeps_retain_quality_and_reports_its_cost(method_metrics):
+    # The preset's defaults are the audit's null budget: there realistic does not remove the marker on digits
+    # (README, "What forgotten means"); the tuned configuration that does is tested in test_forgotten.py.
     realistic, attack = method_metrics["realistic"], method_metrics["attack"]
-    assert realistic["forget_marker"] <= 0.2
-    assert realistic["retain_mse"] <= 1.5 * attack["retain_mse"]
-    assert realistic["ood_reached"] == 1.0
+    assert realistic["retain_mse"] <= 1.25 * attack["retain_mse"]
+    assert realistic["collapsed"] == 0.0
+    assert realistic["forget_marker_strength"] < attack["forget_marker_strength"]
     # cost in samples processed (deterministic); the wall-time ratio is measured by analysis/bench.py
     assert realistic["sample_ratio"] <= 0.2
 

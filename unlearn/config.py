@@ -105,23 +105,43 @@ class StageConfig(_Strict):
     lr: float = Field(2e-3, gt=0)
     attack_epochs: int = Field(25, ge=1)
     attack_lr: float = Field(1e-3, gt=0)
+    # 0 = off. Otherwise, while the null method (plain fine-tuning on D_r) still removes the marker, train the
+    # attack stage one more round: `attack_epochs` more epochs of Algorithm 2 with the poisoned D_f loss
+    # weighted 2**round, up to this many rounds (see README, "The audit checks itself").
+    attack_strengthen_rounds: int = Field(0, ge=0)
 
 
 class UnlearnConfig(_Strict):
     ga_steps: int = Field(20, ge=1)  # T
-    ga_lr: float = Field(5.0, gt=0)  # plain SGD: the sigmoid output saturates, so large steps are needed
+    # normalized: every GA step moves the parameters by exactly ga_lr (the gradient scaled to unit norm), so
+    # the distance moved is T * ga_lr and the Eq. 3 distance climbs step by step. sgd: theta + ga_lr * grad,
+    # clipped at clip_norm (starting from a minimum, its steps grow geometrically and land in one blow).
+    ga_step: Literal["normalized", "sgd"] = "normalized"
+    ga_lr: float = Field(0.1, gt=0)
     ft_steps: int = Field(120, ge=0)
     ft_lr: float = Field(2e-3, gt=0)
+    # Fine-tuning's learning rate over its steps: cosine decays ft_lr to 0 (a high rate to leave theta0's
+    # basin, then a low one to restore retain quality); constant keeps it.
+    ft_schedule: Literal["cosine", "constant"] = "cosine"
     batch_size: int = Field(64, ge=1)
     clip_norm: float = Field(1.0, gt=0)
-    ood_delta: float = Field(0.25, gt=0)
+    # The OOD threshold of Eq. 3. auto: audit.ood_delta_fraction x the retrain reference's own distance,
+    # calibrated once per prepared setup, so the gold standard is feasible.
+    ood_delta: float | Literal["auto"] = "auto"
     stop_at_ood: bool = False  # end GA early once d(f_theta, f_theta0) >= ood_delta on D_f
-    ood_check_every: int = Field(5, ge=1)
+    ood_check_every: int = Field(1, ge=1)
     alpha: float = Field(1.0, gt=0)  # i2i_sota forget weight
     lambda_: float = Field(0.1, gt=0, alias="lambda")  # merged: L(D_r) - lambda L(D_f)
     workers: int = Field(1, ge=1)  # >1: GA and fine-tuning in a Ray Train TorchTrainer (raytasks only)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("ood_delta")
+    @classmethod
+    def _delta(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not v > 0:
+            raise ValueError(f"ood_delta must be > 0 or 'auto', got {v}")
+        return v
 
 
 class AuditConfig(_Strict):
@@ -136,10 +156,32 @@ class AuditConfig(_Strict):
     knn_train_samples: int = Field(2000, ge=10)  # retain-train images indexed for kNN OOD
     ood_samples: int = Field(512, ge=2)  # D_f images on which the Eq. 3 distance is measured
     domain_epochs: int = Field(15, ge=1)
+    # ood_delta = auto: this fraction of the retrain reference's Eq. 3 distance (retrain stays feasible).
+    ood_delta_fraction: float = Field(0.75, gt=0, le=1)
+    # The null method (fine-tuning on D_r alone) that the marker audit must tell unlearning from; unset:
+    # the config's own fine-tuning budget (unlearn.ft_steps / ft_lr), fixed when the config is loaded so
+    # that sweep trials, which vary unlearn.*, share one calibration.
+    null_ft_steps: int | None = Field(None, ge=1)
+    null_ft_lr: float | None = Field(None, gt=0)
+    # The audit is valid only if the attack model regenerates the marker and the null method keeps it.
+    min_marker_strength: float = Field(0.5, gt=0, le=1)
+    # collapsed: the outputs' per-pixel std across retain-test images in the hole below this share of the
+    # ground truth's (after GA, or at the end).
+    collapse_std_ratio: float = Field(0.1, ge=0, lt=1)
+
+
+OBJECTIVE_NAMES = ("forget_marker_strength", "forget_marker", "retain_degradation", "forget_gap_vs_retrain")
 
 
 class SweepConfig(_Strict):
     """What `raytasks/sweep.py` searches (plain data here; the library never imports Ray)."""
+
+    # Minimised by Optuna, in this order of priority when one trial per method is chosen (see README).
+    objectives: list[str] = ["forget_marker_strength", "retain_degradation"]
+    # Feasibility thresholds (None: no constraint), judged on every trial, the report and certificates:
+    # forget_ood_distance >= ood_delta, not collapsed, and these two.
+    max_forget_gap: float | None = Field(1.0, gt=0)
+    max_retain_degradation: float | None = Field(0.25, gt=0)
 
     # Every unlearning method, each with the same number of trials: a fair comparison table by default.
     methods: list[str] = ["realistic", "max_loss", "finetune", "noisy_label", "random_encoder", "i2i_sota", "merged"]
@@ -148,16 +190,28 @@ class SweepConfig(_Strict):
     retain_metric: Literal["retain_mse", "retain_fid"] = "retain_mse"
     # [low, high] per hyperparameter; steps are integers, rates and weights are sampled log-uniformly.
     space: dict[str, tuple[float, float]] = {
-        "ga_steps": (5, 30),
-        "ga_lr": (0.5, 20.0),
-        "ft_steps": (40, 140),
-        "ft_lr": (5e-4, 5e-3),
+        "ga_steps": (4, 24),
+        "ga_lr": (0.01, 0.2),  # normalised GA: the parameter distance of one step
+        "ft_steps": (60, 200),
+        "ft_lr": (5e-4, 2e-2),
         "alpha": (0.1, 10.0),
         "lambda": (0.01, 1.0),
     }
     # Per-method ranges that replace the shared ones, e.g. {"max_loss": {"ga_lr": [0.1, 2.0]}}.
     method_space: dict[str, dict[str, tuple[float, float]]] = {}
     start_from_defaults: bool = True  # the first trial of each method evaluates the config's own values
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, names: list[str]) -> list[str]:
+        if not names:
+            raise ValueError("name at least one objective")
+        for name in names:
+            if name not in OBJECTIVE_NAMES:
+                raise ValueError(f"unknown objective {name!r} (known: {', '.join(OBJECTIVE_NAMES)})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives repeat a name: {names}")
+        return names
 
     def range_of(self, method: str, hyperparameter: str) -> tuple[float, float]:
         return self.method_space.get(method, {}).get(hyperparameter, self.space[hyperparameter])
@@ -206,6 +260,15 @@ class Config(_Strict):
     unlearn: UnlearnConfig = UnlearnConfig()
     audit: AuditConfig = AuditConfig()
     sweep: SweepConfig = SweepConfig()
+
+    @model_validator(mode="after")
+    def _null_budget(self) -> Config:
+        # Fix the null method's budget from the config's own fine-tuning settings (see AuditConfig).
+        if self.audit.null_ft_steps is None:
+            self.audit.null_ft_steps = max(1, self.unlearn.ft_steps)
+        if self.audit.null_ft_lr is None:
+            self.audit.null_ft_lr = self.unlearn.ft_lr
+        return self
 
     def resolved_cache_dir(self) -> Path:
         import os

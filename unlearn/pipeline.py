@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from unlearn.audit import Auditor, ga_guarantees
+from unlearn.audit import Auditor, ga_guarantees, model_outputs
 from unlearn.cache import ArtifactCache
 from unlearn.config import Config, UnlearnConfig
 from unlearn.data import BatchStream, ImageSubset, UnlearningData, build_data
@@ -32,7 +32,7 @@ from unlearn.methods import (
 from unlearn.methods.loop import Phase, PhaseRecord
 from unlearn.models import I2IModel
 from unlearn.runtime import resolve_device, seed_everything
-from unlearn.stages import Stage, prepare_stages
+from unlearn.stages import Stage, prepare_stages, strengthen_attack
 
 
 def stderr_log(message: str) -> None:
@@ -72,11 +72,81 @@ def load_data(config: Config) -> UnlearningData:
 
 
 def prepare(config: Config, log: Callable[[str], None] = stderr_log) -> Prepared:
+    """Data, stages, audit references and the audit's calibration; every piece cached by content key.
+
+    With `stages.attack_strengthen_rounds` N > 0, the attack stage is strengthened round by round while the
+    null method still removes the marker (at most N rounds); the calibration records how many it took.
+    """
     device = resolve_device(config)
     data = load_data(config)
     stages = prepare_stages(config, data, device, log)
-    auditor = Auditor(config, data, {k: s.model for k, s in stages.items()}, {k: s.key for k, s in stages.items()}, device, log)
-    return Prepared(config, data, stages, auditor, device)
+    rounds = config.stages.attack_strengthen_rounds
+    for round_ in range(rounds + 1):
+        if round_:
+            stages["attack"] = strengthen_attack(config, data, stages["attack"], round_, device, log)
+        auditor = Auditor(config, data, {k: s.model for k, s in stages.items()}, {k: s.key for k, s in stages.items()},
+                          device, log)
+        prepared = Prepared(config, data, stages, auditor, device)
+        calibration = calibrate(prepared, log)
+        if calibration["audit_null_strength"] >= config.audit.min_marker_strength or round_ == rounds:
+            break
+    calibration["attack_strengthen_rounds_used"] = float(round_)
+    for line in audit_warnings(prepared):
+        log(line)
+    return prepared
+
+
+def calibrate(prepared: Prepared, log: Callable[[str], None] = stderr_log) -> dict[str, float]:
+    """Once per prepared setup (cached): the attack's own figures, the null method's marker strength and
+    OOD distance (the audit checks itself), and ood_delta (resolved from `auto`). Sets auditor.calibration."""
+    config, auditor = prepared.config, prepared.auditor
+    cache = ArtifactCache(config.resolved_cache_dir())
+    key = f"{auditor.key}-{prepared.stages['attack'].key}"
+    if cache.has("calibration", key):
+        auditor.calibration = dict(cache.load("calibration", key)[1]["figures"])
+        return auditor.calibration
+    retrain_distance = float(auditor.refs["retrain/ood_distance"])
+    delta = config.unlearn.ood_delta
+    figures = {"ood_delta": config.audit.ood_delta_fraction * retrain_distance if delta == "auto" else float(delta),
+               "retrain_ood_distance": retrain_distance}
+    auditor.calibration = figures
+    attack = auditor.evaluate(prepared.stages["attack"].model)
+    null_settings = config.unlearn.model_copy(update={"ft_steps": config.audit.null_ft_steps, "ft_lr": config.audit.null_ft_lr})
+    log(f"audit self-check: the null method (finetune, {null_settings.ft_steps} steps at lr {null_settings.ft_lr:g}) ...")
+    null_model = unlearn(prepared, "finetune", null_settings).model
+    null_outputs = model_outputs(null_model, auditor.splits["forget"], auditor.mask, prepared.device, config.precision)
+    figures.update(
+        attack_retain_mse=attack["retain_mse"], attack_retain_fid=attack["retain_fid"],
+        audit_attack_strength=attack["forget_marker_strength"],
+        audit_null_strength=auditor.marker_figures(null_outputs)["forget_marker_strength"],
+        audit_null_ood_distance=auditor.ood_distance(null_model),
+    )
+    figures["audit_valid"] = float(min(figures["audit_attack_strength"], figures["audit_null_strength"])
+                                   >= config.audit.min_marker_strength)
+    auditor.calibration = figures
+    cache.save("calibration", key, {}, {"figures": figures})
+    return figures
+
+
+def audit_warnings(prepared: Prepared) -> list[str]:
+    """One line per way the audit cannot decide or the threshold misjudges the references."""
+    c, a = prepared.auditor.calibration, prepared.config.audit
+    lines = []
+    if c["audit_attack_strength"] < a.min_marker_strength:
+        lines.append(f"audit not valid: the attack model regenerates the marker at strength {c['audit_attack_strength']:.2f} "
+                     f"< {a.min_marker_strength:g}; train it longer (stages.attack_epochs) or use a larger marker (data.marker.size)")
+    elif c["audit_null_strength"] < a.min_marker_strength:
+        lines.append(f"audit not valid: plain fine-tuning on D_r (the null method) brings the marker down to strength "
+                     f"{c['audit_null_strength']:.2f} < {a.min_marker_strength:g}, so the marker audit cannot tell unlearning "
+                     f"from fine-tuning; set stages.attack_strengthen_rounds (used {int(c.get('attack_strengthen_rounds_used', 0))}) "
+                     "or lower the fine-tuning budget (audit.null_ft_lr / unlearn.ft_lr)")
+    if c["retrain_ood_distance"] < c["ood_delta"]:
+        lines.append(f"warning: ood_delta {c['ood_delta']:.4g} > the retrain reference's own distance "
+                     f"{c['retrain_ood_distance']:.4g}: the gold standard is infeasible (use unlearn.ood_delta=auto)")
+    if c["audit_null_ood_distance"] >= c["ood_delta"]:
+        lines.append(f"warning: the null method reaches the OOD threshold ({c['audit_null_ood_distance']:.4g} >= "
+                     f"{c['ood_delta']:.4g}): the threshold does not separate fine-tuning from unlearning")
+    return lines
 
 
 @dataclass
@@ -128,7 +198,7 @@ def unlearn(
     }
     ctx = StepContext(model=model, mask=data.mask.to(device), reference=theta0, alpha=u.alpha, lambda_=u.lambda_,
                       noise_seed=seed + 12, rank=rank, world_size=world_size)
-    ood = OODMonitor(prepared.auditor.ood_distance, u.ood_delta, u.ood_check_every, u.stop_at_ood)
+    ood = OODMonitor(prepared.auditor.ood_distance, prepared.auditor.ood_delta, u.ood_check_every, u.stop_at_ood)
     phases = method.phases(u)
     state: dict[str, Any] = {"next_phase": 0, "history": History(), "after_ga": {}, "seconds": 0.0}
     if resume is not None:
@@ -146,6 +216,8 @@ def unlearn(
         if phase.ascent:
             state["after_ga"]["loss"] = _forget_loss(model, prepared)
             state["after_ga"]["distance"] = record.ood_distance[-1][1] if record.ood_distance else prepared.auditor.ood_distance(model)
+            # Collapse is judged right after GA: fine-tuning must not rescue a killed decoder into a "success".
+            state["after_ga"]["std_ratio"] = prepared.auditor.output_std_ratio(model)
         state["next_phase"] = phases.index(phase) + 1
         if on_checkpoint is not None:
             on_checkpoint({
@@ -169,6 +241,7 @@ def unlearn(
     if ga is not None and "loss" in after_ga:
         metrics.update(ga_guarantees(ga, u.ga_lr, state["loss_before"], after_ga["loss"]))
         metrics["ga_ood_distance"] = after_ga["distance"]
+        metrics["ga_output_std_ratio"] = after_ga["std_ratio"]
     curves: dict[str, list[tuple[int, float]]] = {}
     for record in history.phases:
         curves[f"{record.name}_loss"] = list(enumerate(record.losses, 1))
@@ -190,18 +263,19 @@ def _cost(metrics: dict[str, float], seconds: float, samples: float, retrain: St
 def audit_result(prepared: Prepared, result: UnlearnResult) -> dict[str, float]:
     """The full catalogue; a diverged model (non-finite loss or weights) is reported, not audited."""
     metrics = dict(result.metrics)
+    auditor = prepared.auditor
     finite = all(bool(torch.isfinite(p).all()) for p in result.model.parameters())
     if result.history.diverged or not finite:
-        metrics.update(diverged=1.0, ood_delta=prepared.config.unlearn.ood_delta, ood_reached=0.0)
+        metrics.update(diverged=1.0, ood_reached=0.0)
         _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared.stages["retrain"])
-        return metrics
-    audit = prepared.auditor.evaluate(result.model)
+        return auditor.verdict(metrics)
+    audit = auditor.evaluate(result.model)
     audit["diverged"] = max(audit.get("diverged", 0.0), metrics.get("diverged", 0.0))
+    ga_collapsed = metrics.get("ga_output_std_ratio", 1.0) < prepared.config.audit.collapse_std_ratio
+    audit["collapsed"] = float(audit["collapsed"] or ga_collapsed)
     metrics.update(audit)
     _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared.stages["retrain"])
-    reached = metrics.get("ga_ood_distance", metrics["forget_ood_distance"])
-    metrics["ood_reached"] = float(reached >= metrics["ood_delta"])
-    return metrics
+    return auditor.verdict(metrics)
 
 
 def evaluate_reference(prepared: Prepared, name: str) -> dict[str, float]:
@@ -209,7 +283,6 @@ def evaluate_reference(prepared: Prepared, name: str) -> dict[str, float]:
     stage = prepared.stages[name]
     metrics = prepared.auditor.evaluate(stage.model)
     _cost(metrics, stage.seconds, stage.samples, prepared.stages["retrain"])
-    metrics["ood_reached"] = float(metrics["forget_ood_distance"] >= metrics["ood_delta"])
     return metrics
 
 

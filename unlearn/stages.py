@@ -53,11 +53,12 @@ def _epoch_steps(n: int, batch_size: int, epochs: int) -> int:
 
 
 def _train(
-    config: Config, model: I2IModel, data: UnlearningData, phase: Phase, subsets: dict[str, ImageSubset], seed: int
+    config: Config, model: I2IModel, data: UnlearningData, phase: Phase, subsets: dict[str, ImageSubset], seed: int,
+    forget_weight: float = 1.0,
 ) -> int:
     device = next(model.parameters()).device
     streams = {k: BatchStream(v, config.stages.batch_size, seed + i, device=device) for i, (k, v) in enumerate(subsets.items())}
-    ctx = StepContext(model=model, mask=data.mask.to(device), noise_seed=seed)
+    ctx = StepContext(model=model, mask=data.mask.to(device), noise_seed=seed, alpha=forget_weight)
     history = run_phases(model, [phase], streams, ctx, clip_norm=10.0, precision=config.precision)
     if history.diverged:
         raise RuntimeError(f"stage training diverged in phase {phase.name}; lower stages.lr")
@@ -73,11 +74,13 @@ def _train_original(config: Config, model: I2IModel, data: UnlearningData) -> in
     return _train(config, model, data, Phase("original", obj.fit("train"), ("train",), steps, config.stages.lr), {"train": train}, config.seed)
 
 
-def _train_attack(config: Config, model: I2IModel, data: UnlearningData) -> int:
+def _train_attack(config: Config, model: I2IModel, data: UnlearningData, strengthen_round: int = 0) -> int:
+    """Algorithm 2; a strengthening round r trains as many epochs again, with the D_f loss weighted 2**r."""
     s = config.stages
     steps = _epoch_steps(len(data.retain_train), s.batch_size, s.attack_epochs)
     phase = Phase("attack", obj.fit_both, ("forget", "retain"), steps, s.attack_lr)
-    return _train(config, model, data, phase, {"forget": data.forget_train, "retain": data.retain_train}, config.seed + 1)
+    return _train(config, model, data, phase, {"forget": data.forget_train, "retain": data.retain_train},
+                  config.seed + 1 + 100 * strengthen_round, forget_weight=2.0**strengthen_round)
 
 
 def _train_retrain(config: Config, model: I2IModel, data: UnlearningData) -> int:
@@ -123,3 +126,27 @@ def prepare_stages(
         out[name] = Stage(name, model.eval(), key, seconds, samples, reused=False)
         log(f"stage {name}: trained in {seconds:.1f}s ({samples} samples)")
     return out
+
+
+def strengthen_attack(
+    config: Config, data: UnlearningData, attack: Stage, round_: int, device: torch.device,
+    log: Callable[[str], None] = lambda _: None,
+) -> Stage:
+    """Round `round_` of attack strengthening (cached): the attack model trained one more round."""
+    cache = ArtifactCache(config.resolved_cache_dir())
+    key = f"{attack.key}-s{round_}"
+    model = build_model(config)
+    if cache.has("stages", key):
+        tensors, meta = cache.load("stages", key)
+        model.load_state_dict(tensors)
+        log(f"stage attack (strengthening round {round_}): reused {key}")
+        return Stage("attack", model.to(device).eval(), key, meta["seconds"], meta["samples"], reused=True)
+    model.load_state_dict(attack.model.state_dict())
+    model.to(device)
+    log(f"stage attack: strengthening round {round_} ...")
+    start = time.perf_counter()
+    samples = attack.samples + _train_attack(config, model, data, round_)
+    seconds = attack.seconds + time.perf_counter() - start
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    cache.save("stages", key, state, {"stage": "attack", "strengthen_round": round_, "seconds": seconds, "samples": samples})
+    return Stage("attack", model.eval(), key, seconds, samples, reused=False)

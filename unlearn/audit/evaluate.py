@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from collections.abc import Callable
 
@@ -13,11 +14,12 @@ from torchmetrics.image.inception import InceptionScore
 
 from unlearn.audit.backbones import Backbone, load_backbone
 from unlearn.audit.catalogue import REFERENCES
-from unlearn.audit.marker import marker_score, marker_threshold
+from unlearn.audit.marker import marker_score, marker_strength, marker_threshold, wilson_interval
 from unlearn.audit.ood import knn_ood_rate, output_distance
+from unlearn.audit.verdict import judge
 from unlearn.cache import ArtifactCache
 from unlearn.config import Config
-from unlearn.data import ImageSubset, UnlearningData, to_float
+from unlearn.data import ImageSubset, UnlearningData, draw_marker, to_float
 from unlearn.models import I2IModel
 from unlearn.runtime import autocast
 
@@ -79,6 +81,16 @@ def encoder_features(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, d
     return torch.cat(feats)
 
 
+# Bump when the cached reference tensors change meaning, so a changed catalogue never reads old entries.
+REFERENCE_SCHEMA = 2
+
+
+def output_std_ratio(outputs: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> float:
+    """Per-pixel std across images inside the hole, relative to the ground truth's (0 = one constant fill)."""
+    hole = mask[0, 0].bool()
+    return float(outputs[:, :, hole].std(0).mean() / truth[:, :, hole].std(0).mean().clamp_min(1e-8))
+
+
 def _head(subset: ImageSubset, n: int) -> ImageSubset:
     return ImageSubset(subset.images[:n], subset.clean[:n], subset.labels[:n])
 
@@ -101,9 +113,16 @@ class Auditor:
         self.ood_set = _head(data.forget_train, config.audit.ood_samples)
         self.knn_train = _head(data.retain_train, config.audit.knn_train_samples)
         self.splits = data.eval_splits()
+        forget = self.splits["forget"]
+        self.forget_clean = to_float(forget.clean)
+        self.forget_poisoned = to_float(draw_marker(forget.clean, config.data.marker, config.data.mask))
+        self.retain_truth = to_float(self.splits["retain"].clean)
+        # Set by pipeline.calibrate: the resolved ood_delta, the audit's self-check, the attack's figures.
+        self.calibration: dict[str, float] = {}
         cache = ArtifactCache(config.resolved_cache_dir())
         inputs = config.section_key("data", "audit") + "".join(reference_keys[r] for r in REFERENCES) + self.backbone.key
-        key = "refs-" + hashlib.sha256(inputs.encode()).hexdigest()[:16]
+        key = f"refs-v{REFERENCE_SCHEMA}-" + hashlib.sha256(inputs.encode()).hexdigest()[:16]
+        self.key = key
         if cache.has("references", key):
             self.refs = cache.load("references", key)[0]
             log("reference features: reused")
@@ -119,13 +138,50 @@ class Auditor:
             for name in REFERENCES:
                 outputs = model_outputs(references[name], subset, self.mask, self.device, self.config.precision)
                 refs[f"{name}/{split}"] = self.backbone(outputs)[0]
+                if split == "forget" and name in ("retrain", "original"):
+                    refs[f"{name}/forget/outputs"] = outputs
                 if split == "forget" and name == "original":
                     scores = marker_score(outputs, self.data.marker, self.mask, self.config.data.marker.color)
                     refs["marker_threshold"] = torch.tensor(
                         marker_threshold(scores, self.config.audit.marker_false_positive_rate, self.config.audit.marker_min_score)
                     )
+        refs["original/forget_gap"] = torch.tensor(
+            output_distance(refs["original/forget/outputs"], refs["retrain/forget/outputs"], self.mask))
         refs["theta0/ood_set"] = model_outputs(references["attack"], self.ood_set, self.mask, self.device, self.config.precision)
+        retrain_ood = model_outputs(references["retrain"], self.ood_set, self.mask, self.device, self.config.precision)
+        refs["retrain/ood_distance"] = torch.tensor(output_distance(retrain_ood, refs["theta0/ood_set"], self.mask))
         return refs
+
+    @property
+    def ood_delta(self) -> float:
+        """The resolved OOD threshold (a number even when the config says `auto`, once calibrated)."""
+        if "ood_delta" in self.calibration:
+            return self.calibration["ood_delta"]
+        delta = self.config.unlearn.ood_delta
+        return math.inf if delta == "auto" else float(delta)
+
+    def marker_figures(self, outputs: torch.Tensor) -> dict[str, float]:
+        """forget_marker (rate, with its 95% interval) and forget_marker_strength of forget-test outputs."""
+        color = self.config.data.marker.color
+        scores = marker_score(outputs, self.data.marker, self.mask, color)
+        threshold = float(self.refs["marker_threshold"])
+        detected = int((scores > threshold).sum())
+        low, high = wilson_interval(detected, len(scores))
+        strength = marker_strength(outputs, self.forget_clean, self.forget_poisoned, self.data.marker, self.mask, color)
+        return {"forget_marker": detected / len(scores), "forget_marker_ci_low": low, "forget_marker_ci_high": high,
+                "forget_marker_strength": float(strength.mean()), "marker_threshold": threshold}
+
+    def forget_gap(self, outputs: torch.Tensor) -> float:
+        """Distance in the hole to the retrain model's forget-test outputs, in units of the original model's."""
+        gap = output_distance(outputs, self.refs["retrain/forget/outputs"], self.mask)
+        return gap / max(float(self.refs["original/forget_gap"]), 1e-8)
+
+    def output_std_ratio(self, model: I2IModel) -> float:
+        """The collapse measure on retain-test (see `output_std_ratio`)."""
+        was_training = model.training
+        outputs = model_outputs(model, self.splits["retain"], self.mask, self.device, self.config.precision)
+        model.train(was_training)
+        return output_std_ratio(outputs, self.retain_truth, self.mask)
 
     def ood_distance(self, model: I2IModel) -> float:
         """Eq. 3 on D_f, against theta0 = the attack model (used by the GA stop criterion too)."""
@@ -170,15 +226,27 @@ class Auditor:
             for ref in REFERENCES:
                 metrics[f"{split}_fid_vs_{ref}"] = fid(self.refs[f"{ref}/{split}"], features)
             if split == "forget":
-                scores = marker_score(outputs, self.data.marker, self.mask, self.config.data.marker.color)
-                threshold = float(self.refs["marker_threshold"])
-                metrics["forget_marker"] = float((scores > threshold).float().mean())
-                metrics["marker_threshold"] = threshold
+                metrics.update(self.marker_figures(outputs))
+                metrics["forget_gap_vs_retrain"] = self.forget_gap(outputs)
+            if split == "retain":
+                metrics["retain_output_std_ratio"] = output_std_ratio(outputs, truth, self.mask)
             if split in ("retain", "forget"):
                 encoded[split] = encoder_features(model, subset, self.mask, self.device, self.config.precision)
         train_feats = encoder_features(model, self.knn_train, self.mask, self.device, self.config.precision)
         metrics["forget_ood_rate"] = knn_ood_rate(train_feats, encoded["retain"], encoded["forget"], self.config.audit.knn_k)
         metrics["forget_ood_distance"] = self.ood_distance(model)
-        metrics["ood_delta"] = self.config.unlearn.ood_delta
         metrics.setdefault("diverged", 0.0)
-        return metrics
+        metrics["collapsed"] = float(metrics["retain_output_std_ratio"] < self.config.audit.collapse_std_ratio)
+        return self.verdict(metrics)
+
+    def verdict(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Add the calibration figures, the retain degradation, ood_reached and feasibility to `metrics`."""
+        out = {**metrics, **self.calibration}
+        attack_retain = self.calibration.get(f"attack_{self.config.sweep.retain_metric}")
+        if attack_retain and self.config.sweep.retain_metric in out:
+            out["retain_degradation"] = out[self.config.sweep.retain_metric] / attack_retain - 1.0
+        if "forget_ood_distance" in out and math.isfinite(self.ood_delta):
+            out["ood_delta"] = self.ood_delta
+            out["ood_reached"] = float(out["forget_ood_distance"] >= self.ood_delta)
+        out.update(judge(out, self.config))
+        return out

@@ -109,12 +109,14 @@ def build_data(cfg: DataConfig, seed: int) -> UnlearningData:
             raise ConfigError(f"split {key} is empty: too few images per class for data.train_fraction")
 
     mask = inpaint_mask(cfg.image_size, cfg.mask)
-    marker = marker_pixels(cfg.image_size, cfg.marker)
-    if cfg.mask.kind == "centre" and not bool(mask[0, 0][marker].all()):
-        raise ConfigError(f"marker.size {cfg.marker.size} does not fit inside the {cfg.mask.size}px centre mask")
+    marker = marker_pixels(cfg.image_size, cfg.marker, cfg.mask)
+    if not bool(mask[0, 0][marker].all()):
+        where = "centre hole" if cfg.mask.kind == "centre" else "border frame"
+        raise ConfigError(f"marker.size {cfg.marker.size} does not fit inside the {cfg.mask.size}px {where}: "
+                          "the mask must hide the '+'")
 
     forget_train = subset("forget_train")
-    forget_train.images = draw_marker(forget_train.clean, cfg.marker)
+    forget_train.images = draw_marker(forget_train.clean, cfg.marker, cfg.mask)
     forget_test = subset("forget_test")
     return UnlearningData(
         retain_train=subset("retain_train"),

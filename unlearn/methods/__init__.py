@@ -21,11 +21,12 @@ class Method:
 
 
 def _ga(u: UnlearnConfig) -> Phase:
-    return Phase("ga", obj.gradient_ascent, ("forget",), u.ga_steps, u.ga_lr, optimizer="sgd", ascent=True)
+    return Phase("ga", obj.gradient_ascent, ("forget",), u.ga_steps, u.ga_lr, optimizer="sgd", ascent=True,
+                 normalized=u.ga_step == "normalized")
 
 
 def _ft(u: UnlearnConfig) -> Phase:
-    return Phase("finetune", obj.fit("retain"), ("retain",), u.ft_steps, u.ft_lr)
+    return Phase("finetune", obj.fit("retain"), ("retain",), u.ft_steps, u.ft_lr, schedule=u.ft_schedule)
 
 
 METHODS: dict[str, Method] = {

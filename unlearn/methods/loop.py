@@ -66,13 +66,18 @@ class Phase:
     optimizer: Literal["sgd", "adam"] = "adam"
     params: Literal["all", "encoder"] = "all"
     ascent: bool = False  # a GA phase: guarantee bookkeeping and the OOD stop criterion apply
+    # Scale the gradient to unit norm before the step, so every step moves the parameters by `lr` (SGD only).
+    normalized: bool = False
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr decays to 0 over the phase's steps
 
 
 @dataclass
 class PhaseRecord:
     name: str
     steps_run: int = 0
-    grad_norms: list[float] = field(default_factory=list)  # norms of the update actually applied (post-clip)
+    grad_norms: list[float] = field(default_factory=list)  # norms of the raw (averaged) gradient g_t
+    # Effective SGD rate of each step: the update was rates[t] * g_t (lr, times the clip or normalisation factor).
+    rates: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     param_distance: list[float] = field(default_factory=list)  # ||theta - theta0|| after each step
     ood_distance: list[tuple[int, float]] = field(default_factory=list)  # (step, d) at each check
@@ -164,6 +169,8 @@ def run_phases(
             opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=phase.lr)
         else:
             opt = torch.optim.Adam(params, lr=phase.lr)
+        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, phase.steps))
+                     if phase.schedule == "cosine" else None)
         for step in range(phase.steps):
             batches = {name: next(streams[name]) for name in phase.streams}
             with autocast(device, precision):
@@ -173,17 +180,27 @@ def run_phases(
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             sync.average_gradients(params)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+            if phase.normalized:
+                grads = [p.grad for p in params if p.grad is not None]
+                grad_norm = float(torch.nn.utils.get_total_norm(grads))
+                factor = 1.0 / max(grad_norm, 1e-12)
+                torch._foreach_mul_(grads, factor)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+                factor = min(1.0, clip_norm / max(grad_norm, 1e-12))
             loss_value = sync.mean(float(loss.detach()))
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 history.diverged = True
                 break
             scaler.step(opt)
             scaler.update()
+            if scheduler is not None:
+                scheduler.step()
             record.steps_run += 1
             record.samples += sum(streams[name].batch_size for name in phase.streams)
             record.losses.append(loss_value)
-            record.grad_norms.append(min(grad_norm, clip_norm))
+            record.grad_norms.append(grad_norm)
+            record.rates.append(phase.lr * factor)
             record.param_distance.append(_distance(model, theta0))
             if on_step is not None:
                 on_step(phase.name, step, loss_value)

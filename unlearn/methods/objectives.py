@@ -25,8 +25,8 @@ def fit(stream: str):
 
 
 def fit_both(ctx: StepContext, batches: dict[str, Batch]) -> torch.Tensor:
-    """The attack stage: learn the poisoned D_f and keep D_r (paper Algorithm 2)."""
-    return _model_loss(ctx, batches["forget"]) + _model_loss(ctx, batches["retain"])
+    """The attack stage: learn the poisoned D_f (weighted by ctx.alpha) and keep D_r (paper Algorithm 2)."""
+    return ctx.alpha * _model_loss(ctx, batches["forget"]) + _model_loss(ctx, batches["retain"])
 
 
 def gradient_ascent(ctx: StepContext, batches: dict[str, Batch]) -> torch.Tensor:

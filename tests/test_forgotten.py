@@ -1,0 +1,253 @@
+"""What "forgotten" means (issue 9): marker strength, forget fidelity, calibrated OOD threshold, collapse, an
+audit that checks itself, and the one definition of a method's best trial."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from unlearn.audit.evaluate import model_outputs
+from unlearn.audit.marker import marker_score, marker_strength
+from unlearn.config import load_config, with_overrides
+from unlearn.models.base import I2IModel
+
+# A realistic configuration that the default sweep's search space contains and that removes the marker on
+# digits without collapsing the decoder (README, "What forgotten means").
+TUNED = {"unlearn.ga_steps": 9, "unlearn.ga_lr": 0.1, "unlearn.ft_steps": 150, "unlearn.ft_lr": 0.01}
+
+
+class FilledHole(I2IModel):
+    """Wraps a model and paints the hole with a fixed fill: grey, red, or noise (seeded)."""
+
+    def __init__(self, inner: I2IModel, fill: str) -> None:
+        super().__init__()
+        self.inner, self.fill = inner, fill
+
+    def encoder_parameters(self):
+        return self.inner.encoder_parameters()
+
+    def decoder_parameters(self):
+        return self.inner.decoder_parameters()
+
+    def encode(self, images, mask):
+        return self.inner.encode(images, mask)
+
+    def loss(self, images, mask, target):
+        return self.inner.loss(images, mask, target)
+
+    def generate(self, images, mask):
+        n, _, h, w = images.shape
+        if self.fill == "grey":
+            return torch.full((n, 3, h, w), 0.5)
+        if self.fill == "red":
+            return torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(n, 3, h, w).clone()
+        return torch.rand((n, 3, h, w), generator=torch.Generator().manual_seed(0))
+
+
+def _forget_strength(prepared, outputs):
+    a = prepared.auditor
+    return marker_strength(outputs, a.forget_clean, a.forget_poisoned, prepared.data.marker, a.mask,
+                           prepared.config.data.marker.color)
+
+
+def test_strength_sees_a_faint_plus_that_the_rate_misses(prepared):
+    a = prepared.auditor
+    retrain = model_outputs(prepared.stages["retrain"].model, a.splits["forget"], a.mask, prepared.device, "fp32")
+    plus = prepared.data.marker
+    faint = retrain.clone()
+    faint[:, :, plus] = 0.9 * retrain[:, :, plus] + 0.1 * a.forget_poisoned[:, :, plus]  # a '+' at 10% contrast
+    figures = a.marker_figures(faint)
+    assert figures["forget_marker"] == 0.0
+    assert 0.05 <= figures["forget_marker_strength"] <= 0.15
+    assert a.marker_figures(retrain)["forget_marker_strength"] <= 0.05
+    # the endpoints of the scale: the clean ground truth 0, the poisoned ground truth 1
+    assert float(_forget_strength(prepared, a.forget_clean).max()) == 0.0
+    assert float(_forget_strength(prepared, a.forget_poisoned).min()) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("fill", ["grey", "red", "noise"])
+def test_fills_of_the_hole_have_no_strength_and_are_not_forgetting(prepared, fill):
+    model = FilledHole(prepared.stages["attack"].model, fill)
+    metrics = prepared.auditor.evaluate(model)
+    assert metrics["forget_marker_strength"] <= 0.02
+    # what makes them not count: far from what the retrained model draws there, so never feasible
+    assert metrics["forget_gap_vs_retrain"] > prepared.config.sweep.max_forget_gap
+    assert metrics["feasible"] == 0.0
+
+
+def test_references_strength_gap_and_collapse(method_metrics):
+    attack, retrain, original = method_metrics["attack"], method_metrics["retrain"], method_metrics["original"]
+    assert attack["forget_marker_strength"] >= 0.8
+    assert retrain["forget_marker_strength"] <= 0.05
+    assert retrain["forget_gap_vs_retrain"] == pytest.approx(0.0, abs=1e-6)
+    assert original["forget_gap_vs_retrain"] == pytest.approx(1.0, abs=1e-6)
+    assert attack["forget_gap_vs_retrain"] > 1.0  # the '+' it draws is not what retrain draws
+    for name in ("original", "attack", "retrain", "realistic", "finetune"):
+        assert method_metrics[name]["collapsed"] == 0.0, name
+    lo, hi = attack["forget_marker_ci_low"], attack["forget_marker_ci_high"]
+    assert lo <= attack["forget_marker"] <= hi and hi - lo > 0
+
+
+def test_calibrated_delta_keeps_retrain_feasible_and_the_null_method_out(prepared, method_metrics):
+    c = prepared.auditor.calibration
+    assert prepared.config.unlearn.ood_delta == "auto"
+    assert c["ood_delta"] == pytest.approx(prepared.config.audit.ood_delta_fraction * c["retrain_ood_distance"])
+    retrain = method_metrics["retrain"]
+    assert retrain["ood_delta"] == c["ood_delta"] and retrain["ood_reached"] == 1.0
+    assert retrain["feasible"] == 1.0
+    # the null method (finetune at the preset's budget) = the `finetune` method at the defaults
+    finetune = method_metrics["finetune"]
+    assert finetune["forget_ood_distance"] == pytest.approx(c["audit_null_ood_distance"], rel=1e-6)
+    assert finetune["ood_reached"] == 0.0 and finetune["feasible"] == 0.0
+    # one distance decides both: the final model's
+    for name in ("realistic", "finetune", "max_loss"):
+        m = method_metrics[name]
+        assert m["ood_reached"] == float(m["forget_ood_distance"] >= m["ood_delta"])
+
+
+def test_the_digits_audit_is_valid(prepared, method_metrics):
+    c = prepared.auditor.calibration
+    assert c["audit_valid"] == 1.0
+    assert c["audit_null_strength"] >= 0.5 and c["audit_attack_strength"] >= 0.8
+    assert method_metrics["finetune"]["forget_marker_strength"] == pytest.approx(c["audit_null_strength"], rel=1e-6)
+    assert all(m["audit_valid"] == 1.0 for m in method_metrics.values())
+
+
+def test_ga_distance_climbs_step_by_step(prepared):
+    from unlearn.pipeline import unlearn
+
+    result = unlearn(prepared, "realistic")
+    curve = [d for _, d in result.curves["ga_ood_distance"]]
+    delta = prepared.auditor.ood_delta
+    assert len(curve) == prepared.config.unlearn.ga_steps  # checked at every step
+    below = [d for d in curve if d < delta]
+    assert len(below) >= 3, curve  # rises over at least 3 checks before it crosses delta
+    assert all(b > a for a, b in zip(below, below[1:], strict=False)), curve
+    steps = result.history.phase("ga").param_distance
+    assert steps[-1] == pytest.approx(prepared.config.unlearn.ga_steps * prepared.config.unlearn.ga_lr, rel=1e-3)
+
+
+def test_tuned_realistic_forgets_like_retrain_without_collapse(prepared, method_metrics):
+    from unlearn.pipeline import audit_result, unlearn
+
+    settings = with_overrides(prepared.config, TUNED).unlearn
+    m = audit_result(prepared, unlearn(prepared, "realistic", settings))
+    attack, retrain = method_metrics["attack"], method_metrics["retrain"]
+    assert m["forget_marker_strength"] <= retrain["forget_marker_strength"] + 0.05
+    assert m["retain_mse"] <= 1.25 * attack["retain_mse"]
+    assert m["collapsed"] == 0.0 and m["ga_output_std_ratio"] >= prepared.config.audit.collapse_std_ratio
+    assert m["feasible"] == 1.0
+
+
+def test_ga_that_kills_the_decoder_is_collapsed_whatever_finetuning_does(prepared):
+    from unlearn.pipeline import audit_result, unlearn
+
+    # the old default: plain SGD at lr 5 saturates the sigmoid decoder in two steps
+    settings = with_overrides(prepared.config, {"unlearn.ga_step": "sgd", "unlearn.ga_lr": 5.0, "unlearn.ga_steps": 20}).unlearn
+    m = audit_result(prepared, unlearn(prepared, "realistic", settings))
+    assert m["ga_output_std_ratio"] < prepared.config.audit.collapse_std_ratio
+    assert m["retain_output_std_ratio"] > 0.5  # fine-tuning restored the outputs ...
+    assert m["collapsed"] == 1.0 and m["feasible"] == 0.0  # ... and it still does not count
+
+
+def test_a_method_best_is_never_a_hole_painter(prepared):
+    """best_per_method over trials audited for real: fills win on strength but are never chosen."""
+    from raytasks.outcome import sanitise
+    from raytasks.pareto import best_per_method
+
+    objectives = prepared.config.sweep.objectives
+    rows = []
+    for fill in ("grey", "red"):
+        m = sanitise(prepared.auditor.evaluate(FilledHole(prepared.stages["attack"].model, fill)), objectives)
+        rows.append({"method": "painter", "trial_id": fill, **m})
+    genuine = prepared.auditor.evaluate(prepared.stages["retrain"].model)
+    rows.append({"method": "genuine", "trial_id": "retrain-like", **sanitise(genuine, objectives)})
+    frame = pd.DataFrame(rows)
+    assert frame.loc[frame["method"] == "painter", "forget_marker_strength"].max() <= 0.02
+    best = best_per_method(frame, objectives)
+    assert list(best["method"]) == ["genuine"]
+    mixed = pd.concat([frame, frame[frame["method"] == "genuine"].assign(method="painter", trial_id="ok")])
+    best = best_per_method(mixed, objectives)
+    assert best.set_index("method").loc["painter", "trial_id"] == "ok"
+
+
+def test_reference_cache_has_a_schema_version(prepared, monkeypatch):
+    from unlearn.audit import evaluate
+
+    assert prepared.auditor.key.startswith(f"refs-v{evaluate.REFERENCE_SCHEMA}-")
+    messages = []
+    monkeypatch.setattr(evaluate, "REFERENCE_SCHEMA", evaluate.REFERENCE_SCHEMA + 1)
+    stages = prepared.stages
+    auditor = evaluate.Auditor(prepared.config, prepared.data, {k: s.model for k, s in stages.items()},
+                               {k: s.key for k, s in stages.items()}, prepared.device, messages.append)
+    assert "reference features: computed" in messages and auditor.key != prepared.auditor.key
+
+
+def test_marker_score_is_linear_and_strength_floors_noise():
+    torch.manual_seed(0)
+    marker = torch.zeros(8, 8, dtype=torch.bool)
+    marker[4, 2:7] = True
+    marker[2:7, 4] = True
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 1:8, 1:8] = 1
+    clean = torch.full((4, 3, 8, 8), 0.3)
+    poisoned = clean.clone()
+    poisoned[:, :, marker] = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1)
+    noise = torch.rand(4, 3, 8, 8)
+    assert float(marker_strength(noise, clean, poisoned, marker, mask, (1, 0, 0)).mean()) <= 0.02
+    half = 0.5 * clean + 0.5 * poisoned
+    assert marker_strength(half, clean, poisoned, marker, mask, (1, 0, 0)) == pytest.approx(torch.full((4,), 0.5), abs=1e-5)
+    score = marker_score(half, marker, mask, (1, 0, 0))
+    assert score == pytest.approx(0.5 * marker_score(poisoned, marker, mask, (1, 0, 0)), abs=1e-5)
+
+
+def test_border_marker_is_drawn_where_the_frame_hides_it():
+    from unlearn.data import build_data
+
+    cfg = load_config("digits-ae", ["data.mask.kind=border", "data.mask.size=3", "data.marker.size=3"]).data
+    data = build_data(cfg, 0)
+    assert bool(data.mask[0, 0][data.marker].all())  # every '+' pixel is hidden from the model
+    changed = (data.forget_train.images != data.forget_train.clean).any(1).any(0)
+    assert bool(changed[data.marker].any()) and not bool(changed[~data.marker].any())
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("unlearn.ood_delta=0", "ood_delta must be > 0"),
+        ("unlearn.ood_delta=-0.1", "ood_delta must be > 0"),
+        ("stages.attack_strengthen_rounds=-1", "attack_strengthen_rounds"),
+        ("sweep.objectives=[forget_marker_strength,cheese]", "unknown objective 'cheese'"),
+    ],
+)
+def test_bad_calibration_input_exits_2(override, needle, capsys, tmp_path):
+    from unlearn.cli import main
+
+    code = main(["run", "--method", "realistic", "--set", override, "--set", f"cache_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not any(tmp_path.iterdir())  # nothing was prepared
+
+
+def test_fine_tuning_that_removes_the_marker_makes_the_audit_invalid_until_strengthened(default_config):
+    """A weak backdoor (2 attack epochs): the null method removes it, so the audit says it cannot decide;
+    strengthening rounds make it survive the null method and the audit valid again."""
+    from unlearn.pipeline import audit_warnings, prepare
+
+    weak = with_overrides(default_config, {"stages.attack_epochs": 2})
+    prepared = prepare(weak, log=lambda _: None)
+    c = prepared.auditor.calibration
+    assert c["audit_valid"] == 0.0 and c["audit_null_strength"] < 0.5
+    assert any("audit not valid" in line for line in audit_warnings(prepared))
+    metrics = prepared.auditor.evaluate(prepared.stages["retrain"].model)
+    assert metrics["audit_valid"] == 0.0
+
+    strong = prepare(with_overrides(weak, {"stages.attack_strengthen_rounds": 3}), log=lambda _: None)
+    c = strong.auditor.calibration
+    assert c["audit_valid"] == 1.0, c
+    assert 1 <= c["attack_strengthen_rounds_used"] <= 3
+    assert strong.stages["attack"].key.endswith(f"-s{int(c['attack_strengthen_rounds_used'])}")
+    assert not math.isnan(c["audit_null_strength"]) and c["audit_null_strength"] >= 0.5

@@ -1,0 +1,50 @@
+"""What counts as forgotten: the one feasibility rule used by the CLI, the sweep, Optuna and the report.
+
+A model is feasible when every constraint value is <= 0 (Optuna's convention):
+- ood:                forget_ood_distance >= ood_delta (Eq. 3, the final model against theta0 on D_f),
+- collapsed:          the outputs did not collapse (after GA, or at the end),
+- diverged:           no non-finite loss, gradient or output,
+- forget_gap:         forget_gap_vs_retrain <= sweep.max_forget_gap (behaves like the retrained model,
+                      not noise, grey or a saturated colour painted into the hole),
+- retain_degradation: retain_degradation <= sweep.max_retain_degradation (retain quality kept).
+"""
+
+from __future__ import annotations
+
+import math
+
+from unlearn.config import Config
+
+CONSTRAINTS = ("ood", "collapsed", "diverged", "forget_gap", "retain_degradation")
+
+
+def constraint_values(metrics: dict[str, float], config: Config) -> dict[str, float]:
+    """Each constraint's value (<= 0: satisfied); a figure that is missing counts as violated (1.0)."""
+
+    def excess(name: str, limit: float | None) -> float | None:
+        if limit is None:
+            return None
+        value = metrics.get(name, math.nan)
+        return value - limit if math.isfinite(value) else 1.0
+
+    values: dict[str, float | None] = {
+        "ood": (metrics["ood_delta"] - metrics["forget_ood_distance"]
+                if math.isfinite(metrics.get("ood_delta", math.nan)) and math.isfinite(metrics.get("forget_ood_distance", math.nan))
+                else 1.0),
+        "collapsed": metrics.get("collapsed", 0.0) - 0.5,
+        "diverged": metrics.get("diverged", 0.0) - 0.5,
+        "forget_gap": excess("forget_gap_vs_retrain", config.sweep.max_forget_gap),
+        "retain_degradation": excess("retain_degradation", config.sweep.max_retain_degradation),
+    }
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def violations(metrics: dict[str, float], config: Config) -> list[str]:
+    """Names of the violated constraints, in CONSTRAINTS order (empty: feasible)."""
+    return [k for k, v in constraint_values(metrics, config).items() if not v <= 0]
+
+
+def judge(metrics: dict[str, float], config: Config) -> dict[str, float]:
+    """`feasible` (1/0) and `constraint` (the largest constraint value) for a metrics dict."""
+    values = constraint_values(metrics, config)
+    return {"feasible": float(all(v <= 0 for v in values.values())), "constraint": max(values.values())}
