@@ -80,9 +80,7 @@ class SweepDriver:
         tracking.log_metrics(self.client, self.parent, figures)
         warnings = audit_warnings(prepared)
         self.client.set_tag(self.parent, "audit_valid", str(int(figures["audit_valid"])))
-        self.client.set_tag(self.parent, "audit_notes", " | ".join(warnings) if warnings else "none")
-        for line in warnings:
-            stderr_log(line)
+        self.client.set_tag(self.parent, "audit_notes", " | ".join(warnings) if warnings else "none")  # prepare() printed them
 
     def _tuner(self, method: str, resume: bool) -> tune.Tuner:
         from ray.tune.search import ConcurrencyLimiter

@@ -126,8 +126,11 @@ def test_ga_distance_climbs_step_by_step(prepared):
     below = [d for d in curve if d < delta]
     assert len(below) >= 3, curve  # rises over at least 3 checks before it crosses delta
     assert all(b > a for a, b in zip(below, below[1:], strict=False)), curve
-    steps = result.history.phase("ga").param_distance
-    assert steps[-1] == pytest.approx(prepared.config.unlearn.ga_steps * prepared.config.unlearn.ga_lr, rel=1e-3)
+    # normalised steps: the first moves the parameters by exactly ga_lr, all together by at most T x ga_lr
+    u = prepared.config.unlearn
+    moved = result.history.phase("ga").param_distance
+    assert moved[0] == pytest.approx(u.ga_lr, rel=1e-4)
+    assert moved[-1] <= u.ga_steps * u.ga_lr * (1 + 1e-4) and moved[-1] > 0.5 * u.ga_steps * u.ga_lr
 
 
 def test_tuned_realistic_forgets_like_retrain_without_collapse(prepared, method_metrics):

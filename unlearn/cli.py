@@ -15,20 +15,41 @@ def _format_table(metrics: dict[str, float]) -> str:
     return "\n".join(f"{k:<{width}}  {v:.6g}" for k, v in metrics.items())
 
 
+def _print_metrics(metrics: dict, as_json: bool) -> None:
+    if as_json:
+        # One flat JSON object on the last line; NaN becomes null so that any JSON parser reads it.
+        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}))
+    else:
+        print(_format_table({k: v for k, v in metrics.items() if not isinstance(v, str)}))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from unlearn.methods import METHODS, REFERENCE_MODELS
-    from unlearn.pipeline import run
+    from unlearn.pipeline import evaluate_reference, run_model, stderr_log
 
     if args.method not in METHODS and args.method not in REFERENCE_MODELS:
         raise ConfigError(f"unknown method {args.method!r}; methods: {', '.join([*METHODS, *REFERENCE_MODELS])}")
     config = load_config(args.config, args.set)
-    metrics = run(config, args.method)
-    metrics = {"method": args.method, **metrics}
-    if args.json:
-        # One flat JSON object on the last line; NaN becomes null so that any JSON parser reads it.
-        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}))
-    else:
-        print(_format_table({k: v for k, v in metrics.items() if k != "method"}))
+    out = None
+    if args.out is not None:
+        from unlearn.export import check_out_folder
+
+        out = check_out_folder(args.out)
+    prepared, model, metrics = run_model(config, args.method)
+    if out is not None:
+        from unlearn.export import write_bundle
+
+        references = {name: evaluate_reference(prepared, name) for name in ("retrain", "attack")}
+        write_bundle(out, prepared, model, args.method, metrics, references)
+        stderr_log(f"saved the model, config.yaml, metrics.json and certificate.md to {out}")
+    _print_metrics({"method": args.method, **metrics}, args.json)
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from unlearn.export import audit_saved
+
+    _print_metrics({"model": str(args.model), **audit_saved(args.model)}, args.json)
     return 0
 
 
@@ -57,7 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default="digits-ae", help="preset name or YAML file (default: digits-ae)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--json", action="store_true", help="print one flat JSON object as the last line")
+    run.add_argument("--out", default=None, metavar="DIR",
+                     help="save the model (safetensors), config.yaml, metrics.json and certificate.md into DIR (new or empty)")
     run.set_defaults(func=_cmd_run)
+    audit = sub.add_parser("audit", help="re-audit a model saved with `run --out` from its weights alone")
+    audit.add_argument("--model", required=True, metavar="DIR", help="a folder written by `unlearn run --out`")
+    audit.add_argument("--json", action="store_true", help="print one flat JSON object as the last line")
+    audit.set_defaults(func=_cmd_audit)
     methods = sub.add_parser("methods", help="list the unlearning methods")
     methods.set_defaults(func=_cmd_methods)
     report = sub.add_parser("report", help="render tables and figures of a sweep from MLflow")

@@ -180,7 +180,9 @@ class SweepConfig(_Strict):
     objectives: list[str] = ["forget_marker_strength", "retain_degradation"]
     # Feasibility thresholds (None: no constraint), judged on every trial, the report and certificates:
     # forget_ood_distance >= ood_delta, not collapsed, and these two.
-    max_forget_gap: float | None = Field(1.0, gt=0)
+    # 0.6: on digits a flat grey fill (what noisy_label paints) sits at 0.85 and the original model at 1 by
+    # definition, while fine-tuned or unlearned models that draw what retrain draws sit at 0.4-0.45.
+    max_forget_gap: float | None = Field(0.6, gt=0)
     max_retain_degradation: float | None = Field(0.25, gt=0)
 
     # Every unlearning method, each with the same number of trials: a fair comparison table by default.

@@ -288,11 +288,18 @@ def evaluate_reference(prepared: Prepared, name: str) -> dict[str, float]:
 
 def run(config: Config, method_name: str, log: Callable[[str], None] = stderr_log) -> dict[str, float]:
     """Prepare or reuse the stages, run the method (or evaluate a reference model), audit."""
+    return run_model(config, method_name, log)[2]
+
+
+def run_model(config: Config, method_name: str, log: Callable[[str], None] = stderr_log
+              ) -> tuple[Prepared, I2IModel, dict[str, float]]:
+    """`run`, also handing back the prepared setup and the model it audited (to save it)."""
     method = None if method_name in REFERENCE_MODELS else get_method(method_name)
     prepared = prepare(config, log)
     if method is None or method.reference_stage:
-        return evaluate_reference(prepared, method_name)
+        name = method.reference_stage if method is not None else method_name
+        return prepared, prepared.stages[name].model, evaluate_reference(prepared, name)
     log(f"unlearning with {method_name} ...")
     result = unlearn(prepared, method_name)
     log(f"{method_name}: {result.seconds:.2f}s, {int(result.metrics['unlearn_samples'])} samples; auditing ...")
-    return audit_result(prepared, result)
+    return prepared, result.model, audit_result(prepared, result)

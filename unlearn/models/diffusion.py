@@ -38,6 +38,10 @@ class DiffusionInpainter(I2IModel):
         self.sample_schedule = DDIMScheduler(num_train_timesteps=diffusion_steps, beta_schedule="squaredcos_cap_v2")
         self.sample_steps = sample_steps
 
+    def save_diffusers_folder(self, folder: Path) -> None:
+        """The weights as a diffusers `save_pretrained` folder (safetensors), loadable by `load_diffusers_folder`."""
+        self.unet.save_pretrained(str(folder), safe_serialization=True)
+
     def load_diffusers_folder(self, folder: Path) -> None:
         """Weights from a `save_pretrained` folder of a UNet2DModel with this architecture."""
         self.unet.load_state_dict(UNet2DModel.from_pretrained(str(folder)).state_dict())

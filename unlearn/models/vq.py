@@ -35,6 +35,10 @@ class VQInpainter(I2IModel):
             mid_block_add_attention=False,
         )
 
+    def save_diffusers_folder(self, folder: Path) -> None:
+        """The weights as a diffusers `save_pretrained` folder (safetensors), loadable by `load_diffusers_folder`."""
+        self.vq.save_pretrained(str(folder), safe_serialization=True)
+
     def load_diffusers_folder(self, folder: Path) -> None:
         """Weights from a `save_pretrained` folder of a VQModel with this architecture."""
         loaded = VQModel.from_pretrained(str(folder))

@@ -1,0 +1,91 @@
+"""The deliverable (issue 11, part): `unlearn run --out DIR` saves the model with its evidence, and
+`unlearn audit --model DIR` re-audits it from the weights alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from unlearn.export import PROCEDURE_PREFIXES
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "unlearn.cli", *argv], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def saved(prepared, default_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deliverable") / "realistic"
+    done = _cli("run", "--method", "realistic", "--out", str(out), "--json", "--set", f"cache_dir={default_config.cache_dir}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_out_folder_holds_weights_config_metrics_and_a_certificate(saved):
+    out, metrics = saved
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.yaml", "metrics.json", "certificate.md"}
+    assert json.loads((out / "metrics.json").read_text())["forget_marker_strength"] == metrics["forget_marker_strength"]
+    text = (out / "certificate.md").read_text()
+    for needle in ("forget-set digest", "sha256", "method `realistic`", "marker audit valid", "forget_gap_vs_retrain",
+                   "Where D_f still lives", "ga_bound_upper", '"ga_lr": 0.05'):
+        assert needle in text, needle
+    # a threshold judged for every constraint, and the verdict agrees with the metrics
+    assert ("**NOT feasible**" in text) == (metrics["feasible"] == 0.0)
+
+
+def test_audit_from_the_weights_alone_reproduces_the_run(saved, tmp_path):
+    out, metrics = saved
+    (out / "metrics.json").unlink()  # never read by the audit
+    done = _cli("audit", "--model", str(out), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    audited = json.loads(done.stdout.strip().splitlines()[-1])
+    compared = [k for k in audited if k in metrics and k != "model" and not k.startswith(PROCEDURE_PREFIXES)]
+    assert {"forget_marker_strength", "retain_mse", "forget_fid", "forget_gap_vs_retrain", "forget_ood_distance"} <= set(compared)
+    for key in compared:
+        assert audited[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
+
+
+def test_changed_weights_give_different_figures(saved, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, metrics = saved
+    copy = tmp_path / "changed"
+    shutil.copytree(out, copy)
+    state = load_file(str(copy / "model.safetensors"))
+    name = next(k for k in state if k.startswith("decoder") and k.endswith("bias"))
+    state[name] = state[name] + 0.5
+    save_file(state, str(copy / "model.safetensors"))
+    done = _cli("audit", "--model", str(copy), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    audited = json.loads(done.stdout.strip().splitlines()[-1])
+    assert audited["retain_mse"] != pytest.approx(metrics["retain_mse"], rel=1e-3)
+
+
+def test_bad_model_or_out_exits_2_and_writes_nothing(saved, tmp_path, default_config):
+    out, _ = saved
+    cases = [
+        (["audit", "--model", str(tmp_path / "missing")], "does not exist"),
+        (["audit", "--model", str(tmp_path)], "no config.yaml"),
+    ]
+    (tmp_path / "file.txt").write_text("x")
+    cases.append((["run", "--method", "finetune", "--out", str(tmp_path / "file.txt"), "--set",
+                   f"cache_dir={default_config.cache_dir}"], "is a file"))
+    cases.append((["run", "--method", "finetune", "--out", str(out), "--set", f"cache_dir={default_config.cache_dir}"],
+                  "not empty"))
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "config.yaml").write_text((out / "config.yaml").read_text().replace("width: 32", "width: 16"))
+    (wrong / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    cases.append((["audit", "--model", str(wrong)], "do not fit"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv, needle in cases:
+        done = _cli(*argv)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and needle in lines[-1] and lines[-1].startswith("unlearn: error:"), (argv, done.stderr[-500:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert sorted(p.name for p in wrong.iterdir()) == ["config.yaml", "model.safetensors"]

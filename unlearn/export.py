@@ -1,0 +1,197 @@
+"""The deliverable: an unlearned model saved with its evidence, and re-audited from its weights alone.
+
+    DIR/
+      model.safetensors   the weights (autoencoder), or model/ (a diffusers `save_pretrained` folder: VQ, diffusion)
+      config.yaml         the resolved config the model was made with (data, split, stages, audit, thresholds)
+      metrics.json        the run's catalogue, for reading (`unlearn audit` never reads it)
+      certificate.md      what was forgotten, how, every audit figure against its threshold and the references,
+                          and the places that still hold D_f
+
+Weights are written as safetensors and read back with safetensors or diffusers (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unlearn.audit.verdict import constraint_values
+from unlearn.config import Config, ConfigError, load_config
+from unlearn.models import I2IModel, build_model
+
+MODEL_FILE = "model.safetensors"
+DIFFUSERS_FOLDER = "model"
+# Figures of the procedure (GA bookkeeping, cost): in metrics.json, not recomputable from the weights.
+PROCEDURE_PREFIXES = ("ga_", "unlearn_", "retrain_seconds", "retrain_samples", "cost_ratio", "sample_ratio")
+
+
+def check_out_folder(path: str | Path) -> Path:
+    """Where `--out` may write: a new or empty folder (ConfigError otherwise, before any work)."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {folder} is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ConfigError(f"--out {folder} is not empty; choose a new folder")
+    return folder
+
+
+def save_weights(model: I2IModel, folder: Path) -> Path:
+    """Write the weights into `folder`; return the file or folder that holds them."""
+    from safetensors.torch import save_file
+
+    saver = getattr(model, "save_diffusers_folder", None)
+    if saver is not None:
+        saver(folder / DIFFUSERS_FOLDER)
+        return folder / DIFFUSERS_FOLDER
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / MODEL_FILE))
+    return folder / MODEL_FILE
+
+
+def load_weights(model: I2IModel, folder: Path) -> None:
+    """Load weights written by `save_weights` into a model of the saved config (ConfigError if they do not fit)."""
+    from safetensors.torch import load_file
+
+    try:
+        if (folder / DIFFUSERS_FOLDER).is_dir():
+            loader = getattr(model, "load_diffusers_folder", None)
+            if loader is None:
+                raise ConfigError(f"{folder} holds a diffusers folder, but its config.yaml names a model that is not one")
+            loader(folder / DIFFUSERS_FOLDER)
+        elif (folder / MODEL_FILE).is_file():
+            model.load_state_dict(load_file(str(folder / MODEL_FILE)))
+        else:
+            raise ConfigError(f"{folder} holds no model ({MODEL_FILE} or {DIFFUSERS_FOLDER}/)")
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ConfigError(f"the weights in {folder} do not fit the model of its config.yaml: {str(exc).splitlines()[0][:200]}") from None
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over the weight files (path names and bytes, sorted), as the certificate states it."""
+    digest = hashlib.sha256()
+    files = [folder / MODEL_FILE] if (folder / MODEL_FILE).is_file() else sorted((folder / DIFFUSERS_FOLDER).rglob("*"))
+    for path in files:
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def forget_digest(config: Config, index: Any) -> str:
+    """sha256 of the sorted forget-sample ids (`<dataset>:<position in the loaded data set>`)."""
+    ids = sorted(f"{config.data.dataset}:{int(i)}" for i in index.tolist())
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def load_saved(path: str | Path) -> tuple[Config, Path]:
+    """(config, folder) of a saved model folder; ConfigError naming what is missing."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"--model {folder} does not exist or is not a folder")
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError(f"--model {folder} has no config.yaml (not a folder written by `unlearn run --out`)")
+    return load_config(str(folder / "config.yaml")), folder
+
+
+def audit_saved(path: str | Path, log=None) -> dict[str, float]:
+    """Re-audit a saved model from its weights: same data, same references, same catalogue."""
+    from unlearn.pipeline import prepare, stderr_log
+    from unlearn.runtime import seed_everything
+
+    config, folder = load_saved(path)
+    seed_everything(config.seed)
+    model = build_model(config)
+    load_weights(model, folder)
+    prepared = prepare(config, log or stderr_log)
+    return prepared.auditor.evaluate(model.to(prepared.device).eval())
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if not math.isfinite(value) else f"{value:.4g}"
+    return str(value)
+
+
+def write_bundle(folder: Path, prepared: Any, model: I2IModel, method: str, metrics: dict[str, float],
+                 references: dict[str, dict[str, float]]) -> Path:
+    """Write weights, config.yaml, metrics.json and certificate.md into `folder` (new or empty)."""
+    from unlearn.methods import METHODS, REFERENCE_MODELS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config: Config = prepared.config
+    weights = save_weights(model, folder)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
+    (folder / "metrics.json").write_text(json.dumps({"method": method, **metrics}, indent=2, sort_keys=True))
+
+    data = prepared.data
+    u = config.unlearn.model_dump(by_alias=True)
+    hyper = {hp: u[hp] for hp in METHODS[method].hyperparameters} if method in METHODS else {}
+    constraints = constraint_values(metrics, config)
+    limits = {"ood": f"forget_ood_distance >= ood_delta = {_fmt(metrics.get('ood_delta', math.nan))}",
+              "collapsed": f"outputs' std ratio >= {config.audit.collapse_std_ratio:g} (after GA and at the end)",
+              "diverged": "no non-finite loss, gradient or output",
+              "forget_gap": f"forget_gap_vs_retrain <= {config.sweep.max_forget_gap}",
+              "retain_degradation": f"retain_degradation <= {config.sweep.max_retain_degradation}"}
+    rows = ["| figure | this model | retrain | attack (theta0) |", "| --- | --- | --- | --- |"]
+    shown = ["forget_marker_strength", "forget_marker", "forget_marker_ci_low", "forget_marker_ci_high",
+             "forget_gap_vs_retrain", "forget_ood_distance", "forget_ood_rate", "retain_mse", "retain_degradation",
+             "retain_fid", "retain_is", "retain_clip", "forget_mse", "forget_fid", "forget_fid_vs_retrain",
+             "retain_output_std_ratio", "ga_output_std_ratio", "collapsed"]
+    for name in shown:
+        if name in metrics:
+            rows.append(f"| {name} | {_fmt(metrics[name])} | {_fmt(references.get('retrain', {}).get(name, math.nan))} | "
+                        f"{_fmt(references.get('attack', {}).get(name, math.nan))} |")
+    cache_root = config.resolved_cache_dir()
+    stage_paths = [cache_root / "stages" / s.key for n, s in prepared.stages.items() if n in ("original", "attack")]
+    ga = {k: metrics[k] for k in ("ga_steps", "ga_lr", "ga_grad_min", "ga_grad_max", "ga_loss_increase", "ga_bound_lower",
+                                   "ga_bound_upper", "ga_within_bounds", "ga_param_distance") if k in metrics}
+    lines = [
+        f"# Unlearning certificate: {method}",
+        "",
+        "## What was forgotten",
+        f"- data set `{config.data.dataset}` ({config.data.image_size}px), forget classes {config.data.forget_classes}, "
+        f"forget fraction {config.data.forget_fraction}: {len(data.forget_train)} training images",
+        f"- forget-set digest (sha256 of the sorted sample ids): `{forget_digest(config, data.forget_train.index)}`",
+        "",
+        "## How",
+        f"- method `{method}`" + (" (a reference model, not an unlearning run)" if method in REFERENCE_MODELS else ""),
+        f"- hyperparameters: {json.dumps(hyper)}; GA step `{config.unlearn.ga_step}`; seed {config.seed}",
+        f"- theta0 = the attack stage `{prepared.stages['attack'].key}`; model `{config.model.kind}`",
+        f"- weights `{weights.name}`, sha256 `{weights_digest(folder)}`",
+        "",
+        "## Verdict",
+        f"- **marker audit {'valid' if metrics.get('audit_valid') == 1.0 else 'NOT VALID: it cannot decide'}** (attack "
+        f"strength {_fmt(metrics.get('audit_attack_strength', math.nan))}, null method (fine-tuning alone) "
+        f"{_fmt(metrics.get('audit_null_strength', math.nan))}; both must be >= {config.audit.min_marker_strength:g})",
+        f"- **{'feasible' if metrics.get('feasible') == 1.0 else 'NOT feasible'}**:",
+        *[f"  - {name}: {'pass' if value <= 0 else 'FAIL'} ({limits[name]})" for name, value in constraints.items()],
+        "",
+        "## Audit figures (forget = held-out images of the forgotten classes; retain = the other classes' test images)",
+        "",
+        *rows,
+        "",
+        "## Gradient-ascent guarantee bookkeeping",
+        "",
+        *([f"- {k}: {_fmt(v)}" for k, v in ga.items()] or ["- (no gradient-ascent phase)"]),
+        "",
+        "## Cost",
+        f"- unlearning {_fmt(metrics.get('unlearn_seconds', math.nan))} s, {_fmt(metrics.get('unlearn_samples', math.nan))} "
+        f"samples; retraining {_fmt(metrics.get('retrain_seconds', math.nan))} s, {_fmt(metrics.get('retrain_samples', math.nan))} "
+        f"samples (sample_ratio {_fmt(metrics.get('sample_ratio', math.nan))}; the seconds were measured in different processes)",
+        "",
+        "## Where D_f still lives",
+        f"- the data cache: `{cache_root / 'data'}` (the split, forget images included)",
+        *[f"- stage weights trained on D_f: `{p}`" for p in stage_paths],
+        f"- reference features and calibration computed from forget images: `{cache_root / 'references'}`, "
+        f"`{cache_root / 'calibration'}`",
+        "- the original data set itself, and any MLflow run that logged forget-image grids or embeddings",
+        "",
+        "Re-audit from the weights alone: `unlearn audit --model " + str(folder) + "`",
+    ]
+    (folder / "certificate.md").write_text("\n".join(lines) + "\n")
+    return folder
