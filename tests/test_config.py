@@ -84,3 +84,8 @@ def test_methods_command_lists_registry(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in METHODS)
     assert len(METHODS) == 8
+
+
+def test_model_shorthand_sets_the_kind():
+    assert load_config("digits-ae", ["model=vq"]).model.kind == "vq"
+    assert load_config("digits-ae", ["model.kind=diffusion"]).model.kind == "diffusion"

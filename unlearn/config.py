@@ -318,6 +318,8 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(value_text)
     except yaml.YAMLError:
         value = value_text
+    if dotted.strip() == "model" and isinstance(value, str):  # `--set model=vq`: shorthand for model.kind
+        dotted = "model.kind"
     _set_dotted(raw, dotted.strip(), value)
 
 
