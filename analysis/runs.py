@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ from raytasks.pareto import best_per_method
 from raytasks.tracking import resolve_uri
 from unlearn.audit.verdict import violations
 from unlearn.config import Config, ConfigError, validate_config
+
+# One "Downloading artifacts" progress bar per artifact (22 for the default sweep) is noise in the sweep's output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @dataclass

@@ -12,10 +12,22 @@ def test_report_has_every_method_and_reference(small_sweep):
     report = driver.report_path
     assert report == out / "report" / "report.md" and report.is_file()
     text = report.read_text()
-    for row in ("| realistic", "| finetune", "| attack (reference)", "| original (reference)", "| retrain (reference)"):
+    for row in ("| attack (reference)", "| original (reference)", "| retrain (reference)"):
         assert row in text
-    assert "max_loss" in text  # named among the methods without a finished trial
+    # a swept method is a table row exactly when it has a feasible trial; otherwise the report names it with the
+    # constraints its trials violated (or, with no finished trial at all, as such)
+    trials = pd.read_csv(out / "trials.csv")
+    table = pd.read_csv(out / "report" / "comparison.csv")
+    without_line = next(line for line in text.splitlines() if line.startswith("Methods without a feasible trial")) \
+        if "Methods without a feasible trial" in text else ""
+    for method in ("realistic", "finetune"):
+        has_feasible = bool((trials[trials["method"] == method]["feasible"] == 1.0).any())
+        assert (method in set(table["model"])) == has_feasible, method
+        assert (method in without_line) == (not has_feasible), method
+    assert "max_loss" not in set(table["model"])
+    assert "without a finished trial (all failed-infeasible): max_loss" in text
     assert "backbone: `domain`" in text and "`digits`" in text and "seed 0" in text
+    assert "**marker audit: valid**" in text and "OOD threshold delta = 0.2" in text
 
 
 @pytest.mark.parametrize("name", ["grid.png", "pareto.png", "distance.png", "tsne.png"])
@@ -35,10 +47,18 @@ def test_report_table_numbers_equal_mlflow_metrics(small_sweep):
     _, uri, out = small_sweep
     table = pd.read_csv(out / "report" / "comparison.csv")
     client = MlflowClient(tracking_uri=uri)
+    trials = pd.read_csv(out / "trials.csv")
     for _, row in table.iterrows():
         metrics = client.get_run(row["run_id"]).data.metrics
-        for column in ("forget_marker", "retain_mse", "retain_fid", "forget_fid_vs_retrain", "forget_clip"):
+        for column in ("forget_marker_strength", "forget_marker", "forget_gap_vs_retrain", "retain_mse", "retain_fid",
+                       "forget_fid_vs_retrain", "forget_clip"):
             assert row[column] == pytest.approx(metrics[column], rel=1e-9, abs=1e-12)
+        if row["model"].endswith("(reference)"):
+            continue
+        # the row is the method's best: feasible, and no feasible trial of the method has a smaller strength
+        assert metrics["feasible"] == 1.0
+        rivals = trials[(trials["method"] == row["model"]) & (trials["feasible"] == 1.0)]
+        assert (rivals["forget_marker_strength"].round(2) >= round(metrics["forget_marker_strength"], 2)).all()
     parent = client.search_runs([client.get_experiment_by_name("t-sweep").experiment_id], "tags.role = 'parent'")[0]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md", "report/grid.png"}
 
@@ -55,3 +75,22 @@ def test_report_for_missing_experiment_or_no_finished_trial(tmp_path, capsys):
     assert main(["report", "--experiment", "empty", "--tracking-uri", uri, "--out", str(tmp_path / "r")]) == 2
     assert "has no finished trial" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_invalid_audit_is_said_on_the_parent_run_and_in_the_report(small_sweep, default_config, tmp_path):
+    """A weak backdoor (2 attack epochs) that plain fine-tuning removes: the sweep still runs, and says so."""
+    from mlflow.tracking import MlflowClient
+
+    from raytasks.sweep import parse_args, run_sweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = parse_args(["--methods", "finetune", "--trials", "1", "--name", "weak", "--out", str(tmp_path / "out"),
+                       "--tracking-uri", uri, "--set", f"cache_dir={default_config.cache_dir}",
+                       "--set", "stages.attack_epochs=2"])
+    driver = run_sweep(args)
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(driver.parent)
+    assert parent.data.tags["audit_valid"] == "0" and parent.data.metrics["audit_valid"] == 0.0
+    assert "audit not valid" in parent.data.tags["audit_notes"]
+    text = driver.report_path.read_text()
+    assert "**marker audit: NOT VALID: this audit cannot decide" in text and "audit not valid" in text
