@@ -127,7 +127,9 @@ def unlearning_vs_retraining(config: Config, prepared, best: dict[str, Any]) -> 
         result = unlearn(prepared, name, settings)
         metrics = audit_result(prepared, result)
         rows[name] = {"seconds": result.seconds, "samples": metrics["unlearn_samples"],
-                      "forget_marker": metrics.get("forget_marker"), "retain_mse": metrics.get("retain_mse")}
+                      "forget_marker_strength": metrics.get("forget_marker_strength"),
+                      "forget_marker": metrics.get("forget_marker"), "retain_mse": metrics.get("retain_mse"),
+                      "feasible": metrics.get("feasible")}
     for row in rows.values():
         row["time_ratio_vs_retrain"] = row["seconds"] / retrain_seconds
         row["sample_ratio_vs_retrain"] = row["samples"] / samples
@@ -155,7 +157,8 @@ def sweep_overhead(config: Config, out: Path, trials: int) -> dict[str, Any]:
     totals = [r["time_total_s"] for r in results]
     compute = [r["unlearn_seconds"] for r in results]
     after = {p: p.stat().st_mtime_ns for p in cache.rglob("tensors.pt")}
-    retrained = [str(p) for p in after if before.get(p) != after[p] and "stages" in str(p)]
+    written = [p for p in after if before.get(p) != after[p]]  # new or rewritten cache entries
+    retrained = [str(p) for p in written if p.parent.parent.name == "stages"]
     fractions = [(t - c) / t for t, c in zip(totals, compute, strict=True)]
     # Whole-sweep view: the slot time the sweep held (wall x concurrent trials) against the unlearning compute
     # it bought; includes stage/reference loading, scheduling, actor start-up, evaluation and MLflow logging.
@@ -169,7 +172,7 @@ def sweep_overhead(config: Config, out: Path, trials: int) -> dict[str, Any]:
         "mean_unlearn_seconds": statistics.mean(compute),
         "trial_overhead_fraction": statistics.mean(fractions),
         "stage_entries_written_during_sweep": len(retrained),
-        "reference_features_reused": all("refs-" not in str(p) for p in retrained),
+        "reference_features_reused": not any(p.parent.parent.name == "references" for p in written),
     }
 
 

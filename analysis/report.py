@@ -49,6 +49,11 @@ def sample_table(runs: SweepRuns) -> pd.DataFrame | None:
     return pd.DataFrame([{"forget_fraction": fraction, **dict(zip(best["method"], best["forget_marker_strength"], strict=True))}])
 
 
+def _count(value: object) -> str:
+    number = float(value) if value is not None else math.nan
+    return str(int(number)) if math.isfinite(number) else "?"
+
+
 def _curves(runs: SweepRuns, run_id: str) -> dict[str, list[tuple[int, float]]]:
     local = runs.artifact(run_id, "curves.json")
     return {} if local is None else {k: [tuple(p) for p in v] for k, v in json.loads(local.read_text()).items()}
@@ -116,7 +121,7 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
         f"(attack model strength {float(attack.get('metrics.audit_attack_strength', math.nan)):.3f}, null method = fine-tuning "
         f"on D_r alone {float(attack.get('metrics.audit_null_strength', math.nan)):.3f}; both must be >= "
         f"{config.audit.min_marker_strength:g}; strengthening rounds used "
-        f"{int(attack.get('metrics.attack_strengthen_rounds_used', 0) or 0)}){'' if notes == 'none' else '. ' + notes}",
+        f"{_count(attack.get('metrics.attack_strengthen_rounds_used'))}){'' if notes == 'none' else '. ' + notes}",
         f"- OOD threshold delta = {ood_delta:.4g} (`unlearn.ood_delta` = {config.unlearn.ood_delta}; the retrain "
         f"reference's own distance {float(attack.get('metrics.retrain_ood_distance', math.nan)):.4g}); trials: "
         f"{len(runs.trials)} finished",

@@ -163,8 +163,9 @@ class SweepDriver:
                  f"(attack strength {attack.get('audit_attack_strength', float('nan')):.3f}, null method "
                  f"{attack.get('audit_null_strength', float('nan')):.3f}); ood_delta {attack.get('ood_delta', float('nan')):.4g} "
                  f"(retrain's distance {attack.get('retrain_ood_distance', float('nan')):.4g})",
-                 f"references: attack strength={attack['forget_marker_strength']:.3f} retain_mse={attack['retain_mse']:.5f}; "
-                 f"retrain strength={retrain['forget_marker_strength']:.3f}",
+                 f"references: attack strength={attack.get('forget_marker_strength', float('nan')):.3f} "
+                 f"retain_mse={attack.get('retain_mse', float('nan')):.5f}; "
+                 f"retrain strength={retrain.get('forget_marker_strength', float('nan')):.3f}",
                  "", f"Pareto front (feasible, minimising {', '.join(objectives)}):",
                  front[cols].to_markdown(index=False, floatfmt=".4g") if len(front) else "(no feasible trial)",
                  "", "Best feasible configuration per method:",

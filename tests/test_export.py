@@ -48,7 +48,17 @@ def test_audit_from_the_weights_alone_reproduces_the_run(saved, tmp_path):
         assert audited[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
 
 
-def test_changed_weights_give_different_figures(saved, tmp_path):
+def _main(capsys, *argv: str) -> tuple[int, list[str], dict | None]:
+    """The CLI in this process (no interpreter start-up): exit code, stderr lines, the JSON line if any."""
+    from unlearn.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    return code, captured.err.strip().splitlines(), (json.loads(lines[-1]) if "--json" in argv and code == 0 else None)
+
+
+def test_changed_weights_give_different_figures(saved, tmp_path, capsys):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -60,13 +70,12 @@ def test_changed_weights_give_different_figures(saved, tmp_path):
     name = next(k for k in state if k.startswith("decoder") and k.endswith("bias"))
     state[name] = state[name] + 0.5
     save_file(state, str(copy / "model.safetensors"))
-    done = _cli("audit", "--model", str(copy), "--json")
-    assert done.returncode == 0, done.stderr[-2000:]
-    audited = json.loads(done.stdout.strip().splitlines()[-1])
+    code, err, audited = _main(capsys, "audit", "--model", str(copy), "--json")
+    assert code == 0, err[-5:]
     assert audited["retain_mse"] != pytest.approx(metrics["retain_mse"], rel=1e-3)
 
 
-def test_bad_model_or_out_exits_2_and_writes_nothing(saved, tmp_path, default_config):
+def test_bad_model_or_out_exits_2_and_writes_nothing(saved, tmp_path, default_config, capsys):
     out, _ = saved
     cases = [
         (["audit", "--model", str(tmp_path / "missing")], "does not exist"),
@@ -77,6 +86,13 @@ def test_bad_model_or_out_exits_2_and_writes_nothing(saved, tmp_path, default_co
                    f"cache_dir={default_config.cache_dir}"], "is a file"))
     cases.append((["run", "--method", "finetune", "--out", str(out), "--set", f"cache_dir={default_config.cache_dir}"],
                   "not empty"))
+    cases.append((["run", "--method", "finetune", "--out", str(tmp_path / "file.txt" / "sub"), "--set",
+                   f"cache_dir={default_config.cache_dir}"], "is not a writable folder"))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.yaml").write_text((out / "config.yaml").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    cases.append((["audit", "--model", str(corrupt)], "do not fit"))
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     (wrong / "config.yaml").write_text((out / "config.yaml").read_text().replace("width: 32", "width: 16"))
@@ -84,8 +100,20 @@ def test_bad_model_or_out_exits_2_and_writes_nothing(saved, tmp_path, default_co
     cases.append((["audit", "--model", str(wrong)], "do not fit"))
     before = sorted(p.name for p in tmp_path.iterdir())
     for argv, needle in cases:
-        done = _cli(*argv)
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and needle in lines[-1] and lines[-1].startswith("unlearn: error:"), (argv, done.stderr[-500:])
+        code, lines, _ = _main(capsys, *argv)
+        assert code == 2 and len(lines) == 1 and needle in lines[0] and lines[0].startswith("unlearn: error:"), (argv, lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert sorted(p.name for p in wrong.iterdir()) == ["config.yaml", "model.safetensors"]
+
+
+def test_a_run_collapsed_by_ga_stays_collapsed_when_re_audited(prepared, default_config, tmp_path, capsys):
+    """Fine-tuning restores the outputs of a decoder GA killed; the weights alone cannot show it, the verdict must."""
+    out = tmp_path / "collapsed"
+    code, err, run = _main(capsys, "run", "--method", "realistic", "--out", str(out), "--json", "--set",
+                           f"cache_dir={default_config.cache_dir}", "--set", "unlearn.ga_step=sgd", "--set",
+                           "unlearn.ga_lr=5", "--set", "unlearn.ga_steps=20")
+    assert code == 0, err[-5:]
+    assert run["collapsed"] == 1.0 and run["retain_output_std_ratio"] > 0.5
+    code, err, audited = _main(capsys, "audit", "--model", str(out), "--json")
+    assert audited["collapsed"] == 1.0 and audited["feasible"] == 0.0
+    assert audited["ga_output_std_ratio"] == pytest.approx(run["ga_output_std_ratio"], rel=1e-6)

@@ -126,7 +126,7 @@ def _attack_and_realistic(overrides: list[str], tmp_path) -> tuple[dict, dict]:
 def test_vq_end_to_end_on_digits(tmp_path):
     """Tiny VQ on digits (CPU, ~40 s): the attack regenerates the marker, realistic removes it."""
     attack, realistic = _attack_and_realistic(
-        ["model.kind=vq", "model.width=8", "model.latent_channels=8", "data.max_per_class=60", "stages.epochs=15",
+        ["model.kind=vq", "unlearn.ood_check_every=8", "model.width=8", "model.latent_channels=8", "data.max_per_class=60", "stages.epochs=15",
          "stages.attack_epochs=15", "stages.lr=0.003"], tmp_path)
     assert attack["forget_marker"] >= 0.6
     assert realistic["forget_marker"] < attack["forget_marker"]
@@ -135,7 +135,7 @@ def test_vq_end_to_end_on_digits(tmp_path):
 def test_diffusion_end_to_end_on_digits(tmp_path):
     """Tiny conditional diffusion model on digits (CPU, ~1.5 min): same pipeline, same catalogue."""
     attack, realistic = _attack_and_realistic(
-        ["model.kind=diffusion", "model.width=16", "model.diffusion_steps=50", "model.sample_steps=20",
+        ["model.kind=diffusion", "unlearn.ood_check_every=8", "model.width=16", "model.diffusion_steps=50", "model.sample_steps=20",
          "data.max_per_class=50", "stages.epochs=25", "stages.attack_epochs=25", "stages.batch_size=32",
          "stages.lr=0.002"], tmp_path)
     assert attack["forget_marker"] >= 0.6

@@ -32,29 +32,56 @@ PROCEDURE_PREFIXES = ("ga_", "unlearn_", "retrain_seconds", "retrain_samples", "
 
 def check_out_folder(path: str | Path) -> Path:
     """Where `--out` may write: a new or empty folder (ConfigError otherwise, before any work)."""
+    import os
+
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {folder} is a file, not a folder")
     if folder.is_dir() and any(folder.iterdir()):
         raise ConfigError(f"--out {folder} is not empty; choose a new folder")
+    ancestor = folder
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise ConfigError(f"--out {folder}: {ancestor} is not a writable folder")
     return folder
 
 
-def save_weights(model: I2IModel, folder: Path) -> Path:
-    """Write the weights into `folder`; return the file or folder that holds them."""
+# What the weights cannot show but the verdict needs: the collapse measured right after GA (stored with the
+# weights, inside the hashed artefact: safetensors metadata, or a file in the diffusers folder).
+PROVENANCE_KEYS = ("ga_output_std_ratio",)
+PROVENANCE_FILE = "unlearn_provenance.json"
+
+
+def save_weights(model: I2IModel, folder: Path, provenance: dict[str, float] | None = None) -> Path:
+    """Write the weights (and the provenance figures) into `folder`; return the file or folder holding them."""
     from safetensors.torch import save_file
 
+    provenance = {k: float(v) for k, v in (provenance or {}).items() if k in PROVENANCE_KEYS}
     saver = getattr(model, "save_diffusers_folder", None)
     if saver is not None:
         saver(folder / DIFFUSERS_FOLDER)
+        (folder / DIFFUSERS_FOLDER / PROVENANCE_FILE).write_text(json.dumps(provenance, sort_keys=True))
         return folder / DIFFUSERS_FOLDER
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / MODEL_FILE))
+    save_file(state, str(folder / MODEL_FILE), metadata={k: repr(v) for k, v in provenance.items()})
     return folder / MODEL_FILE
+
+
+def load_provenance(folder: Path) -> dict[str, float]:
+    """The provenance figures saved with the weights ({} when there are none)."""
+    if (folder / DIFFUSERS_FOLDER / PROVENANCE_FILE).is_file():
+        return json.loads((folder / DIFFUSERS_FOLDER / PROVENANCE_FILE).read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(folder / MODEL_FILE), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    return {k: float(meta[k]) for k in PROVENANCE_KEYS if k in meta}
 
 
 def load_weights(model: I2IModel, folder: Path) -> None:
     """Load weights written by `save_weights` into a model of the saved config (ConfigError if they do not fit)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
@@ -67,7 +94,7 @@ def load_weights(model: I2IModel, folder: Path) -> None:
             model.load_state_dict(load_file(str(folder / MODEL_FILE)))
         else:
             raise ConfigError(f"{folder} holds no model ({MODEL_FILE} or {DIFFUSERS_FOLDER}/)")
-    except (RuntimeError, ValueError, OSError) as exc:
+    except (RuntimeError, ValueError, OSError, SafetensorError) as exc:
         raise ConfigError(f"the weights in {folder} do not fit the model of its config.yaml: {str(exc).splitlines()[0][:200]}") from None
 
 
@@ -108,7 +135,11 @@ def audit_saved(path: str | Path, log=None) -> dict[str, float]:
     model = build_model(config)
     load_weights(model, folder)
     prepared = prepare(config, log or stderr_log)
-    return prepared.auditor.evaluate(model.to(prepared.device).eval())
+    metrics = prepared.auditor.evaluate(model.to(prepared.device).eval())
+    provenance = load_provenance(folder)
+    if provenance.get("ga_output_std_ratio", 1.0) < config.audit.collapse_std_ratio:
+        metrics["collapsed"] = 1.0  # GA collapsed the decoder before fine-tuning: the run's verdict stands
+    return prepared.auditor.verdict({**metrics, **provenance})
 
 
 def _fmt(value: Any) -> str:
@@ -124,7 +155,7 @@ def write_bundle(folder: Path, prepared: Any, model: I2IModel, method: str, metr
 
     folder.mkdir(parents=True, exist_ok=True)
     config: Config = prepared.config
-    weights = save_weights(model, folder)
+    weights = save_weights(model, folder, metrics)
     (folder / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
     (folder / "metrics.json").write_text(json.dumps({"method": method, **metrics}, indent=2, sort_keys=True))
 

@@ -7,6 +7,7 @@ set of hyperparameters, the unit a sweep trial executes.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import sys
 import time
@@ -55,7 +56,7 @@ _FIELDS = ("images", "clean", "labels", "index")
 def load_data(config: Config) -> UnlearningData:
     """Build the splits, cached so that sweep trials do not re-read large image folders."""
     cache = ArtifactCache(config.resolved_cache_dir())
-    key = "data-v1-" + config.section_key("data")
+    key = "data-v2-" + config.section_key("data")  # v2: the border-mask '+' is drawn inside the frame
     if cache.has("data", key):
         tensors, meta = cache.load("data", key)
         subsets = {
@@ -101,17 +102,23 @@ def calibrate(prepared: Prepared, log: Callable[[str], None] = stderr_log) -> di
     OOD distance (the audit checks itself), and ood_delta (resolved from `auto`). Sets auditor.calibration."""
     config, auditor = prepared.config, prepared.auditor
     cache = ArtifactCache(config.resolved_cache_dir())
-    key = f"{auditor.key}-{prepared.stages['attack'].key}"
-    if cache.has("calibration", key):
-        auditor.calibration = dict(cache.load("calibration", key)[1]["figures"])
-        return auditor.calibration
+    null_settings = config.unlearn.model_copy(update={"ft_steps": config.audit.null_ft_steps, "ft_lr": config.audit.null_ft_lr})
+    # Everything the null run depends on that trials do not vary (they vary ga_*, ft_steps, ft_lr, alpha, lambda).
+    null_key = hashlib.sha256(repr((null_settings.ft_steps, null_settings.ft_lr, null_settings.ft_schedule,
+                                    null_settings.batch_size, null_settings.clip_norm, config.precision,
+                                    str(prepared.device))).encode()).hexdigest()[:12]
+    key = f"{auditor.key}-{prepared.stages['attack'].key}-{null_key}"
     retrain_distance = float(auditor.refs["retrain/ood_distance"])
     delta = config.unlearn.ood_delta
-    figures = {"ood_delta": config.audit.ood_delta_fraction * retrain_distance if delta == "auto" else float(delta),
-               "retrain_ood_distance": retrain_distance}
+    # Not cached: a changed unlearn.ood_delta must take effect on the next run.
+    resolved = {"ood_delta": config.audit.ood_delta_fraction * retrain_distance if delta == "auto" else float(delta),
+                "retrain_ood_distance": retrain_distance}
+    if cache.has("calibration", key):
+        auditor.calibration = {**cache.load("calibration", key)[1]["figures"], **resolved}
+        return auditor.calibration
+    figures = dict(resolved)
     auditor.calibration = figures
     attack = auditor.evaluate(prepared.stages["attack"].model)
-    null_settings = config.unlearn.model_copy(update={"ft_steps": config.audit.null_ft_steps, "ft_lr": config.audit.null_ft_lr})
     log(f"audit self-check: the null method (finetune, {null_settings.ft_steps} steps at lr {null_settings.ft_lr:g}) ...")
     null_model = unlearn(prepared, "finetune", null_settings).model
     null_outputs = model_outputs(null_model, auditor.splits["forget"], auditor.mask, prepared.device, config.precision)
@@ -124,7 +131,7 @@ def calibrate(prepared: Prepared, log: Callable[[str], None] = stderr_log) -> di
     figures["audit_valid"] = float(min(figures["audit_attack_strength"], figures["audit_null_strength"])
                                    >= config.audit.min_marker_strength)
     auditor.calibration = figures
-    cache.save("calibration", key, {}, {"figures": figures})
+    cache.save("calibration", key, {}, {"figures": {k: v for k, v in figures.items() if k not in resolved}})
     return figures
 
 

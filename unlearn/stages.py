@@ -36,8 +36,12 @@ class Stage:
     reused: bool
 
 
+# Bump when the data a stage is trained on changes meaning (v2: the border-mask '+' moved inside the frame).
+STAGE_SCHEMA = 2
+
+
 def stage_keys(config: Config) -> dict[str, str]:
-    base = config.section_key("data", "model") + "-" + _hash(config.stages.epochs, config.stages.batch_size, config.stages.lr)
+    base = f"v{STAGE_SCHEMA}" + config.section_key("data", "model") + "-" + _hash(config.stages.epochs, config.stages.batch_size, config.stages.lr)
     attack = _hash(base, config.stages.attack_epochs, config.stages.attack_lr)
     return {"original": f"original-{base}", "attack": f"attack-{attack}", "retrain": f"retrain-{base}"}
 

@@ -31,7 +31,7 @@ def constraint_values(metrics: dict[str, float], config: Config) -> dict[str, fl
         "ood": (metrics["ood_delta"] - metrics["forget_ood_distance"]
                 if math.isfinite(metrics.get("ood_delta", math.nan)) and math.isfinite(metrics.get("forget_ood_distance", math.nan))
                 else 1.0),
-        "collapsed": metrics.get("collapsed", 0.0) - 0.5,
+        "collapsed": metrics.get("collapsed", 1.0) - 0.5,
         "diverged": metrics.get("diverged", 0.0) - 0.5,
         "forget_gap": excess("forget_gap_vs_retrain", config.sweep.max_forget_gap),
         "retain_degradation": excess("retain_degradation", config.sweep.max_retain_degradation),
