@@ -40,7 +40,8 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
-    return float(metric.compute())
+    # A distance: identical feature sets give a tiny negative number from the matrix square root's round-off.
+    return max(0.0, float(metric.compute()))
 
 
 def inception_score(logits: torch.Tensor) -> float:
