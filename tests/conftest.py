@@ -68,5 +68,6 @@ def small_sweep(ray_session, prepared, default_config, tmp_path_factory):
         "--tracking-uri", uri, "--set", f"cache_dir={default_config.cache_dir}", "--set", "sweep.max_concurrent=2",
         # max_loss searches absurd learning rates: its trials diverge to NaN and must be failed-infeasible
         "--set", "sweep.method_space.max_loss.ga_lr=[1e29,1e30]",
+        "--set", "sweep.space.ft_steps=[60,120]",  # shorter trials than the preset's [80, 200]
     ])
     return run_sweep(args), uri, tmp / "out"

@@ -123,7 +123,9 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(prepared, default
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "raytasks" / "sweep.py"), "--methods", "realistic", "--trials", "4", "--name", "resume",
            "--out", str(out), "--tracking-uri", uri, "--no-report", "--set", f"cache_dir={default_config.cache_dir}",
-           "--set", "sweep.max_concurrent=1"]
+           "--set", "sweep.max_concurrent=1",
+           # the resume mechanics, not the method, are under test: short trials
+           "--set", "sweep.space.ga_steps=[2,4]", "--set", "sweep.space.ft_steps=[10,30]"]
     env = {**os.environ, "UNLEARN_LOCAL_RAY": "1", "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
