@@ -136,10 +136,7 @@ def audit_saved(path: str | Path, log=None) -> dict[str, float]:
     load_weights(model, folder)
     prepared = prepare(config, log or stderr_log)
     metrics = prepared.auditor.evaluate(model.to(prepared.device).eval())
-    provenance = load_provenance(folder)
-    if provenance.get("ga_output_std_ratio", 1.0) < config.audit.collapse_std_ratio:
-        metrics["collapsed"] = 1.0  # GA collapsed the decoder before fine-tuning: the run's verdict stands
-    return prepared.auditor.verdict({**metrics, **provenance})
+    return prepared.auditor.verdict({**metrics, **load_provenance(folder)})
 
 
 def _fmt(value: Any) -> str:

@@ -278,8 +278,6 @@ def audit_result(prepared: Prepared, result: UnlearnResult) -> dict[str, float]:
         return auditor.verdict(metrics)
     audit = auditor.evaluate(result.model)
     audit["diverged"] = max(audit.get("diverged", 0.0), metrics.get("diverged", 0.0))
-    ga_collapsed = metrics.get("ga_output_std_ratio", 1.0) < prepared.config.audit.collapse_std_ratio
-    audit["collapsed"] = float(audit["collapsed"] or ga_collapsed)
     metrics.update(audit)
     _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared.stages["retrain"])
     return auditor.verdict(metrics)

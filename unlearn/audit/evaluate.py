@@ -243,6 +243,9 @@ class Auditor:
     def verdict(self, metrics: dict[str, float]) -> dict[str, float]:
         """Add the calibration figures, the retain degradation, ood_reached and feasibility to `metrics`."""
         out = {**metrics, **self.calibration}
+        # Collapse right after GA stands whatever fine-tuning did afterwards (the end state is judged in evaluate).
+        if out.get("ga_output_std_ratio", math.inf) < self.config.audit.collapse_std_ratio:
+            out["collapsed"] = 1.0
         attack_retain = self.calibration.get(f"attack_{self.config.sweep.retain_metric}")
         if attack_retain and self.config.sweep.retain_metric in out:
             out["retain_degradation"] = out[self.config.sweep.retain_metric] / attack_retain - 1.0
