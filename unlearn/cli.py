@@ -25,24 +25,41 @@ def _print_metrics(metrics: dict, as_json: bool) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from unlearn.methods import METHODS, REFERENCE_MODELS
-    from unlearn.pipeline import evaluate_reference, run_model, stderr_log
+    from unlearn.pipeline import evaluate_reference, run_model, run_seeds, stderr_log
 
     if args.method not in METHODS and args.method not in REFERENCE_MODELS:
         raise ConfigError(f"unknown method {args.method!r}; methods: {', '.join([*METHODS, *REFERENCE_MODELS])}")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    reference = args.method in REFERENCE_MODELS or METHODS[args.method].reference_stage is not None
+    if args.seeds > 1 and reference:
+        raise ConfigError(f"{args.method} is a reference model (trained once per stage key): --seeds applies to unlearning methods")
     config = load_config(args.config, args.set)
     out = None
     if args.out is not None:
         from unlearn.export import check_out_folder
 
         out = check_out_folder(args.out)
-    prepared, model, metrics = run_model(config, args.method)
+    spread = None
+    if args.seeds > 1:
+        from unlearn.audit.catalogue import nearest_to_mean, seed_summary
+
+        prepared, models, runs = run_seeds(config, args.method, args.seeds)
+        spread = seed_summary(runs)
+        chosen = nearest_to_mean(runs, spread, list(config.sweep.objectives))
+        model, metrics = models[chosen], runs[chosen]
+        shown = spread
+    else:
+        prepared, model, metrics = run_model(config, args.method)
+        shown = metrics
     if out is not None:
         from unlearn.export import write_bundle
 
         references = {name: evaluate_reference(prepared, name) for name in ("retrain", "attack")}
-        write_bundle(out, prepared, model, args.method, metrics, references)
-        stderr_log(f"saved the model, config.yaml, metrics.json and certificate.md to {out}")
-    _print_metrics({"method": args.method, **metrics}, args.json)
+        write_bundle(out, prepared, model, args.method, metrics, references, spread)
+        stderr_log(f"saved the model, config.yaml, metrics.json and certificate.md to {out}"
+                   + (f" (unlearning seed {int(metrics['unlearn_seed'])}, the one nearest the mean)" if spread else ""))
+    _print_metrics({"method": args.method, **shown}, args.json)
     return 0
 
 
@@ -78,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default="digits-ae", help="preset name or YAML file (default: digits-ae)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--json", action="store_true", help="print one flat JSON object as the last line")
+    run.add_argument("--seeds", type=int, default=1, metavar="K",
+                     help="run K unlearning seeds (unlearn.seed, +1, ...) and print means with *_std (no stage is retrained)")
     run.add_argument("--out", default=None, metavar="DIR",
                      help="save the model (safetensors), config.yaml, metrics.json and certificate.md into DIR (new or empty)")
     run.set_defaults(func=_cmd_run)

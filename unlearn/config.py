@@ -133,6 +133,9 @@ class UnlearnConfig(_Strict):
     alpha: float = Field(1.0, gt=0)  # i2i_sota forget weight
     lambda_: float = Field(0.1, gt=0, alias="lambda")  # merged: L(D_r) - lambda L(D_f)
     workers: int = Field(1, ge=1)  # >1: GA and fine-tuning in a Ray Train TorchTrainer (raytasks only)
+    # The unlearning run's own seed (batch order, noise), added to the top-level `seed`; it is in no stage,
+    # data or reference cache key, so repeating a run on another unlearning seed never retrains a stage.
+    seed: int = Field(0, ge=0)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -168,6 +171,10 @@ class AuditConfig(_Strict):
     # collapsed: the outputs' per-pixel std across retain-test images in the hole below this share of the
     # ground truth's (after GA, or at the end).
     collapse_std_ratio: float = Field(0.1, ge=0, lt=1)
+    # Membership inference (mia_auc): at most this many members (D_f training images) and non-members
+    # (held-out images of D_f's classes); the 95% interval from this many bootstrap resamples.
+    mia_samples: int = Field(1000, ge=2)
+    mia_resamples: int = Field(200, ge=10)
 
 
 OBJECTIVE_NAMES = ("forget_marker_strength", "forget_marker", "retain_degradation", "forget_gap_vs_retrain")

@@ -145,13 +145,26 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _seed_lines(spread: dict[str, float] | None, shown: list[str], metrics: dict[str, float]) -> list[str]:
+    if not spread:
+        return []
+    lines = [f"## Spread over {int(spread['seeds'])} unlearning seeds (this model: seed {int(metrics['unlearn_seed'])}, "
+             "the one nearest the mean of the sweep objectives)", "", "| figure | mean | std |", "| --- | --- | --- |"]
+    lines += [f"| {n} | {_fmt(spread[n])} | {_fmt(spread.get(f'{n}_std', 0.0))} |" for n in shown if n in spread]
+    return [*lines, ""]
+
+
 def write_bundle(folder: Path, prepared: Any, model: I2IModel, method: str, metrics: dict[str, float],
-                 references: dict[str, dict[str, float]]) -> Path:
-    """Write weights, config.yaml, metrics.json and certificate.md into `folder` (new or empty)."""
+                 references: dict[str, dict[str, float]], spread: dict[str, float] | None = None) -> Path:
+    """Write weights, config.yaml, metrics.json and certificate.md into `folder` (new or empty).
+
+    `spread`: the seed summary (`catalogue.seed_summary`) when `metrics` is one of several unlearning seeds."""
     from unlearn.methods import METHODS, REFERENCE_MODELS
 
     folder.mkdir(parents=True, exist_ok=True)
     config: Config = prepared.config
+    if "unlearn_seed" in metrics:  # the config that re-creates this very run
+        config = config.model_copy(update={"unlearn": config.unlearn.model_copy(update={"seed": int(metrics["unlearn_seed"])})})
     weights = save_weights(model, folder, metrics)
     (folder / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
     (folder / "metrics.json").write_text(json.dumps({"method": method, **metrics}, indent=2, sort_keys=True))
@@ -167,7 +180,8 @@ def write_bundle(folder: Path, prepared: Any, model: I2IModel, method: str, metr
               "retain_degradation": f"retain_degradation <= {config.sweep.max_retain_degradation}"}
     rows = ["| figure | this model | retrain | attack (theta0) |", "| --- | --- | --- | --- |"]
     shown = ["forget_marker_strength", "forget_marker", "forget_marker_ci_low", "forget_marker_ci_high",
-             "forget_gap_vs_retrain", "forget_ood_distance", "forget_ood_rate", "retain_mse", "retain_degradation",
+             "forget_gap_vs_retrain", "mia_auc", "mia_auc_ci_low", "mia_auc_ci_high", "mia_gap_vs_retrain",
+             "forget_ood_distance", "forget_ood_rate", "retain_mse", "retain_degradation",
              "retain_fid", "retain_is", "retain_clip", "forget_mse", "forget_fid", "forget_fid_vs_retrain",
              "retain_output_std_ratio", "ga_output_std_ratio", "collapsed"]
     for name in shown:
@@ -188,7 +202,8 @@ def write_bundle(folder: Path, prepared: Any, model: I2IModel, method: str, metr
         "",
         "## How",
         f"- method `{method}`" + (" (a reference model, not an unlearning run)" if method in REFERENCE_MODELS else ""),
-        f"- hyperparameters: {json.dumps(hyper)}; GA step `{config.unlearn.ga_step}`; seed {config.seed}",
+        f"- hyperparameters: {json.dumps(hyper)}; GA step `{config.unlearn.ga_step}`; data/stage seed {config.seed}, "
+        f"unlearning seed {config.unlearn.seed}",
         f"- theta0 = the attack stage `{prepared.stages['attack'].key}`; model `{config.model.kind}`",
         f"- weights `{weights.name}`, sha256 `{weights_digest(folder)}`",
         "",
@@ -203,6 +218,7 @@ def write_bundle(folder: Path, prepared: Any, model: I2IModel, method: str, metr
         "",
         *rows,
         "",
+        *_seed_lines(spread, shown, metrics),
         "## Gradient-ascent guarantee bookkeeping",
         "",
         *([f"- {k}: {_fmt(v)}" for k, v in ga.items()] or ["- (no gradient-ascent phase)"]),
@@ -210,7 +226,9 @@ def write_bundle(folder: Path, prepared: Any, model: I2IModel, method: str, metr
         "## Cost",
         f"- unlearning {_fmt(metrics.get('unlearn_seconds', math.nan))} s, {_fmt(metrics.get('unlearn_samples', math.nan))} "
         f"samples; retraining {_fmt(metrics.get('retrain_seconds', math.nan))} s, {_fmt(metrics.get('retrain_samples', math.nan))} "
-        f"samples (sample_ratio {_fmt(metrics.get('sample_ratio', math.nan))}; the seconds were measured in different processes)",
+        f"samples (sample_ratio {_fmt(metrics.get('sample_ratio', math.nan))}; "
+        + (f"cost_ratio {_fmt(metrics['cost_ratio'])}, timed side by side)" if "cost_ratio" in metrics else
+           "the seconds were measured in different processes, so no time ratio is claimed)"),
         "",
         "## Where D_f still lives",
         f"- the data cache: `{cache_root / 'data'}` (the split, forget images included)",

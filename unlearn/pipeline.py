@@ -102,7 +102,9 @@ def calibrate(prepared: Prepared, log: Callable[[str], None] = stderr_log) -> di
     OOD distance (the audit checks itself), and ood_delta (resolved from `auto`). Sets auditor.calibration."""
     config, auditor = prepared.config, prepared.auditor
     cache = ArtifactCache(config.resolved_cache_dir())
-    null_settings = config.unlearn.model_copy(update={"ft_steps": config.audit.null_ft_steps, "ft_lr": config.audit.null_ft_lr})
+    # seed 0: one calibration per prepared setup, whatever unlearning seed the runs use
+    null_settings = config.unlearn.model_copy(update={"ft_steps": config.audit.null_ft_steps, "ft_lr": config.audit.null_ft_lr,
+                                                      "seed": 0})
     # Everything the null run depends on that trials do not vary (they vary ga_*, ft_steps, ft_lr, alpha, lambda).
     null_key = hashlib.sha256(repr((null_settings.ft_steps, null_settings.ft_lr, null_settings.ft_schedule,
                                     null_settings.batch_size, null_settings.clip_norm, config.precision,
@@ -192,7 +194,7 @@ def unlearn(
     so a restarted data-parallel worker group picks up where the last finished phase left off.
     """
     u = settings or prepared.config.unlearn
-    seed = prepared.config.seed
+    seed = prepared.config.seed + u.seed
     method = get_method(method_name)
     device, data = prepared.device, prepared.data
     theta0 = prepared.stages["attack"].model
@@ -259,12 +261,16 @@ def unlearn(
 
 
 def _cost(metrics: dict[str, float], seconds: float, samples: float, retrain: Stage) -> None:
+    """Cost against retraining. Samples always compare; seconds only when retrain was trained in this process
+    (same process and device, side by side), never against a time read from the cache of another run."""
     metrics["unlearn_seconds"] = seconds
     metrics["unlearn_samples"] = float(samples)
     metrics["retrain_seconds"] = retrain.seconds
     metrics["retrain_samples"] = float(retrain.samples)
-    metrics["cost_ratio"] = seconds / retrain.seconds if retrain.seconds > 0 else math.nan
     metrics["sample_ratio"] = samples / retrain.samples if retrain.samples > 0 else math.nan
+    metrics["cost_ratio_side_by_side"] = float(not retrain.reused)
+    if not retrain.reused and retrain.seconds > 0:
+        metrics["cost_ratio"] = seconds / retrain.seconds
 
 
 def audit_result(prepared: Prepared, result: UnlearnResult) -> dict[str, float]:
@@ -294,6 +300,20 @@ def evaluate_reference(prepared: Prepared, name: str) -> dict[str, float]:
 def run(config: Config, method_name: str, log: Callable[[str], None] = stderr_log) -> dict[str, float]:
     """Prepare or reuse the stages, run the method (or evaluate a reference model), audit."""
     return run_model(config, method_name, log)[2]
+
+
+def run_seeds(config: Config, method_name: str, seeds: int, log: Callable[[str], None] = stderr_log
+              ) -> tuple[Prepared, list[I2IModel], list[dict[str, float]]]:
+    """The method on `seeds` unlearning seeds (unlearn.seed, +1, ...): one prepared setup, no stage retrained."""
+    prepared = prepare(config, log)
+    models, runs = [], []
+    for offset in range(seeds):
+        settings = config.unlearn.model_copy(update={"seed": config.unlearn.seed + offset})
+        log(f"unlearning with {method_name}, unlearning seed {settings.seed} ({offset + 1}/{seeds}) ...")
+        result = unlearn(prepared, method_name, settings)
+        models.append(result.model.cpu())
+        runs.append({**audit_result(prepared, result), "unlearn_seed": float(settings.seed)})
+    return prepared, models, runs
 
 
 def run_model(config: Config, method_name: str, log: Callable[[str], None] = stderr_log

@@ -20,6 +20,10 @@ GLOBAL = {
     "marker_threshold": "detector threshold (at most 5% of the original model's forget outputs trip it)",
     "forget_gap_vs_retrain": "RMS distance in the hole to retrain's forget outputs, in units of the original model's",
     "forget_ood_distance": "Eq. 3: RMS distance in the hole between the final outputs and theta0's on D_f",
+    "mia_auc": "membership inference AUC, D_f's training images vs held-out images of its classes (0.5: no trace)",
+    "mia_auc_ci_low": "lower end of the 95% bootstrap interval of mia_auc",
+    "mia_auc_ci_high": "upper end of the 95% bootstrap interval of mia_auc",
+    "mia_gap_vs_retrain": "|mia_auc - the retrain model's mia_auc|",
     "forget_ood_rate": "share of forget-test samples flagged OOD by kNN on encoder features",
     "ood_delta": "the OOD threshold delta (resolved: auto = audit.ood_delta_fraction x retrain_ood_distance)",
     "retrain_ood_distance": "the retrain reference's own Eq. 3 distance",
@@ -49,11 +53,14 @@ GLOBAL = {
     "ga_ood_distance": "Eq. 3 distance right after GA",
     "unlearn_seconds": "wall time of the unlearning procedure (stage training time for references)",
     "retrain_seconds": "wall time of training the retrain stage",
-    "cost_ratio": "unlearn_seconds / retrain_seconds",
+    "cost_ratio": "unlearn_seconds / retrain_seconds; only when both were timed side by side (same process and device)",
+    "cost_ratio_side_by_side": "1 if retrain was trained in this process, so cost_ratio is present; 0: compare sample_ratio",
     "unlearn_samples": "training samples processed by the procedure",
     "retrain_samples": "training samples processed to train the retrain stage",
     "sample_ratio": "unlearn_samples / retrain_samples",
     "diverged": "1 if a loss or gradient became non-finite",
+    "seeds": "unlearning seeds averaged (`--seeds K`); `<figure>_std` is the spread across them",
+    "unlearn_seed": "the unlearning seed of this run (unlearn.seed; batch order and noise)",
 }
 
 
@@ -66,3 +73,32 @@ def describe(name: str) -> str:
         return GLOBAL[name]
     split, _, rest = name.partition("_")
     return f"{split}: {PER_SPLIT.get(rest, rest)}"
+
+
+def seed_summary(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Means over unlearning seeds, with `<name>_std` (sample std) beside each figure that varies by seed.
+
+    Figures that are identical in every run (thresholds, calibration, references) keep their value without
+    a `_std`; a figure missing from some run is averaged over the runs that have it.
+    """
+    import statistics
+
+    out: dict[str, float] = {"seeds": float(len(runs))}
+    names = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
+    names += [k for r in runs[1:] for k in r if k not in names and isinstance(r[k], (int, float))]
+    for name in names:
+        values = [float(r[name]) for r in runs if name in r]
+        out[name] = statistics.fmean(values)
+        if len(values) > 1 and len(set(values)) > 1:
+            out[f"{name}_std"] = statistics.stdev(values)
+    return out
+
+
+def nearest_to_mean(runs: list[dict[str, float]], summary: dict[str, float], names: list[str]) -> int:
+    """Index of the run whose `names` figures lie nearest the mean (each in units of its std)."""
+
+    def distance(run: dict[str, float]) -> float:
+        return sum(abs(run.get(n, summary[n]) - summary[n]) / summary[f"{n}_std"]
+                   for n in names if n in summary and summary.get(f"{n}_std", 0) > 0)
+
+    return min(range(len(runs)), key=lambda i: distance(runs[i]))

@@ -15,6 +15,7 @@ from torchmetrics.image.inception import InceptionScore
 from unlearn.audit.backbones import Backbone, load_backbone
 from unlearn.audit.catalogue import REFERENCES
 from unlearn.audit.marker import marker_score, marker_strength, marker_threshold, wilson_interval
+from unlearn.audit.mia import hole_errors, membership_auc, membership_sets
 from unlearn.audit.ood import knn_ood_rate, output_distance
 from unlearn.audit.verdict import judge
 from unlearn.cache import ArtifactCache
@@ -83,7 +84,7 @@ def encoder_features(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, d
 
 
 # Bump when the cached reference tensors change meaning, so a changed catalogue never reads old entries.
-REFERENCE_SCHEMA = 2
+REFERENCE_SCHEMA = 3  # v3: retrain's mia_auc
 
 
 def output_std_ratio(outputs: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> float:
@@ -118,6 +119,8 @@ class Auditor:
         self.forget_clean = to_float(forget.clean)
         self.forget_poisoned = to_float(draw_marker(forget.clean, config.data.marker, config.data.mask))
         self.retain_truth = to_float(self.splits["retain"].clean)
+        self.mia_members, self.mia_nonmembers = membership_sets(
+            data.forget_train, [data.forget_test, data.retain_test], config.audit.mia_samples)
         # Set by pipeline.calibrate: the resolved ood_delta, the audit's self-check, the attack's figures.
         self.calibration: dict[str, float] = {}
         cache = ArtifactCache(config.resolved_cache_dir())
@@ -149,6 +152,7 @@ class Auditor:
         refs["original/forget_gap"] = torch.tensor(
             output_distance(refs["original/forget/outputs"], refs["retrain/forget/outputs"], self.mask))
         refs["theta0/ood_set"] = model_outputs(references["attack"], self.ood_set, self.mask, self.device, self.config.precision)
+        refs["retrain/mia_auc"] = torch.tensor(self.membership(references["retrain"])["mia_auc"])
         retrain_ood = model_outputs(references["retrain"], self.ood_set, self.mask, self.device, self.config.precision)
         refs["retrain/ood_distance"] = torch.tensor(output_distance(retrain_ood, refs["theta0/ood_set"], self.mask))
         return refs
@@ -176,6 +180,15 @@ class Auditor:
         """Distance in the hole to the retrain model's forget-test outputs, in units of the original model's."""
         gap = output_distance(outputs, self.refs["retrain/forget/outputs"], self.mask)
         return gap / max(float(self.refs["original/forget_gap"]), 1e-8)
+
+    def membership(self, model: I2IModel) -> dict[str, float]:
+        """mia_auc with its 95% bootstrap interval (members: D_f's training images; see unlearn.audit.mia)."""
+        errors = [hole_errors(model_outputs(model, subset, self.mask, self.device, self.config.precision),
+                              to_float(subset.clean), self.mask) for subset in (self.mia_members, self.mia_nonmembers)]
+        if len(errors[1]) == 0:
+            return {}  # no held-out image of D_f's classes: membership cannot be tested
+        auc, low, high = membership_auc(*errors, resamples=self.config.audit.mia_resamples, seed=self.config.seed)
+        return {"mia_auc": auc, "mia_auc_ci_low": low, "mia_auc_ci_high": high}
 
     def output_std_ratio(self, model: I2IModel) -> float:
         """The collapse measure on retain-test (see `output_std_ratio`)."""
@@ -236,6 +249,9 @@ class Auditor:
         train_feats = encoder_features(model, self.knn_train, self.mask, self.device, self.config.precision)
         metrics["forget_ood_rate"] = knn_ood_rate(train_feats, encoded["retain"], encoded["forget"], self.config.audit.knn_k)
         metrics["forget_ood_distance"] = self.ood_distance(model)
+        metrics.update(self.membership(model))
+        if "mia_auc" in metrics and "retrain/mia_auc" in self.refs:
+            metrics["mia_gap_vs_retrain"] = abs(metrics["mia_auc"] - float(self.refs["retrain/mia_auc"]))
         metrics.setdefault("diverged", 0.0)
         metrics["collapsed"] = float(metrics["retain_output_std_ratio"] < self.config.audit.collapse_std_ratio)
         return self.verdict(metrics)

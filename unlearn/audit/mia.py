@@ -1,0 +1,53 @@
+"""Loss-based membership inference (Yeom et al. 2018), the audit every unlearning benchmark reports.
+
+Score = minus the per-sample masked reconstruction error against the clean image: a model that still
+remembers its training images fills their holes better than those of held-out images of the same classes.
+`mia_auc` is the ROC AUC of members (D_f's training images) against non-members; 0.5 = cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from unlearn.data import ImageSubset
+
+
+def hole_errors(outputs: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE inside the hole (N,)."""
+    hole = mask[0, 0].bool()
+    return (outputs - clean)[:, :, hole].pow(2).mean(dim=(1, 2))
+
+
+def membership_auc(member_errors: torch.Tensor, nonmember_errors: torch.Tensor, resamples: int = 200,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """(AUC, 95% bootstrap interval low, high); members are predicted by a low error."""
+    scores = -torch.cat([member_errors, nonmember_errors]).double().numpy()
+    labels = np.r_[np.ones(len(member_errors)), np.zeros(len(nonmember_errors))]
+    auc = float(roc_auc_score(labels, scores))
+    rng = np.random.default_rng(seed)
+    members, nonmembers = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    boot = []
+    for _ in range(resamples):  # stratified: each resample keeps both groups' sizes
+        idx = np.r_[rng.choice(members, len(members)), rng.choice(nonmembers, len(nonmembers))]
+        boot.append(roc_auc_score(labels[idx], scores[idx]))
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return auc, float(low), float(high)
+
+
+def membership_sets(forget_train: ImageSubset, candidates: list[ImageSubset], limit: int) -> tuple[ImageSubset, ImageSubset]:
+    """(members, non-members), both with clean inputs: D_f's training images, and the held-out test images of
+    D_f's classes (class level: forget-test; sample level: those classes' test images). At most `limit` each."""
+    members = ImageSubset(forget_train.clean[:limit], forget_train.clean[:limit], forget_train.labels[:limit])
+    classes = forget_train.labels.unique()
+    taken = set(forget_train.index.tolist()) if forget_train.index is not None else set()
+    parts = []
+    for subset in candidates:
+        keep = torch.isin(subset.labels, classes)
+        if subset.index is not None and taken:
+            keep &= torch.tensor([int(i) not in taken for i in subset.index.tolist()], dtype=torch.bool)
+        parts.append(ImageSubset(subset.clean[keep], subset.clean[keep], subset.labels[keep]))
+    pool = ImageSubset.concat(*parts)
+    n = min(limit, len(pool))
+    return members, ImageSubset(pool.images[:n], pool.clean[:n], pool.labels[:n])
