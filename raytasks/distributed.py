@@ -88,7 +88,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                      on_checkpoint=on_checkpoint, resume=resume)
     if rank == 0:
         with tempfile.TemporaryDirectory() as folder:
-            metrics, _ = finish_trial(prepared, result, Path(folder))
+            metrics, _ = finish_trial(prepared, result, loop_config["method"], Path(folder))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
     else:
         ray.train.report({}, checkpoint=None)

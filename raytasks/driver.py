@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tempfile
@@ -13,11 +14,13 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from raytasks import tracking
+from raytasks.outcome import WEIGHTS_FOLDER
 from raytasks.pareto import best_per_method, pareto_front
 from raytasks.search import make_searcher, search_space, trial_resources
 from unlearn.audit.samples import reference_rows, save_png
 from unlearn.audit.verdict import violations
 from unlearn.config import Config
+from unlearn.export import forget_digest, weights_digest, write_certificate
 from unlearn.methods import METHODS, REFERENCE_MODELS
 from unlearn.pipeline import audit_warnings, evaluate_reference, prepare, stderr_log
 
@@ -29,6 +32,20 @@ def summary_columns(objectives: list[str]) -> list[str]:
     shown = ["forget_marker_strength", "forget_marker", "retain_degradation", "forget_gap_vs_retrain", "retain_mse",
              "forget_ood_distance", "collapsed"]
     return ["method", "trial_id", *objectives, *[c for c in shown if c not in objectives], "feasible", "failed"]
+
+
+# Audit figures copied onto the registered model version as tags.
+REGISTRY_FIGURES = ("forget_marker_strength", "forget_gap_vs_retrain", "retain_degradation", "mia_auc",
+                    "mia_gap_vs_retrain", "forget_ood_distance", "ood_delta", "audit_valid", "feasible")
+
+
+def _drop_weights(checkpoint: Any) -> None:
+    """Remove a trial's kept weights from Ray storage (local or remote), keeping its other files."""
+    import pyarrow.fs
+
+    path = f"{checkpoint.path.rstrip('/')}/{WEIGHTS_FOLDER}"
+    if checkpoint.filesystem.get_file_info(path).type == pyarrow.fs.FileType.Directory:
+        checkpoint.filesystem.delete_dir(path)
 
 
 class SweepInterrupted(RuntimeError):
@@ -115,7 +132,9 @@ class SweepDriver:
         prepared = prepare(self.config)
         self._log_calibration(prepared)
         refs = self._log_references(prepared)
+        self.client.set_tag(self.parent, "forget_digest", forget_digest(self.config, prepared.data.forget_train.index))
         rows: list[dict[str, Any]] = []
+        checkpoints: dict[tuple[str, str], Any] = {}
         for method in self.methods:
             stderr_log(f"sweep {self.name}: {method}, {self.trials} trials, {self.concurrency} at a time")
             tuner = self._tuner(method, resume)
@@ -130,14 +149,60 @@ class SweepDriver:
                 self.logger(method).log(trial_id, dict(result.config or {}), metrics or {"failed": 1.0},
                                         result.checkpoint.path if result.checkpoint else None, failed=result.error is not None)
                 rows.append({"method": method, "trial_id": trial_id, **(result.config or {}), **metrics})
+                if result.checkpoint is not None:
+                    checkpoints[(method, trial_id)] = result.checkpoint
             if unfinished:  # Tune returns normally after Ctrl-C: stop here, the parent stays open for --resume
                 raise SweepInterrupted(f"sweep {self.name!r} interrupted with {unfinished} {method} trial(s) unfinished; "
                                        f"continue with --resume --name {self.name}")
             state["done"] = sorted(set(state["done"]) | {method})
             state_path.write_text(json.dumps(state, indent=2))
-        return self._summarise(rows, refs)
+        return self._summarise(rows, refs, checkpoints, prepared)
 
-    def _summarise(self, rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> str:
+    # --- the deliverable ---------------------------------------------------------------------------
+    def _deliver(self, best: pd.DataFrame, checkpoints: dict[tuple[str, str], Any], prepared,
+                 refs: dict[str, dict[str, float]]) -> list[str]:
+        """Log each method's best trial as a model (with its certificate) on its run, register the selected
+        one (alias `unlearned`), and drop the weights that `sweep.keep_weights` does not keep."""
+        from raytasks import registry
+
+        lines, chosen = [], set()
+        select = self.config.sweep.select
+        for row in best.to_dict("records"):
+            method, trial_id = row["method"], str(row["trial_id"])
+            checkpoint = checkpoints.get((method, trial_id))
+            run_id = tracking.find_run(self.client, self.experiment, {"sweep": self.name, "method": method, "ray.trial_id": trial_id})
+            if checkpoint is None or run_id is None:
+                lines.append(f"- {method}: trial {trial_id} has no stored weights; nothing logged")
+                continue
+            chosen.add((method, trial_id))
+            with tempfile.TemporaryDirectory() as folder:
+                bundle = Path(checkpoint.to_directory(folder)) / WEIGHTS_FOLDER
+                if not (bundle / "config.yaml").is_file():
+                    lines.append(f"- {method}: trial {trial_id} kept no weights; nothing logged")
+                    continue
+                metrics = json.loads((bundle / "metrics.json").read_text())
+                write_certificate(bundle, prepared, method, metrics, refs, location=f"runs:/{run_id}/{registry.MODEL_NAME}")
+                model_uri = registry.log_model(self.client, self.uri, run_id, bundle)
+                line = f"- {method}: runs:/{run_id}/{registry.MODEL_NAME} (trial {trial_id})"
+                if method == select:
+                    tags = {"trial_id": trial_id, "sweep": self.name, "method": method,
+                            "forget_digest": forget_digest(self.config, prepared.data.forget_train.index),
+                            "weights_sha256": weights_digest(bundle),
+                            "config_sha256": hashlib.sha256((bundle / "config.yaml").read_bytes()).hexdigest(),
+                            **{k: f"{metrics[k]:.6g}" for k in REGISTRY_FIGURES if k in metrics}}
+                    version = registry.register(self.client, self.uri, self.name, model_uri, run_id, tags)
+                    line += f"; registered as models:/{self.name}@{registry.ALIAS} (version {version})"
+                lines.append(line)
+        if select in self.methods and select not in set(best["method"]):
+            lines.append(f"- nothing registered: {select} (sweep.select) has no feasible trial")
+        if self.config.sweep.keep_weights == "best":
+            for key, checkpoint in checkpoints.items():
+                if key not in chosen:
+                    _drop_weights(checkpoint)
+        return lines
+
+    def _summarise(self, rows: list[dict[str, Any]], refs: dict[str, dict[str, float]],
+                   checkpoints: dict[tuple[str, str], Any], prepared) -> str:
         objectives = list(self.config.sweep.objectives)
         frame = pd.DataFrame(rows)
         for col in summary_columns(objectives):
@@ -155,6 +220,7 @@ class SweepDriver:
             self.client.log_artifacts(self.parent, folder, "summary")
             for name in ("trials.csv", "pareto.csv", "best.csv"):
                 (self.out / name).write_text((Path(folder) / name).read_text())
+        delivered = self._deliver(best, checkpoints, prepared, refs)
         self.client.set_terminated(self.parent, "FINISHED")
         attack, retrain = refs["attack"], refs["retrain"]
         valid = attack.get("audit_valid", 0.0) == 1.0
@@ -179,5 +245,7 @@ class SweepDriver:
                     for name in violations(row, self.config) if not row.get("failed") else ["failed"]:
                         counts[name] = counts.get(name, 0) + 1
                 lines.append(f"- {method}: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+        lines += ["", "Unlearned models (each method's best, with its certificate; re-audit: unlearn audit --model URI):",
+                  *delivered]
         lines += ["", f"parent MLflow run: {self.parent} in experiment {self.name!r}"]
         return "\n".join(lines)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from unlearn.audit.samples import save_png
+from unlearn.export import save_run
 from unlearn.pipeline import Prepared, UnlearnResult, audit_result
 
 WORST = {"forget_marker_strength": 1.0, "forget_marker": 1.0, "retain_degradation": 1e6, "forget_gap_vs_retrain": 1e6}
@@ -30,8 +31,12 @@ def sanitise(metrics: dict[str, float], objectives: list[str]) -> dict[str, floa
     return out
 
 
-def finish_trial(prepared: Prepared, result: UnlearnResult, folder: Path | None = None) -> tuple[dict, Path]:
-    """Audit the unlearned model, sanitise, and write outputs.png + curves.json into `folder`."""
+WEIGHTS_FOLDER = "bundle"  # in the trial's checkpoint: weights, config.yaml, metrics.json (never uploaded per trial)
+
+
+def finish_trial(prepared: Prepared, result: UnlearnResult, method: str, folder: Path | None = None) -> tuple[dict, Path]:
+    """Audit the unlearned model, sanitise, write outputs.png + curves.json into `folder`, and the weights
+    (into `folder/bundle`) when `sweep.keep_weights` says this trial may be selected."""
     folder = Path(folder or tempfile.mkdtemp(prefix="trial-"))
     try:
         raw = audit_result(prepared, result)
@@ -44,4 +49,7 @@ def finish_trial(prepared: Prepared, result: UnlearnResult, folder: Path | None 
     if not metrics["failed"]:
         save_png(prepared.auditor.output_row(result.model), folder / "outputs.png")
         prepared.auditor.save_embeddings(result.model, folder / "embeddings.npz")
+    keep = prepared.config.sweep.keep_weights
+    if not metrics["failed"] and (keep == "all" or metrics.get("feasible") == 1.0):  # "best" is always feasible
+        save_run(folder / WEIGHTS_FOLDER, prepared.config, result.model, method, raw)
     return metrics, folder

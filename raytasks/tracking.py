@@ -21,6 +21,8 @@ from unlearn.config import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+# What a trial's or reference's folder uploads to its run (the rest of a checkpoint stays in Ray storage).
+UPLOADED = ("outputs.png", "embeddings.npz", "error.txt")
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -57,8 +59,12 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
-        return found.experiment_id
-    return client.create_experiment(name)
+        experiment = found.experiment_id
+    else:
+        experiment = client.create_experiment(name)
+    # The MLflow UI opens it in the model-training view (runs with their logged models).
+    client.set_experiment_tag(experiment, "mlflow.experimentKind", "custom_model_development")
+    return experiment
 
 
 def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str | None:
@@ -134,9 +140,9 @@ def log_child(
         curves_path = artifacts / "curves.json"
         if curves_path.is_file():
             log_curves(client, run_id, json.loads(curves_path.read_text()))
-        for path in sorted(artifacts.iterdir()):
-            if path.is_file():
-                client.log_artifact(run_id, str(path))
+        for name in UPLOADED:  # never the checkpoint's weights or curves.json (logged above as metrics)
+            if (artifacts / name).is_file():
+                client.log_artifact(run_id, str(artifacts / name))
     client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
     return run_id
 

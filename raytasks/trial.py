@@ -33,5 +33,5 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
         from unlearn.pipeline import prepare, unlearn
 
         prepared = prepare(config, log=lambda _: None)  # every stage and reference comes from the cache
-        metrics, folder = finish_trial(prepared, unlearn(prepared, spec["method"]))
+        metrics, folder = finish_trial(prepared, unlearn(prepared, spec["method"]), spec["method"])
     tune.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))

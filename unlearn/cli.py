@@ -66,7 +66,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from unlearn.export import audit_saved
 
-    _print_metrics({"model": str(args.model), **audit_saved(args.model)}, args.json)
+    if not args.model.startswith(("runs:/", "models:/")):
+        metrics = audit_saved(args.model)
+    else:  # a model logged or registered by a sweep: fetch its bundle from MLflow, then the same audit
+        import tempfile
+        from pathlib import Path
+
+        from raytasks.registry import fetch_bundle
+        from raytasks.tracking import resolve_uri
+
+        with tempfile.TemporaryDirectory() as folder:
+            metrics = audit_saved(fetch_bundle(args.model, resolve_uri(args.tracking_uri), Path(folder)))
+    _print_metrics({"model": str(args.model), **metrics}, args.json)
     return 0
 
 
@@ -101,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="save the model (safetensors), config.yaml, metrics.json and certificate.md into DIR (new or empty)")
     run.set_defaults(func=_cmd_run)
     audit = sub.add_parser("audit", help="re-audit a model saved with `run --out` from its weights alone")
-    audit.add_argument("--model", required=True, metavar="DIR", help="a folder written by `unlearn run --out`")
+    audit.add_argument("--model", required=True, metavar="DIR|URI",
+                       help="a folder written by `unlearn run --out`, or runs:/RUN_ID/model, models:/NAME@unlearned, models:/NAME/VERSION")
+    audit.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking URI for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     audit.add_argument("--json", action="store_true", help="print one flat JSON object as the last line")
     audit.set_defaults(func=_cmd_audit)
     methods = sub.add_parser("methods", help="list the unlearning methods")

@@ -209,6 +209,11 @@ class SweepConfig(_Strict):
     # Per-method ranges that replace the shared ones, e.g. {"max_loss": {"ga_lr": [0.1, 2.0]}}.
     method_space: dict[str, dict[str, tuple[float, float]]] = {}
     start_from_defaults: bool = True  # the first trial of each method evaluates the config's own values
+    # Which trials keep their weights in Ray storage: best (each method's best trial; the others' weights are
+    # removed when the sweep ends), feasible, or all. Only each method's best is logged to MLflow as a model.
+    keep_weights: Literal["best", "feasible", "all"] = "best"
+    # The method whose best feasible trial is registered in the MLflow Model Registry (alias `unlearned`).
+    select: str = "realistic"
 
     @field_validator("objectives")
     @classmethod

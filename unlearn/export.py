@@ -154,21 +154,36 @@ def _seed_lines(spread: dict[str, float] | None, shown: list[str], metrics: dict
     return [*lines, ""]
 
 
-def write_bundle(folder: Path, prepared: Any, model: I2IModel, method: str, metrics: dict[str, float],
-                 references: dict[str, dict[str, float]], spread: dict[str, float] | None = None) -> Path:
-    """Write weights, config.yaml, metrics.json and certificate.md into `folder` (new or empty).
-
-    `spread`: the seed summary (`catalogue.seed_summary`) when `metrics` is one of several unlearning seeds."""
-    from unlearn.methods import METHODS, REFERENCE_MODELS
-
+def save_run(folder: Path, config: Config, model: I2IModel, method: str, metrics: dict[str, float]) -> Path:
+    """The re-auditable part of a bundle: weights (with provenance), config.yaml, metrics.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    config: Config = prepared.config
     if "unlearn_seed" in metrics:  # the config that re-creates this very run
         config = config.model_copy(update={"unlearn": config.unlearn.model_copy(update={"seed": int(metrics["unlearn_seed"])})})
     weights = save_weights(model, folder, metrics)
     (folder / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
     (folder / "metrics.json").write_text(json.dumps({"method": method, **metrics}, indent=2, sort_keys=True))
+    return weights
 
+
+def write_bundle(folder: Path, prepared: Any, model: I2IModel, method: str, metrics: dict[str, float],
+                 references: dict[str, dict[str, float]], spread: dict[str, float] | None = None) -> Path:
+    """Write weights, config.yaml, metrics.json and certificate.md into `folder` (new or empty).
+
+    `spread`: the seed summary (`catalogue.seed_summary`) when `metrics` is one of several unlearning seeds."""
+    save_run(folder, prepared.config, model, method, metrics)
+    write_certificate(folder, prepared, method, metrics, references, spread)
+    return folder
+
+
+def write_certificate(folder: Path, prepared: Any, method: str, metrics: dict[str, float],
+                      references: dict[str, dict[str, float]], spread: dict[str, float] | None = None,
+                      location: str | None = None) -> Path:
+    """certificate.md beside the weights and config.yaml that `save_run` wrote into `folder`;
+    `location`: where the model will be found (a runs:/ or models:/ URI; default: the folder)."""
+    from unlearn.methods import METHODS, REFERENCE_MODELS
+
+    config = load_config(str(folder / "config.yaml"))
+    weights = folder / MODEL_FILE if (folder / MODEL_FILE).is_file() else folder / DIFFUSERS_FOLDER
     data = prepared.data
     u = config.unlearn.model_dump(by_alias=True)
     hyper = {hp: u[hp] for hp in METHODS[method].hyperparameters} if method in METHODS else {}
@@ -237,7 +252,7 @@ def write_bundle(folder: Path, prepared: Any, model: I2IModel, method: str, metr
         f"`{cache_root / 'calibration'}`",
         "- the original data set itself, and any MLflow run that logged forget-image grids or embeddings",
         "",
-        "Re-audit from the weights alone: `unlearn audit --model " + str(folder) + "`",
+        f"Re-audit from the weights alone: `unlearn audit --model {location or folder}`",
     ]
     (folder / "certificate.md").write_text("\n".join(lines) + "\n")
-    return folder
+    return folder / "certificate.md"

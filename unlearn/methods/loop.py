@@ -171,9 +171,12 @@ def run_phases(
             opt = torch.optim.Adam(params, lr=phase.lr)
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, phase.steps))
                      if phase.schedule == "cosine" else None)
+        # Gradient ascent runs in fp32 whatever the precision: it starts at a minimum, where the gradient is
+        # ~0.01 and its direction is what GA follows; bf16's 8-bit mantissa turned that into a different verdict.
+        phase_precision = "fp32" if phase.ascent else precision
         for step in range(phase.steps):
             batches = {name: next(streams[name]) for name in phase.streams}
-            with autocast(device, precision):
+            with autocast(device, phase_precision):
                 loss = phase.objective(ctx, batches)
             # Gradient ascent is descent on the negated objective; objectives return what to minimise.
             opt.zero_grad(set_to_none=True)
