@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -46,7 +47,8 @@ def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
         assert run.info.status == "FINISHED" and "forget_marker" in run.data.metrics
     history = client.get_metric_history(realistic[0].info.run_id, "curve/ga_param_distance")
     assert len(history) == int(realistic[0].data.params["ga_steps"])  # one point per GA step
-    assert {a.path for a in client.list_artifacts(realistic[0].info.run_id)} >= {"outputs.png", "curves.json"}
+    # a trial run holds its images and embeddings; the checkpoint's weights and curves.json stay in Ray storage
+    assert {a.path for a in client.list_artifacts(realistic[0].info.run_id)} == {"outputs.png", "embeddings.npz"}
     diverged = [r for r in trials if r.data.tags["method"] == "max_loss"]
     assert all(r.data.tags["status_detail"] == "failed-infeasible" and r.info.status == "FAILED" for r in diverged)
     # Optuna saw every trial finish: nothing left RUNNING, and every trial carries the OOD constraint
@@ -107,7 +109,7 @@ def test_two_workers_match_one_worker(ray_session, prepared, default_config, tmp
 
     config = with_overrides(default_config, {"unlearn.ga_steps": 4, "unlearn.ga_lr": 0.1, "unlearn.ft_steps": 6})
     local = prepare(config, log=lambda _: None)
-    single, _ = finish_trial(local, unlearn(local, "realistic"))
+    single, _ = finish_trial(local, unlearn(local, "realistic"), "realistic")
     double, folder = run_data_parallel(config, "realistic", 2, str(tmp_path / "ray"), "two-workers")
     assert (folder / "curves.json").is_file()
     for key in ("ga_param_distance", "ga_loss_increase", "ga_grad_max", "retain_mse", "forget_mse", "forget_ood_distance",
@@ -150,3 +152,64 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(prepared, default
     for path, mtime in result_files.items():
         if path.stat().st_size and '"done": true' in path.read_text():
             assert path.stat().st_mtime_ns == mtime
+
+
+def test_sweep_registers_the_best_feasible_realistic_model_that_audits_to_its_figures(small_sweep, capsys):
+    """The deliverable of a sweep: one registered version (alias `unlearned`) of the best feasible realistic trial,
+    each method's best logged as a model, other trials' weights dropped, and the audit reproducing the figures."""
+    import pandas as pd
+
+    from unlearn.cli import main as unlearn_main
+
+    driver, uri, out = small_sweep
+    client = _client(uri)
+    versions = client.search_model_versions("name='t-sweep'")
+    assert len(versions) == 1
+    version = client.get_model_version_by_alias("t-sweep", "unlearned")
+    best = pd.read_csv(out / "best.csv")
+    realistic = best[best["method"] == "realistic"]
+    assert len(realistic) == 1, "the small sweep's realistic range should hold a feasible trial"
+    assert version.tags["trial_id"] == str(realistic["trial_id"].iloc[0])
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["feasible"] == 1.0 and run.data.tags["method"] == "realistic"
+    assert {"forget_digest", "weights_sha256", "config_sha256", "forget_marker_strength", "mia_auc"} <= set(version.tags)
+    assert client.get_experiment_by_name("t-sweep").tags["mlflow.experimentKind"] == "custom_model_development"
+    # each method's best carries a model; with keep_weights=best no other trial keeps weights in Ray storage
+    for row in best.to_dict("records"):
+        logged = client.search_runs([run.info.experiment_id], filter_string=f"tags.`ray.trial_id` = '{row['trial_id']}'")
+        assert logged[0].data.tags["unlearned_model_uri"].startswith("models:/")
+    kept = {p.parent.parent.name.split("_")[2] for p in (out / "ray").glob("*/run_trial_*/checkpoint_*/bundle")}
+    assert kept == {str(t) for t in best["trial_id"]}
+
+    code = unlearn_main(["audit", "--model", "models:/t-sweep@unlearned", "--tracking-uri", uri, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    audited = json.loads(captured.out.strip().splitlines()[-1])
+    for key in ("forget_marker_strength", "retain_mse", "forget_gap_vs_retrain", "mia_auc", "forget_fid", "feasible"):
+        assert audited[key] == pytest.approx(run.data.metrics[key], rel=1e-6, abs=1e-9), key
+
+
+def test_resumed_finished_sweep_registers_and_logs_nothing_twice(small_sweep, default_config):
+    from raytasks.sweep import parse_args, run_sweep
+
+    driver, uri, out = small_sweep
+    client = _client(uri)
+    before = {r.info.run_id for r in _child_runs(uri, "t-sweep")}
+    run_sweep(parse_args(["--name", "t-sweep", "--out", str(out), "--tracking-uri", uri, "--resume", "--no-report",
+                          "--methods", "realistic,finetune,max_loss", "--trials", "3",
+                          "--set", f"cache_dir={default_config.cache_dir}"]))
+    assert {r.info.run_id for r in _child_runs(uri, "t-sweep")} == before
+    assert len(client.search_model_versions("name='t-sweep'")) == 1
+
+
+@pytest.mark.parametrize(("model", "needle"), [
+    ("models:/no-such-model@unlearned", "not found"),
+    ("runs:/0123456789abcdef0123456789abcdef/model", "not found"),
+])
+def test_audit_of_a_missing_uri_exits_2(small_sweep, model, needle, capsys):
+    from unlearn.cli import main as unlearn_main
+
+    _, uri, _ = small_sweep
+    assert unlearn_main(["audit", "--model", model, "--tracking-uri", uri]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("unlearn: error:")

@@ -1,0 +1,94 @@
+"""Results you can repeat (issue 10): membership inference, unlearning seeds with their spread, honest cost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+def test_membership_auc_separates_and_brackets():
+    from unlearn.audit.mia import membership_auc
+
+    gen = torch.Generator().manual_seed(0)
+    low_error, high_error = torch.rand(200, generator=gen) * 0.1, 0.2 + torch.rand(200, generator=gen) * 0.1
+    auc, lo, hi = membership_auc(low_error, high_error)
+    assert auc == 1.0 and lo == pytest.approx(1.0)  # members fill their holes better: perfectly told apart
+    same = torch.rand(400, generator=gen)
+    auc, lo, hi = membership_auc(same[:200], same[200:])
+    assert lo < auc < hi and lo < 0.5 < hi  # same distribution: chance, inside its interval
+    assert membership_auc(high_error, low_error)[0] == 0.0
+
+
+def test_membership_sets_are_held_out_images_of_the_forget_classes(prepared):
+    data = prepared.data
+    members, nonmembers = prepared.auditor.mia_members, prepared.auditor.mia_nonmembers
+    assert len(members) == len(data.forget_train) and torch.equal(members.images, data.forget_train.clean)  # no '+'
+    assert len(nonmembers) == len(data.forget_test)
+    assert set(nonmembers.labels.tolist()) == set(data.forget_train.labels.tolist())
+
+
+def test_digits_membership_inference_tells_the_original_from_retrain(method_metrics):
+    """The original model saw D_f, retrain never did. Measured: original 0.64 [0.53, 0.76], retrain 0.47 [0.37, 0.57]."""
+    original, retrain = method_metrics["original"], method_metrics["retrain"]
+    assert original["mia_auc"] >= retrain["mia_auc"] + 0.05
+    assert abs(retrain["mia_auc"] - 0.5) <= 0.1
+    assert retrain["mia_gap_vs_retrain"] == pytest.approx(0.0, abs=1e-6)
+    for name in ("realistic", "finetune", "original"):
+        m = method_metrics[name]
+        assert m["mia_auc_ci_low"] <= m["mia_auc"] <= m["mia_auc_ci_high"]
+        assert m["mia_gap_vs_retrain"] == pytest.approx(abs(m["mia_auc"] - retrain["mia_auc"]))
+
+
+def test_cost_ratio_only_when_timed_side_by_side(method_metrics, prepared):
+    """The session's stages were trained in this process or reused from its cache: the ratio follows that."""
+    realistic = method_metrics["realistic"]
+    assert realistic["sample_ratio"] == pytest.approx(realistic["unlearn_samples"] / realistic["retrain_samples"])
+    side_by_side = not prepared.stages["retrain"].reused
+    assert realistic["cost_ratio_side_by_side"] == float(side_by_side)
+    assert ("cost_ratio" in realistic) == side_by_side
+
+
+def _snapshot(root):
+    return {str(p): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_seeds_give_means_with_std_and_retrain_no_stage(prepared, default_config, capsys, tmp_path):
+    from unlearn.cli import main
+
+    common = ["--set", f"cache_dir={default_config.cache_dir}", "--set", "unlearn.ft_steps=40"]  # short: seeds are under test
+    main(["run", "--method", "finetune", "--json", *common])  # warms the calibration of this fine-tuning budget
+    capsys.readouterr()
+    before = _snapshot(default_config.resolved_cache_dir())
+    out = tmp_path / "seeds"
+    code = main(["run", "--method", "realistic", "--seeds", "3", "--json", "--out", str(out), *common])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["seeds"] == 3
+    for name in ("forget_marker_strength", "retain_mse", "forget_ood_distance", "mia_auc", "ga_param_distance"):
+        assert f"{name}_std" in summary and summary[f"{name}_std"] > 0, name  # batch order differs per seed
+    assert "ood_delta_std" not in summary  # calibration is shared, not seeded
+    assert _snapshot(default_config.resolved_cache_dir()) == before  # no stage, reference or calibration rewritten
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["unlearn_seed"] in (0.0, 1.0, 2.0)
+    assert f"seed: {int(saved['unlearn_seed'])}" in (out / "config.yaml").read_text()
+    assert "Spread over 3 unlearning seeds" in (out / "certificate.md").read_text()
+    # one seed alone reproduces the saved run (seeded on CPU)
+    code = main(["run", "--method", "realistic", "--json", *common, "--set", f"unlearn.seed={int(saved['unlearn_seed'])}"])
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["forget_marker_strength"] == saved["forget_marker_strength"]
+    assert again["retain_mse"] == saved["retain_mse"]
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--method", "realistic", "--seeds", "0"], "--seeds must be at least 1"),
+    (["--method", "retrain", "--seeds", "2"], "reference model"),
+])
+def test_bad_seeds_exit_2(argv, needle, capsys):
+    from unlearn.cli import main
+
+    assert main(["run", *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0]
