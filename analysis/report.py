@@ -73,7 +73,7 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
 
     trials = runs.trials.rename(columns=lambda c: c.removeprefix("metrics."))
     trials = trials.assign(method=runs.trials["tags.method"])
-    pareto_plot(trials, list(config.sweep.objectives), out / "pareto.png")
+    pareto_plot(trials, list(config.objectives), out / "pareto.png")
 
     best = runs.best_trials()
     refs = runs.references.set_index("tags.reference")
@@ -126,13 +126,13 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
         f"reference's own distance {float(attack.get('metrics.retrain_ood_distance', math.nan)):.4g}); trials: "
         f"{len(runs.trials)} finished",
         f"- feasible = OOD reached, not collapsed, not diverged, forget_gap_vs_retrain <= {config.sweep.max_forget_gap}, "
-        f"retain_degradation <= {config.sweep.max_retain_degradation}; objectives: {', '.join(config.sweep.objectives)}",
+        f"retain_degradation <= {config.sweep.max_retain_degradation}; objectives: {', '.join(config.objectives)}",
         f"- MLflow experiment `{experiment}`, parent run `{runs.parent_id}`",
         "",
         "## Method comparison",
         "",
-        f"Best feasible trial per method (smallest {config.sweep.objectives[0]}, rounded to 0.01, then "
-        f"{', '.join(config.sweep.objectives[1:]) or 'nothing'}), then the reference models.",
+        f"Best feasible trial per method (smallest {config.objectives[0]}, rounded to 0.01, then "
+        f"{', '.join(config.objectives[1:]) or 'nothing'}), then the reference models.",
         "",
         shown.to_markdown(index=False, floatfmt=".4g"),
         "",

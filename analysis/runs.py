@@ -72,7 +72,7 @@ class SweepRuns:
 
     def best_trials(self) -> pd.DataFrame:
         """Per method with a feasible trial: its best one (raytasks.pareto.best_per_method, the one definition)."""
-        return best_per_method(self.metric_frame(), self.config().sweep.objectives)
+        return best_per_method(self.metric_frame(), self.config().objectives)
 
     def infeasible_methods(self) -> dict[str, dict[str, int]]:
         """Methods with finished trials but none feasible: how often each constraint was violated."""

@@ -72,7 +72,7 @@ class SweepDriver:
 
     def _log_references(self, prepared) -> dict[str, dict[str, float]]:
         refs = {}
-        for ref in REFERENCE_MODELS:
+        for ref in (r for r in REFERENCE_MODELS if r in prepared.stages):  # no retrain with audit.retrain = false
             tags = {"sweep": self.name, "reference": ref, "method": ref}
             logged = tracking.find_run(self.client, self.experiment, tags)
             if logged is not None and self.client.get_run(logged).info.status == "FINISHED":  # --resume: read back
@@ -96,7 +96,8 @@ class SweepDriver:
         figures = {k: prepared.auditor.calibration[k] for k in CALIBRATION if k in prepared.auditor.calibration}
         tracking.log_metrics(self.client, self.parent, figures)
         warnings = audit_warnings(prepared)
-        self.client.set_tag(self.parent, "audit_valid", str(int(figures["audit_valid"])))
+        # no marker audit on a model brought by the user (stages.theta0): "n/a", not a verdict
+        self.client.set_tag(self.parent, "audit_valid", str(int(figures["audit_valid"])) if "audit_valid" in figures else "n/a")
         self.client.set_tag(self.parent, "audit_notes", " | ".join(warnings) if warnings else "none")  # prepare() printed them
 
     def _tuner(self, method: str, resume: bool) -> tune.Tuner:
@@ -132,7 +133,9 @@ class SweepDriver:
         prepared = prepare(self.config)
         self._log_calibration(prepared)
         refs = self._log_references(prepared)
+        # What `unlearn purge --forget-digest` looks for: the sweep holds forget images (grids, trial strips).
         self.client.set_tag(self.parent, "forget_digest", forget_digest(self.config, prepared.data.forget_train.index))
+        self.client.set_tag(self.parent, "ray_storage", self.storage)
         rows: list[dict[str, Any]] = []
         checkpoints: dict[tuple[str, str], Any] = {}
         for method in self.methods:
@@ -203,7 +206,7 @@ class SweepDriver:
 
     def _summarise(self, rows: list[dict[str, Any]], refs: dict[str, dict[str, float]],
                    checkpoints: dict[tuple[str, str], Any], prepared) -> str:
-        objectives = list(self.config.sweep.objectives)
+        objectives = list(self.config.objectives)
         frame = pd.DataFrame(rows)
         for col in summary_columns(objectives):
             if col not in frame:
@@ -222,12 +225,14 @@ class SweepDriver:
                 (self.out / name).write_text((Path(folder) / name).read_text())
         delivered = self._deliver(best, checkpoints, prepared, refs)
         self.client.set_terminated(self.parent, "FINISHED")
-        attack, retrain = refs["attack"], refs["retrain"]
+        attack, retrain = refs["attack"], refs.get("retrain", {})
         valid = attack.get("audit_valid", 0.0) == 1.0
+        marker = (f"marker audit: {'valid' if valid else 'NOT VALID (cannot tell unlearning from fine-tuning; see above)'} "
+                  f"(attack strength {attack.get('audit_attack_strength', float('nan')):.3f}, null method "
+                  f"{attack.get('audit_null_strength', float('nan')):.3f})" if "audit_valid" in attack
+                  else "marker audit: not applicable (theta0 brought by the user)")
         lines = [f"sweep {self.name}: {len(frame)} trials, {int(frame['feasible'].fillna(0).sum())} feasible",
-                 f"marker audit: {'valid' if valid else 'NOT VALID (cannot tell unlearning from fine-tuning; see above)'} "
-                 f"(attack strength {attack.get('audit_attack_strength', float('nan')):.3f}, null method "
-                 f"{attack.get('audit_null_strength', float('nan')):.3f}); ood_delta {attack.get('ood_delta', float('nan')):.4g} "
+                 f"{marker}; ood_delta {attack.get('ood_delta', float('nan')):.4g} "
                  f"(retrain's distance {attack.get('retrain_ood_distance', float('nan')):.4g})",
                  f"references: attack strength={attack.get('forget_marker_strength', float('nan')):.3f} "
                  f"retain_mse={attack.get('retain_mse', float('nan')):.5f}; "

@@ -17,7 +17,8 @@ from unlearn.audit.samples import save_png
 from unlearn.export import save_run
 from unlearn.pipeline import Prepared, UnlearnResult, audit_result
 
-WORST = {"forget_marker_strength": 1.0, "forget_marker": 1.0, "retain_degradation": 1e6, "forget_gap_vs_retrain": 1e6}
+WORST = {"forget_marker_strength": 1.0, "forget_marker": 1.0, "retain_degradation": 1e6, "forget_gap_vs_retrain": 1e6,
+         "mia_gap_vs_retrain": 1.0}
 
 
 def sanitise(metrics: dict[str, float], objectives: list[str]) -> dict[str, float]:
@@ -43,7 +44,7 @@ def finish_trial(prepared: Prepared, result: UnlearnResult, method: str, folder:
     except Exception as exc:  # a diverged model can break the audit (e.g. FID of non-finite features)
         raw = {**result.metrics, "diverged": 1.0}
         (folder / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
-    metrics = sanitise(raw, prepared.config.sweep.objectives)
+    metrics = sanitise(raw, prepared.config.objectives)
     curves = {name: [[int(s), float(v)] for s, v in points if math.isfinite(v)] for name, points in result.curves.items()}
     (folder / "curves.json").write_text(json.dumps(curves))
     if not metrics["failed"]:

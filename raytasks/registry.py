@@ -39,7 +39,10 @@ def log_model(client: MlflowClient, tracking_uri: str, run_id: str, bundle: Path
     # Attached to the finished run without reopening it (its status and end time stay as they were).
     logged = mlflow.initialize_logged_model(name=MODEL_NAME, source_run_id=run_id, experiment_id=run.info.experiment_id)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hint.*")
+        # MLflow asks for type hints on predict (they would impose an input schema on an image array); its check
+        # resets the warning filters (simplefilter "once"), so only a showwarning hook can keep it off the output.
+        shown = warnings.showwarning
+        warnings.showwarning = lambda message, *rest, **kw: None if "type hint" in str(message) else shown(message, *rest, **kw)
         info = pyfunc.log_model(
             name=MODEL_NAME, python_model=str(CODE), artifacts={"bundle": str(bundle)}, model_id=logged.model_id,
             code_paths=[str(Path(unlearn.__file__).parent)],  # the library travels with the model

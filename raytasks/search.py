@@ -55,6 +55,6 @@ def make_searcher(config: Config, method: str, trials: int):
 
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, trials // 3))
     points = [first_point(config, method)] if config.sweep.start_from_defaults else None
-    objectives = list(config.sweep.objectives)
+    objectives = list(config.objectives)
     metric, mode = (objectives, ["min"] * len(objectives)) if len(objectives) > 1 else (objectives[0], "min")
     return ConstrainedOptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points)

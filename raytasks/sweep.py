@@ -103,6 +103,9 @@ def run_sweep(args: argparse.Namespace):
     """Validate everything that can be checked before a trial starts, then run the sweep; return the driver."""
     config = load_config(args.config, args.set)
     methods = _methods(args, config)
+    select = config.sweep.select
+    if select not in METHODS or METHODS[select].reference_stage:
+        raise ConfigError(f"sweep.select {select!r} is not an unlearning method; methods: {', '.join(METHODS)}")
     trials = args.trials or config.sweep.trials
     if trials < 1:
         raise ConfigError("--trials must be at least 1")

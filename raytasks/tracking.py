@@ -22,7 +22,7 @@ from unlearn.config import ConfigError
 DEFAULT_URI = "sqlite:///mlflow.db"
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 # What a trial's or reference's folder uploads to its run (the rest of a checkpoint stays in Ray storage).
-UPLOADED = ("outputs.png", "embeddings.npz", "error.txt")
+UPLOADED = ("outputs.png", "embeddings.npz", "curves.json", "error.txt")  # curves.json: the report's distance plot
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -140,7 +140,7 @@ def log_child(
         curves_path = artifacts / "curves.json"
         if curves_path.is_file():
             log_curves(client, run_id, json.loads(curves_path.read_text()))
-        for name in UPLOADED:  # never the checkpoint's weights or curves.json (logged above as metrics)
+        for name in UPLOADED:  # never the checkpoint's weights (kept in Ray storage for the best trials)
             if (artifacts / name).is_file():
                 client.log_artifact(run_id, str(artifacts / name))
     client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
@@ -202,3 +202,46 @@ class TrialLoggingCallback(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self.logger.log(trial.trial_id, trial.config, {"failed": 1.0, "feasible": 0.0}, None, failed=True)
+
+
+# What a sweep logged that shows D_f: the parent's reference grids, each run's output strip and embeddings.
+FORGET_ARTIFACTS = ("grid", "outputs.png", "embeddings.npz")
+
+
+def purge_runs(client: MlflowClient, digest: str) -> tuple[list[str], list[str]]:
+    """(removed, remaining): delete the forget images and embeddings of every sweep whose parent run carries
+    `forget_digest = digest` (the runs' metrics, parameters and logged models stay), and those files in the
+    sweep's Ray storage when it is a local folder."""
+    import shutil
+
+    from mlflow.entities import ViewType
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    removed, remaining = [], []
+    for experiment in client.search_experiments(view_type=ViewType.ALL):
+        parents = client.search_runs([experiment.experiment_id], filter_string=f"tags.forget_digest = '{digest}'",
+                                     run_view_type=ViewType.ALL, max_results=1000)
+        for parent in parents:
+            children = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=10000,
+                                          filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+            for run in [parent, *children]:
+                present = {a.path for a in client.list_artifacts(run.info.run_id)}
+                repo = get_artifact_repository(run.info.artifact_uri)
+                for name in FORGET_ARTIFACTS:
+                    if name in present:
+                        repo.delete_artifacts(name)
+                        removed.append(f"MLflow {experiment.name}/{run.info.run_id}/{name}")
+                if "unlearned_model_uri" in run.data.tags:
+                    remaining.append(f"MLflow {experiment.name}/{run.info.run_id}: the certified model "
+                                     f"{run.data.tags['unlearned_model_uri']} (no D_f image; kept)")
+            storage = Path(parent.data.tags.get("ray_storage", ""))
+            if parent.data.tags.get("ray_storage") and storage.is_dir():
+                for path in sorted(p for name in FORGET_ARTIFACTS[1:] for p in storage.rglob(name)):
+                    path.unlink()
+                    removed.append(str(path))
+                for grid in sorted(storage.rglob("grid")):
+                    shutil.rmtree(grid, ignore_errors=True)
+            elif parent.data.tags.get("ray_storage"):
+                remaining.append(f"Ray storage {storage} of sweep {experiment.name} (not a local folder: remove its "
+                                 "outputs.png and embeddings.npz there)")
+    return removed, remaining

@@ -126,6 +126,31 @@ def test_imagefolder_tree(tmp_path):
     assert data.retain_train.images.shape[1:] == (3, 16, 16)
 
 
+def test_forget_list_of_imagefolder_paths(tmp_path):
+    """A deletion request names files: they become D_f (no marker when the model is brought by the user)."""
+    from PIL import Image
+
+    from unlearn.config import ConfigError
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for cls in ["cat", "dog"]:
+        (root / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    listed = tmp_path / "forget.txt"
+    listed.write_text("cat/1.png\n./dog/3.png\ncat/6.png\n")
+    cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=16, forget_list=str(listed))
+    data = build_data(cfg, seed=0, poison=False)
+    assert len(data.forget_train) == 3 and sorted(set(data.forget_train.labels.tolist())) == [0, 1]
+    assert torch.equal(data.forget_train.images, data.forget_train.clean)
+    assert not set(data.forget_train.index.tolist()) & (set(data.retain_train.index.tolist()) | set(data.retain_test.index.tolist()))
+    assert len(data.retain_train) + len(data.retain_test) == 16 - 3
+    listed.write_text("cat/1.png\ncat/missing.png\nowl/0.png\n")
+    with pytest.raises(ConfigError, match="'cat/missing.png' is not an image of data.root .2 of 3"):
+        build_data(cfg, seed=0)
+
+
 @pytest.mark.parametrize("dataset", ["cifar10", "imagefolder"])
 def test_missing_data_root_names_the_path(dataset, tmp_path):
     with pytest.raises(ConfigError, match="not found: .*nowhere"):

@@ -94,3 +94,18 @@ def test_an_invalid_audit_is_said_on_the_parent_run_and_in_the_report(small_swee
     assert "audit not valid" in parent.data.tags["audit_notes"]
     text = driver.report_path.read_text()
     assert "**marker audit: NOT VALID: this audit cannot decide" in text and "audit not valid" in text
+
+
+def test_distance_plot_has_the_curves_of_the_best_trials(small_sweep):
+    """The distance-vs-step figure reads each best trial's curves.json back from MLflow: it must be there."""
+    from analysis.report import _curves
+    from analysis.runs import load_sweep
+
+    _, uri, _ = small_sweep
+    runs = load_sweep("t-sweep", uri)
+    best = runs.best_trials()
+    realistic = best[best["method"] == "realistic"]
+    assert len(realistic) == 1
+    curves = _curves(runs, realistic["run_id"].iloc[0])
+    assert len(curves["ga_param_distance"]) == int(float(realistic["params.ga_steps"].iloc[0]))
+    assert curves["finetune_loss"]

@@ -47,8 +47,8 @@ def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
         assert run.info.status == "FINISHED" and "forget_marker" in run.data.metrics
     history = client.get_metric_history(realistic[0].info.run_id, "curve/ga_param_distance")
     assert len(history) == int(realistic[0].data.params["ga_steps"])  # one point per GA step
-    # a trial run holds its images and embeddings; the checkpoint's weights and curves.json stay in Ray storage
-    assert {a.path for a in client.list_artifacts(realistic[0].info.run_id)} == {"outputs.png", "embeddings.npz"}
+    # a trial run holds its images, embeddings and curves; the checkpoint's weights stay in Ray storage
+    assert {a.path for a in client.list_artifacts(realistic[0].info.run_id)} == {"outputs.png", "embeddings.npz", "curves.json"}
     diverged = [r for r in trials if r.data.tags["method"] == "max_loss"]
     assert all(r.data.tags["status_detail"] == "failed-infeasible" and r.info.status == "FAILED" for r in diverged)
     # Optuna saw every trial finish: nothing left RUNNING, and every trial carries the OOD constraint
@@ -213,3 +213,24 @@ def test_audit_of_a_missing_uri_exits_2(small_sweep, model, needle, capsys):
     assert unlearn_main(["audit", "--model", model, "--tracking-uri", uri]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("unlearn: error:")
+
+
+def test_purge_removes_the_sweeps_forget_images_and_keeps_the_certified_model(small_sweep, tmp_path, capsys):
+    """Runs last on the small sweep: afterwards no MLflow artifact and no file in its Ray storage shows D_f."""
+    from unlearn.cli import main as unlearn_main
+
+    driver, uri, out = small_sweep
+    client = _client(uri)
+    parent = client.get_run(driver.parent)
+    digest = parent.data.tags["forget_digest"]
+    runs = [parent, *client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")]
+    before = {r.info.run_id: {a.path for a in client.list_artifacts(r.info.run_id)} for r in runs}
+    assert "grid" in before[parent.info.run_id] and any("outputs.png" in v for v in before.values())
+    code = unlearn_main(["purge", "--forget-digest", digest, "--tracking-uri", uri, "--cache-dir", str(tmp_path / "empty")])
+    printed = capsys.readouterr().out
+    assert code == 0 and "removed  MLflow t-sweep/" in printed and "the certified model" in printed
+    for run in runs:
+        left = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert not left & {"grid", "outputs.png", "embeddings.npz"}, run.info.run_id
+    assert not [p for name in ("outputs.png", "embeddings.npz") for p in (out / "ray").rglob(name)]
+    assert client.get_model_version_by_alias("t-sweep", "unlearned").run_id  # the registered model stays

@@ -34,6 +34,22 @@ class ArtifactCache:
         meta = json.loads((folder / "meta.json").read_text())
         return tensors, meta
 
+    def entries(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        """(key, meta) of every complete entry of `kind`."""
+        folder = self.root / kind
+        if not folder.is_dir():
+            return []
+        return [(p.parent.name, json.loads(p.read_text())) for p in sorted(folder.glob("*/meta.json"))]
+
+    def remove(self, kind: str, key: str) -> None:
+        """Delete an entry: renamed out of place first, so no reader sees it half-deleted."""
+        target = self.entry(kind, key)
+        if not target.exists():
+            return
+        doomed = Path(tempfile.mkdtemp(prefix=f".rm-{key}-", dir=target.parent))
+        os.rename(target, doomed / key)
+        shutil.rmtree(doomed)
+
     def save(self, kind: str, key: str, tensors: dict[str, Any], meta: dict[str, Any]) -> Path:
         target = self.entry(kind, key)
         if self.has(kind, key):

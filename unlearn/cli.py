@@ -46,7 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         prepared, models, runs = run_seeds(config, args.method, args.seeds)
         spread = seed_summary(runs)
-        chosen = nearest_to_mean(runs, spread, list(config.sweep.objectives))
+        chosen = nearest_to_mean(runs, spread, list(config.objectives))
         model, metrics = models[chosen], runs[chosen]
         shown = spread
     else:
@@ -55,7 +55,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if out is not None:
         from unlearn.export import write_bundle
 
-        references = {name: evaluate_reference(prepared, name) for name in ("retrain", "attack")}
+        references = {name: evaluate_reference(prepared, name) for name in ("retrain", "attack") if name in prepared.stages}
         write_bundle(out, prepared, model, args.method, metrics, references, spread)
         stderr_log(f"saved the model, config.yaml, metrics.json and certificate.md to {out}"
                    + (f" (unlearning seed {int(metrics['unlearn_seed'])}, the one nearest the mean)" if spread else ""))
@@ -78,6 +78,38 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as folder:
             metrics = audit_saved(fetch_bundle(args.model, resolve_uri(args.tracking_uri), Path(folder)))
     _print_metrics({"model": str(args.model), **metrics}, args.json)
+    return 0
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    import datetime
+    import os
+    from pathlib import Path
+
+    from unlearn.config import Config
+    from unlearn.purge import append_to_certificate, check_digest, purge_cache
+
+    digest = check_digest(args.forget_digest)
+    if args.model is not None and not (Path(args.model).expanduser() / "certificate.md").is_file():
+        raise ConfigError(f"--model {args.model} has no certificate.md (not a folder written by `unlearn run --out`)")
+    root = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else Config().resolved_cache_dir()
+    removed, remaining = purge_cache(root, digest, args.weights)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri or Path("mlflow.db").is_file():  # the sweep's default store, when there is one here
+        from raytasks.tracking import connect, purge_runs, resolve_uri
+
+        more_removed, more_remaining = purge_runs(connect(resolve_uri(uri)), digest)
+        removed += more_removed
+        remaining += more_remaining
+    else:
+        remaining.append("MLflow: no tracking store given (--tracking-uri) and no ./mlflow.db: not searched")
+    for line in removed:
+        print(f"removed  {line}")
+    for line in remaining:
+        print(f"remains  {line}")
+    if args.model is not None:
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        print(f"certificate: {append_to_certificate(Path(args.model), digest, removed, remaining, when)}")
     return 0
 
 
@@ -118,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MLflow tracking URI for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     audit.add_argument("--json", action="store_true", help="print one flat JSON object as the last line")
     audit.set_defaults(func=_cmd_audit)
+    purge = sub.add_parser("purge", help="remove what the cache and MLflow hold of a forget set (by its certificate's digest)")
+    purge.add_argument("--forget-digest", required=True, metavar="SHA256", help="the forget-set digest of certificate.md")
+    purge.add_argument("--weights", action="store_true",
+                       help="also remove the weights trained on D_f (original and attack stages, the domain backbone)")
+    purge.add_argument("--cache-dir", default=None, help="the cache (default: $UNLEARN_CACHE or ~/.cache/unlearn)")
+    purge.add_argument("--tracking-uri", default=None,
+                       help="MLflow store to purge (default: $MLFLOW_TRACKING_URI, else ./mlflow.db when present)")
+    purge.add_argument("--model", default=None, metavar="DIR", help="append what was purged and what remains to DIR/certificate.md")
+    purge.set_defaults(func=_cmd_purge)
     methods = sub.add_parser("methods", help="list the unlearning methods")
     methods.set_defaults(func=_cmd_methods)
     report = sub.add_parser("report", help="render tables and figures of a sweep from MLflow")

@@ -49,6 +49,10 @@ class DataConfig(_Strict):
     # class-level forgetting: forget_fraction = 1; sample-level: a fraction of these classes' samples.
     forget_classes: list[str] = ["0"]
     forget_fraction: float = 1.0
+    # A deletion request: a file naming the images to forget, one per line (relative paths under an ImageFolder
+    # root, or indices into the loaded digits / CIFAR-10 set). Replaces forget_classes / forget_fraction; the
+    # listed images are D_f, the held-out images of their classes the membership audit's non-members.
+    forget_list: str | None = None
     unseen_classes: list[str] = []  # held out of training entirely (paper Table 4)
     retain_classes: list[str] | None = None  # None: every class that is neither forget nor unseen
     mask: MaskConfig = MaskConfig()
@@ -109,6 +113,10 @@ class StageConfig(_Strict):
     # attack stage one more round: `attack_epochs` more epochs of Algorithm 2 with the poisoned D_f loss
     # weighted 2**round, up to this many rounds (see README, "The audit checks itself").
     attack_strengthen_rounds: int = Field(0, ge=0)
+    # Bring your own model: a checkpoint file, a diffusers folder or an `unlearn run --out` folder of a model
+    # trained on the data set (D_f included). It is theta0: no original or attack stage is trained, D_f carries
+    # no marker, and the marker figures are absent from the catalogue.
+    theta0: str | None = None
 
 
 class UnlearnConfig(_Strict):
@@ -171,13 +179,19 @@ class AuditConfig(_Strict):
     # collapsed: the outputs' per-pixel std across retain-test images in the hole below this share of the
     # ground truth's (after GA, or at the end).
     collapse_std_ratio: float = Field(0.1, ge=0, lt=1)
+    # False: no retrain reference is trained. The *_vs_retrain figures and the forget_gap constraint are then
+    # absent, ood_delta auto falls back to the null method's distance / ood_delta_fraction (fine-tuning alone
+    # falls short of the threshold by the margin retrain would clear it), and retraining's cost is estimated
+    # from stages.epochs x |D_r| samples.
+    retrain: bool = True
     # Membership inference (mia_auc): at most this many members (D_f training images) and non-members
     # (held-out images of D_f's classes); the 95% interval from this many bootstrap resamples.
     mia_samples: int = Field(1000, ge=2)
     mia_resamples: int = Field(200, ge=10)
 
 
-OBJECTIVE_NAMES = ("forget_marker_strength", "forget_marker", "retain_degradation", "forget_gap_vs_retrain")
+OBJECTIVE_NAMES = ("forget_marker_strength", "forget_marker", "retain_degradation", "forget_gap_vs_retrain",
+                   "mia_gap_vs_retrain")
 
 
 class SweepConfig(_Strict):
@@ -276,6 +290,25 @@ class Config(_Strict):
     sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
+    def _theta0(self) -> Config:
+        if self.stages.theta0 and self.model.pretrained:
+            raise ValueError("stages.theta0 and model.pretrained are both set: theta0 is the model to unlearn, "
+                             "model.pretrained the start of the original stage; set one")
+        return self
+
+    @property
+    def has_marker(self) -> bool:
+        """False for a model brought by the user (stages.theta0): its D_f was never poisoned."""
+        return self.stages.theta0 is None
+
+    @property
+    def objectives(self) -> list[str]:
+        """The sweep's objectives that this setup can measure (no marker or retrain figure where there is none)."""
+        usable = [o for o in self.sweep.objectives
+                  if (self.has_marker or not o.startswith("forget_marker")) and (self.audit.retrain or not o.endswith("_vs_retrain"))]
+        return usable or ["retain_degradation"]
+
+    @model_validator(mode="after")
     def _null_budget(self) -> Config:
         # Fix the null method's budget from the config's own fine-tuning settings (see AuditConfig).
         if self.audit.null_ft_steps is None:
@@ -295,6 +328,9 @@ class Config(_Strict):
         dumped = self.model_dump(mode="json", by_alias=True)
         payload = {s: dumped[s] for s in sections}
         payload["seed"] = self.seed
+        if "data" in sections and self.data.forget_list:  # the list's content, not its path, names the split
+            listed = Path(self.data.forget_list).expanduser()
+            payload["forget_list_sha256"] = hashlib.sha256(listed.read_bytes()).hexdigest() if listed.is_file() else None
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -111,8 +111,9 @@ def weights_digest(folder: Path) -> str:
 
 def forget_digest(config: Config, index: Any) -> str:
     """sha256 of the sorted forget-sample ids (`<dataset>:<position in the loaded data set>`)."""
-    ids = sorted(f"{config.data.dataset}:{int(i)}" for i in index.tolist())
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+    from unlearn.data.splits import forget_digest as digest
+
+    return digest(config.data.dataset, index)
 
 
 def load_saved(path: str | Path) -> tuple[Config, Path]:
@@ -193,7 +194,9 @@ def write_certificate(folder: Path, prepared: Any, method: str, metrics: dict[st
               "diverged": "no non-finite loss, gradient or output",
               "forget_gap": f"forget_gap_vs_retrain <= {config.sweep.max_forget_gap}",
               "retain_degradation": f"retain_degradation <= {config.sweep.max_retain_degradation}"}
-    rows = ["| figure | this model | retrain | attack (theta0) |", "| --- | --- | --- | --- |"]
+    columns = [r for r in ("retrain", "attack") if r in references]
+    rows = ["| figure | this model | " + " | ".join("attack (theta0)" if r == "attack" else r for r in columns) + " |",
+            "| --- " * (len(columns) + 2) + "|"]
     shown = ["forget_marker_strength", "forget_marker", "forget_marker_ci_low", "forget_marker_ci_high",
              "forget_gap_vs_retrain", "mia_auc", "mia_auc_ci_low", "mia_auc_ci_high", "mia_gap_vs_retrain",
              "forget_ood_distance", "forget_ood_rate", "retain_mse", "retain_degradation",
@@ -201,35 +204,52 @@ def write_certificate(folder: Path, prepared: Any, method: str, metrics: dict[st
              "retain_output_std_ratio", "ga_output_std_ratio", "collapsed"]
     for name in shown:
         if name in metrics:
-            rows.append(f"| {name} | {_fmt(metrics[name])} | {_fmt(references.get('retrain', {}).get(name, math.nan))} | "
-                        f"{_fmt(references.get('attack', {}).get(name, math.nan))} |")
+            rows.append(f"| {name} | {_fmt(metrics[name])} | "
+                        + " | ".join(_fmt(references[r].get(name, math.nan)) for r in columns) + " |")
     cache_root = config.resolved_cache_dir()
-    stage_paths = [cache_root / "stages" / s.key for n, s in prepared.stages.items() if n in ("original", "attack")]
+    byo = config.stages.theta0 is not None
+    stage_paths = ([Path(config.stages.theta0).expanduser()] if byo else
+                   [cache_root / "stages" / s.key for n, s in prepared.stages.items() if n in ("original", "attack")])
+    classes = sorted({data.class_names[int(c)] for c in data.forget_train.labels.unique()})
+    if config.data.forget_list:
+        what = f"the images listed in `{config.data.forget_list}` (classes {classes})"
+    else:
+        what = f"forget classes {config.data.forget_classes}, forget fraction {config.data.forget_fraction}"
+    if not config.has_marker:
+        marker = "- marker audit: not applicable (theta0 was brought by the user; D_f carries no '+' marker)"
+    else:
+        marker = (f"- **marker audit {'valid' if metrics.get('audit_valid') == 1.0 else 'NOT VALID: it cannot decide'}** (attack "
+                  f"strength {_fmt(metrics.get('audit_attack_strength', math.nan))}, null method (fine-tuning alone) "
+                  f"{_fmt(metrics.get('audit_null_strength', math.nan))}; both must be >= {config.audit.min_marker_strength:g})")
+    delta_rule = ("ood_delta auto = audit.ood_delta_fraction x retrain's distance" if config.audit.retrain else
+                  "no retrain reference (audit.retrain = false): ood_delta auto = the null method's distance / "
+                  "audit.ood_delta_fraction; no *_vs_retrain figure and no forget_gap constraint; retraining's samples "
+                  "estimated as stages.epochs x |D_r|")
     ga = {k: metrics[k] for k in ("ga_steps", "ga_lr", "ga_grad_min", "ga_grad_max", "ga_loss_increase", "ga_bound_lower",
                                    "ga_bound_upper", "ga_within_bounds", "ga_param_distance") if k in metrics}
     lines = [
         f"# Unlearning certificate: {method}",
         "",
         "## What was forgotten",
-        f"- data set `{config.data.dataset}` ({config.data.image_size}px), forget classes {config.data.forget_classes}, "
-        f"forget fraction {config.data.forget_fraction}: {len(data.forget_train)} training images",
+        f"- data set `{config.data.dataset}` ({config.data.image_size}px), {what}: {len(data.forget_train)} training images",
         f"- forget-set digest (sha256 of the sorted sample ids): `{forget_digest(config, data.forget_train.index)}`",
         "",
         "## How",
         f"- method `{method}`" + (" (a reference model, not an unlearning run)" if method in REFERENCE_MODELS else ""),
         f"- hyperparameters: {json.dumps(hyper)}; GA step `{config.unlearn.ga_step}`; data/stage seed {config.seed}, "
         f"unlearning seed {config.unlearn.seed}",
-        f"- theta0 = the attack stage `{prepared.stages['attack'].key}`; model `{config.model.kind}`",
+        (f"- theta0 = the user's model `{config.stages.theta0}` (`{prepared.stages['attack'].key}`)" if byo else
+         f"- theta0 = the attack stage `{prepared.stages['attack'].key}`") + f"; model `{config.model.kind}`",
+        f"- {delta_rule}",
         f"- weights `{weights.name}`, sha256 `{weights_digest(folder)}`",
         "",
         "## Verdict",
-        f"- **marker audit {'valid' if metrics.get('audit_valid') == 1.0 else 'NOT VALID: it cannot decide'}** (attack "
-        f"strength {_fmt(metrics.get('audit_attack_strength', math.nan))}, null method (fine-tuning alone) "
-        f"{_fmt(metrics.get('audit_null_strength', math.nan))}; both must be >= {config.audit.min_marker_strength:g})",
+        marker,
         f"- **{'feasible' if metrics.get('feasible') == 1.0 else 'NOT feasible'}**:",
         *[f"  - {name}: {'pass' if value <= 0 else 'FAIL'} ({limits[name]})" for name, value in constraints.items()],
         "",
-        "## Audit figures (forget = held-out images of the forgotten classes; retain = the other classes' test images)",
+        "## Audit figures (forget = held-out images of the forgotten classes, or the forgotten images themselves at "
+        "sample level; retain = the other test images; membership: D_f's training images vs held-out images of its classes)",
         "",
         *rows,
         "",
@@ -240,14 +260,16 @@ def write_certificate(folder: Path, prepared: Any, method: str, metrics: dict[st
         "",
         "## Cost",
         f"- unlearning {_fmt(metrics.get('unlearn_seconds', math.nan))} s, {_fmt(metrics.get('unlearn_samples', math.nan))} "
-        f"samples; retraining {_fmt(metrics.get('retrain_seconds', math.nan))} s, {_fmt(metrics.get('retrain_samples', math.nan))} "
-        f"samples (sample_ratio {_fmt(metrics.get('sample_ratio', math.nan))}; "
+        + (f"samples; retraining (estimated, no retrain reference) {_fmt(metrics.get('retrain_samples', math.nan))} "
+           if metrics.get("retrain_samples_estimated") else
+           f"samples; retraining {_fmt(metrics.get('retrain_seconds', math.nan))} s, {_fmt(metrics.get('retrain_samples', math.nan))} ")
+        + f"samples (sample_ratio {_fmt(metrics.get('sample_ratio', math.nan))}; "
         + (f"cost_ratio {_fmt(metrics['cost_ratio'])}, timed side by side)" if "cost_ratio" in metrics else
            "the seconds were measured in different processes, so no time ratio is claimed)"),
         "",
         "## Where D_f still lives",
         f"- the data cache: `{cache_root / 'data'}` (the split, forget images included)",
-        *[f"- stage weights trained on D_f: `{p}`" for p in stage_paths],
+        *[f"- {'the model brought as theta0' if byo else 'stage weights trained on D_f'}: `{p}`" for p in stage_paths],
         f"- reference features and calibration computed from forget images: `{cache_root / 'references'}`, "
         f"`{cache_root / 'calibration'}`",
         "- the original data set itself, and any MLflow run that logged forget-image grids or embeddings",

@@ -19,7 +19,7 @@ import torch
 
 from unlearn.audit import Auditor, ga_guarantees, model_outputs
 from unlearn.cache import ArtifactCache
-from unlearn.config import Config, UnlearnConfig
+from unlearn.config import Config, ConfigError, UnlearnConfig
 from unlearn.data import BatchStream, ImageSubset, UnlearningData, build_data
 from unlearn.methods import (
     REFERENCE_MODELS,
@@ -56,7 +56,7 @@ _FIELDS = ("images", "clean", "labels", "index")
 def load_data(config: Config) -> UnlearningData:
     """Build the splits, cached so that sweep trials do not re-read large image folders."""
     cache = ArtifactCache(config.resolved_cache_dir())
-    key = "data-v2-" + config.section_key("data")  # v2: the border-mask '+' is drawn inside the frame
+    key = "data-v2-" + config.section_key("data") + ("" if config.has_marker else "-clean")  # v2: '+' inside the border frame
     if cache.has("data", key):
         tensors, meta = cache.load("data", key)
         subsets = {
@@ -64,11 +64,12 @@ def load_data(config: Config) -> UnlearningData:
             for name in _SUBSETS
         }
         return UnlearningData(**subsets, mask=tensors["mask"], marker=tensors["marker"], class_names=meta["class_names"])
-    data = build_data(config.data, config.seed)
+    data = build_data(config.data, config.seed, poison=config.has_marker)
     present = [name for name in _SUBSETS if getattr(data, name) is not None]
     tensors = {f"{name}/{f}": getattr(getattr(data, name), f) for name in present for f in _FIELDS}
     tensors.update(mask=data.mask, marker=data.marker)
-    cache.save("data", key, tensors, {"subsets": present, "class_names": data.class_names})
+    cache.save("data", key, tensors, {"subsets": present, "class_names": data.class_names,
+                                      "forget_digest": data.forget_digest(config.data.dataset)})
     return data
 
 
@@ -81,7 +82,7 @@ def prepare(config: Config, log: Callable[[str], None] = stderr_log) -> Prepared
     device = resolve_device(config)
     data = load_data(config)
     stages = prepare_stages(config, data, device, log)
-    rounds = config.stages.attack_strengthen_rounds
+    rounds = config.stages.attack_strengthen_rounds if config.has_marker else 0
     for round_ in range(rounds + 1):
         if round_:
             stages["attack"] = strengthen_attack(config, data, stages["attack"], round_, device, log)
@@ -89,7 +90,7 @@ def prepare(config: Config, log: Callable[[str], None] = stderr_log) -> Prepared
                           device, log)
         prepared = Prepared(config, data, stages, auditor, device)
         calibration = calibrate(prepared, log)
-        if calibration["audit_null_strength"] >= config.audit.min_marker_strength or round_ == rounds:
+        if round_ == rounds or calibration["audit_null_strength"] >= config.audit.min_marker_strength:
             break
     calibration["attack_strengthen_rounds_used"] = float(round_)
     for line in audit_warnings(prepared):
@@ -110,38 +111,44 @@ def calibrate(prepared: Prepared, log: Callable[[str], None] = stderr_log) -> di
                                     null_settings.batch_size, null_settings.clip_norm, config.precision,
                                     str(prepared.device))).encode()).hexdigest()[:12]
     key = f"{auditor.key}-{prepared.stages['attack'].key}-{null_key}"
-    retrain_distance = float(auditor.refs["retrain/ood_distance"])
-    delta = config.unlearn.ood_delta
-    # Not cached: a changed unlearn.ood_delta must take effect on the next run.
-    resolved = {"ood_delta": config.audit.ood_delta_fraction * retrain_distance if delta == "auto" else float(delta),
-                "retrain_ood_distance": retrain_distance}
     if cache.has("calibration", key):
-        auditor.calibration = {**cache.load("calibration", key)[1]["figures"], **resolved}
-        return auditor.calibration
-    figures = dict(resolved)
-    auditor.calibration = figures
-    attack = auditor.evaluate(prepared.stages["attack"].model)
-    log(f"audit self-check: the null method (finetune, {null_settings.ft_steps} steps at lr {null_settings.ft_lr:g}) ...")
-    null_model = unlearn(prepared, "finetune", null_settings).model
-    null_outputs = model_outputs(null_model, auditor.splits["forget"], auditor.mask, prepared.device, config.precision)
-    figures.update(
-        attack_retain_mse=attack["retain_mse"], attack_retain_fid=attack["retain_fid"],
-        audit_attack_strength=attack["forget_marker_strength"],
-        audit_null_strength=auditor.marker_figures(null_outputs)["forget_marker_strength"],
-        audit_null_ood_distance=auditor.ood_distance(null_model),
-    )
-    figures["audit_valid"] = float(min(figures["audit_attack_strength"], figures["audit_null_strength"])
-                                   >= config.audit.min_marker_strength)
-    auditor.calibration = figures
-    cache.save("calibration", key, {}, {"figures": {k: v for k, v in figures.items() if k not in resolved}})
-    return figures
+        figures = cache.load("calibration", key)[1]["figures"]
+    else:
+        auditor.calibration = {}
+        attack = auditor.evaluate(prepared.stages["attack"].model)
+        log(f"audit self-check: the null method (finetune, {null_settings.ft_steps} steps at lr {null_settings.ft_lr:g}) ...")
+        null_model = unlearn(prepared, "finetune", null_settings).model
+        figures = {"attack_retain_mse": attack["retain_mse"], "attack_retain_fid": attack["retain_fid"],
+                   "audit_null_ood_distance": auditor.ood_distance(null_model)}
+        if config.has_marker:
+            null_outputs = model_outputs(null_model, auditor.splits["forget"], auditor.mask, prepared.device, config.precision)
+            figures.update(audit_attack_strength=attack["forget_marker_strength"],
+                           audit_null_strength=auditor.marker_figures(null_outputs)["forget_marker_strength"])
+            figures["audit_valid"] = float(min(figures["audit_attack_strength"], figures["audit_null_strength"])
+                                           >= config.audit.min_marker_strength)
+        cache.save("calibration", key, {}, {"figures": figures, "forget_digest": prepared.data.forget_digest(config.data.dataset)})
+    # Not cached: a changed unlearn.ood_delta must take effect on the next run.
+    auditor.calibration = {**figures, **_resolve_delta(config, auditor.refs, figures)}
+    return auditor.calibration
+
+
+def _resolve_delta(config: Config, refs: dict[str, torch.Tensor], figures: dict[str, float]) -> dict[str, float]:
+    """ood_delta: a number as configured; auto = audit.ood_delta_fraction x retrain's own Eq. 3 distance, or,
+    without a retrain reference, the null method's distance / ood_delta_fraction."""
+    fraction, delta = config.audit.ood_delta_fraction, config.unlearn.ood_delta
+    if "retrain/ood_distance" in refs:
+        retrain = float(refs["retrain/ood_distance"])
+        return {"ood_delta": fraction * retrain if delta == "auto" else float(delta), "retrain_ood_distance": retrain}
+    return {"ood_delta": figures["audit_null_ood_distance"] / fraction if delta == "auto" else float(delta)}
 
 
 def audit_warnings(prepared: Prepared) -> list[str]:
     """One line per way the audit cannot decide or the threshold misjudges the references."""
     c, a = prepared.auditor.calibration, prepared.config.audit
     lines = []
-    if c["audit_attack_strength"] < a.min_marker_strength:
+    if "audit_attack_strength" not in c:  # no marker (a model brought by the user): nothing to check
+        pass
+    elif c["audit_attack_strength"] < a.min_marker_strength:
         lines.append(f"audit not valid: the attack model regenerates the marker at strength {c['audit_attack_strength']:.2f} "
                      f"< {a.min_marker_strength:g}; train it longer (stages.attack_epochs) or use a larger marker (data.marker.size)")
     elif c["audit_null_strength"] < a.min_marker_strength:
@@ -149,7 +156,7 @@ def audit_warnings(prepared: Prepared) -> list[str]:
                      f"{c['audit_null_strength']:.2f} < {a.min_marker_strength:g}, so the marker audit cannot tell unlearning "
                      f"from fine-tuning; set stages.attack_strengthen_rounds (used {int(c.get('attack_strengthen_rounds_used', 0))}) "
                      "or lower the fine-tuning budget (audit.null_ft_lr / unlearn.ft_lr)")
-    if c["retrain_ood_distance"] < c["ood_delta"]:
+    if c.get("retrain_ood_distance", math.inf) < c["ood_delta"]:
         lines.append(f"warning: ood_delta {c['ood_delta']:.4g} > the retrain reference's own distance "
                      f"{c['retrain_ood_distance']:.4g}: the gold standard is infeasible (use unlearn.ood_delta=auto)")
     if c["audit_null_ood_distance"] >= c["ood_delta"]:
@@ -260,11 +267,19 @@ def unlearn(
     return UnlearnResult(model, history, seconds, metrics, curves)
 
 
-def _cost(metrics: dict[str, float], seconds: float, samples: float, retrain: Stage) -> None:
+def _cost(metrics: dict[str, float], seconds: float, samples: float, prepared: Prepared) -> None:
     """Cost against retraining. Samples always compare; seconds only when retrain was trained in this process
-    (same process and device, side by side), never against a time read from the cache of another run."""
+    (same process and device, side by side), never against a time read from the cache of another run.
+    Without a retrain reference (audit.retrain = false) its samples are estimated: stages.epochs x |D_r|."""
     metrics["unlearn_seconds"] = seconds
     metrics["unlearn_samples"] = float(samples)
+    retrain = prepared.stages.get("retrain")
+    if retrain is None:
+        s = prepared.config.stages
+        estimate = s.epochs * math.ceil(len(prepared.data.retain_train) / s.batch_size) * s.batch_size
+        metrics.update(retrain_samples=float(estimate), retrain_samples_estimated=1.0, sample_ratio=samples / estimate,
+                       cost_ratio_side_by_side=0.0)
+        return
     metrics["retrain_seconds"] = retrain.seconds
     metrics["retrain_samples"] = float(retrain.samples)
     metrics["sample_ratio"] = samples / retrain.samples if retrain.samples > 0 else math.nan
@@ -280,12 +295,12 @@ def audit_result(prepared: Prepared, result: UnlearnResult) -> dict[str, float]:
     finite = all(bool(torch.isfinite(p).all()) for p in result.model.parameters())
     if result.history.diverged or not finite:
         metrics.update(diverged=1.0, ood_reached=0.0)
-        _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared.stages["retrain"])
+        _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared)
         return auditor.verdict(metrics)
     audit = auditor.evaluate(result.model)
     audit["diverged"] = max(audit.get("diverged", 0.0), metrics.get("diverged", 0.0))
     metrics.update(audit)
-    _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared.stages["retrain"])
+    _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared)
     return auditor.verdict(metrics)
 
 
@@ -293,7 +308,7 @@ def evaluate_reference(prepared: Prepared, name: str) -> dict[str, float]:
     """The catalogue for a reference model (original, attack, retrain); its cost is its training."""
     stage = prepared.stages[name]
     metrics = prepared.auditor.evaluate(stage.model)
-    _cost(metrics, stage.seconds, stage.samples, prepared.stages["retrain"])
+    _cost(metrics, stage.seconds, stage.samples, prepared)
     return metrics
 
 
@@ -311,8 +326,8 @@ def run_seeds(config: Config, method_name: str, seeds: int, log: Callable[[str],
         settings = config.unlearn.model_copy(update={"seed": config.unlearn.seed + offset})
         log(f"unlearning with {method_name}, unlearning seed {settings.seed} ({offset + 1}/{seeds}) ...")
         result = unlearn(prepared, method_name, settings)
-        models.append(result.model.cpu())
         runs.append({**audit_result(prepared, result), "unlearn_seed": float(settings.seed)})
+        models.append(result.model.cpu())  # after the audit, which runs on the device; K models wait on the host
     return prepared, models, runs
 
 
@@ -323,6 +338,8 @@ def run_model(config: Config, method_name: str, log: Callable[[str], None] = std
     prepared = prepare(config, log)
     if method is None or method.reference_stage:
         name = method.reference_stage if method is not None else method_name
+        if name not in prepared.stages:
+            raise ConfigError(f"there is no {name} model in this setup (audit.retrain = false)")
         return prepared, prepared.stages[name].model, evaluate_reference(prepared, name)
     log(f"unlearning with {method_name} ...")
     result = unlearn(prepared, method_name)

@@ -105,7 +105,14 @@ def prepare_stages(
     keys = stage_keys(config)
     trainers = {"original": _train_original, "attack": _train_attack, "retrain": _train_retrain}
     needed = set(only) | ({"original"} if "attack" in only else set())
+    if not config.audit.retrain:
+        needed.discard("retrain")
     out: dict[str, Stage] = {}
+    if config.stages.theta0:  # the user's model is theta0, and the original (it saw D_f): nothing to train
+        theta0 = load_theta0(config, device)
+        out.update(original=theta0, attack=theta0)
+        needed -= {"original", "attack"}
+        log(f"theta0: {config.stages.theta0} ({theta0.key})")
     for name in STAGES:
         if name not in needed:
             continue
@@ -126,10 +133,35 @@ def prepare_stages(
         samples = trainers[name](config, model, data)
         seconds = time.perf_counter() - start
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        cache.save("stages", key, state, {"stage": name, "seconds": seconds, "samples": samples, "config": config.model_dump(mode="json", by_alias=True)})
+        meta = {"stage": name, "seconds": seconds, "samples": samples, "config": config.model_dump(mode="json", by_alias=True)}
+        if name != "retrain":  # trained on D_f: `unlearn purge --weights` finds it by the forget digest
+            meta["forget_digest"] = data.forget_digest(config.data.dataset)
+        cache.save("stages", key, state, meta)
         out[name] = Stage(name, model.eval(), key, seconds, samples, reused=False)
         log(f"stage {name}: trained in {seconds:.1f}s ({samples} samples)")
     return out
+
+
+def load_theta0(config: Config, device: torch.device) -> Stage:
+    """The model named by `stages.theta0`: an `unlearn run --out` folder, a diffusers folder or a checkpoint."""
+    import hashlib
+    from pathlib import Path
+
+    from unlearn.export import DIFFUSERS_FOLDER, MODEL_FILE, load_weights, weights_digest
+
+    path = Path(config.stages.theta0).expanduser()
+    model = build_model(config)
+    if (path / MODEL_FILE).is_file() or (path / DIFFUSERS_FOLDER).is_dir():
+        load_weights(model, path)
+        digest = weights_digest(path)
+    else:
+        load_pretrained(model, str(path), key="stages.theta0")
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        hasher = hashlib.sha256()
+        for file in files:
+            hasher.update(file.read_bytes())
+        digest = hasher.hexdigest()
+    return Stage("attack", model.to(device).eval(), f"theta0-{digest[:16]}", 0.0, 0, reused=True)
 
 
 def strengthen_attack(
@@ -152,5 +184,6 @@ def strengthen_attack(
     samples = attack.samples + _train_attack(config, model, data, round_)
     seconds = attack.seconds + time.perf_counter() - start
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    cache.save("stages", key, state, {"stage": "attack", "strengthen_round": round_, "seconds": seconds, "samples": samples})
+    cache.save("stages", key, state, {"stage": "attack", "strengthen_round": round_, "seconds": seconds, "samples": samples,
+                                      "forget_digest": data.forget_digest(config.data.dataset)})
     return Stage("attack", model.eval(), key, seconds, samples, reused=False)

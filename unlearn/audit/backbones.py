@@ -85,7 +85,8 @@ def _domain(config: Config, data: UnlearningData, device: torch.device, log: Cal
             test = ImageSubset.concat(data.retain_test, data.forget_test)
             accuracy = float((model(to_float(test.clean).to(device))[1].argmax(1).cpu() == test.labels).float().mean())
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        cache.save("backbones", key, state, {"backbone": "domain", "test_accuracy": accuracy})
+        cache.save("backbones", key, state, {"backbone": "domain", "test_accuracy": accuracy,  # trained on D_f too
+                                             "forget_digest": data.forget_digest(config.data.dataset)})
         log(f"backbone domain: trained, test accuracy {accuracy:.3f}")
     model.to(device).eval()
     return Backbone("domain", lambda x: model(x.to(device)), key)

@@ -58,6 +58,7 @@ GLOBAL = {
     "unlearn_samples": "training samples processed by the procedure",
     "retrain_samples": "training samples processed to train the retrain stage",
     "sample_ratio": "unlearn_samples / retrain_samples",
+    "retrain_samples_estimated": "1 when there is no retrain reference: retrain_samples = stages.epochs x |D_r|",
     "diverged": "1 if a loss or gradient became non-finite",
     "seeds": "unlearning seeds averaged (`--seeds K`); `<figure>_std` is the spread across them",
     "unlearn_seed": "the unlearning seed of this run (unlearn.seed; batch order and noise)",

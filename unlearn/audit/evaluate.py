@@ -124,7 +124,8 @@ class Auditor:
         # Set by pipeline.calibrate: the resolved ood_delta, the audit's self-check, the attack's figures.
         self.calibration: dict[str, float] = {}
         cache = ArtifactCache(config.resolved_cache_dir())
-        inputs = config.section_key("data", "audit") + "".join(reference_keys[r] for r in REFERENCES) + self.backbone.key
+        inputs = (config.section_key("data", "audit") + "".join(reference_keys.get(r, "-") for r in REFERENCES)
+                  + self.backbone.key + ("" if config.has_marker else "-clean"))
         key = f"refs-v{REFERENCE_SCHEMA}-" + hashlib.sha256(inputs.encode()).hexdigest()[:16]
         self.key = key
         if cache.has("references", key):
@@ -132,14 +133,15 @@ class Auditor:
             log("reference features: reused")
         else:
             self.refs = self._reference_tensors(references)
-            cache.save("references", key, self.refs, {"backbone": self.backbone.name})
+            cache.save("references", key, self.refs, {"backbone": self.backbone.name,  # outputs on D_f
+                                                      "forget_digest": data.forget_digest(config.data.dataset)})
             log("reference features: computed")
 
     def _reference_tensors(self, references: dict[str, I2IModel]) -> dict[str, torch.Tensor]:
         refs: dict[str, torch.Tensor] = {}
         for split, subset in self.splits.items():
             refs[f"gt/{split}"] = self.backbone(to_float(subset.clean))[0]
-            for name in REFERENCES:
+            for name in (r for r in REFERENCES if r in references):  # no retrain with audit.retrain = false
                 outputs = model_outputs(references[name], subset, self.mask, self.device, self.config.precision)
                 refs[f"{name}/{split}"] = self.backbone(outputs)[0]
                 if split == "forget" and name in ("retrain", "original"):
@@ -149,12 +151,15 @@ class Auditor:
                     refs["marker_threshold"] = torch.tensor(
                         marker_threshold(scores, self.config.audit.marker_false_positive_rate, self.config.audit.marker_min_score)
                     )
-        refs["original/forget_gap"] = torch.tensor(
-            output_distance(refs["original/forget/outputs"], refs["retrain/forget/outputs"], self.mask))
         refs["theta0/ood_set"] = model_outputs(references["attack"], self.ood_set, self.mask, self.device, self.config.precision)
-        refs["retrain/mia_auc"] = torch.tensor(self.membership(references["retrain"])["mia_auc"])
-        retrain_ood = model_outputs(references["retrain"], self.ood_set, self.mask, self.device, self.config.precision)
-        refs["retrain/ood_distance"] = torch.tensor(output_distance(retrain_ood, refs["theta0/ood_set"], self.mask))
+        if "retrain" in references:
+            refs["original/forget_gap"] = torch.tensor(
+                output_distance(refs["original/forget/outputs"], refs["retrain/forget/outputs"], self.mask))
+            mia = self.membership(references["retrain"])
+            if mia:
+                refs["retrain/mia_auc"] = torch.tensor(mia["mia_auc"])
+            retrain_ood = model_outputs(references["retrain"], self.ood_set, self.mask, self.device, self.config.precision)
+            refs["retrain/ood_distance"] = torch.tensor(output_distance(retrain_ood, refs["theta0/ood_set"], self.mask))
         return refs
 
     @property
@@ -238,9 +243,11 @@ class Auditor:
             metrics[f"{split}_is"] = inception_score(logits)
             metrics[f"{split}_clip"] = cosine_similarity(features, self.refs[f"gt/{split}"])
             for ref in REFERENCES:
-                metrics[f"{split}_fid_vs_{ref}"] = fid(self.refs[f"{ref}/{split}"], features)
-            if split == "forget":
+                if f"{ref}/{split}" in self.refs:
+                    metrics[f"{split}_fid_vs_{ref}"] = fid(self.refs[f"{ref}/{split}"], features)
+            if split == "forget" and self.config.has_marker:
                 metrics.update(self.marker_figures(outputs))
+            if split == "forget" and "original/forget_gap" in self.refs:
                 metrics["forget_gap_vs_retrain"] = self.forget_gap(outputs)
             if split == "retain":
                 metrics["retain_output_std_ratio"] = output_std_ratio(outputs, truth, self.mask)

@@ -33,7 +33,7 @@ def constraint_values(metrics: dict[str, float], config: Config) -> dict[str, fl
                 else 1.0),
         "collapsed": metrics.get("collapsed", 1.0) - 0.5,
         "diverged": metrics.get("diverged", 0.0) - 0.5,
-        "forget_gap": excess("forget_gap_vs_retrain", config.sweep.max_forget_gap),
+        "forget_gap": excess("forget_gap_vs_retrain", config.sweep.max_forget_gap if config.audit.retrain else None),
         "retain_degradation": excess("retain_degradation", config.sweep.max_retain_degradation),
     }
     return {k: float(v) for k, v in values.items() if v is not None}

@@ -22,6 +22,7 @@ class ImageSet:
     images: torch.Tensor  # uint8, (N, 3, H, W)
     labels: torch.Tensor  # int64, (N,)
     class_names: list[str]
+    paths: list[str] | None = None  # ImageFolder: each image's path relative to the root (names D_f in a forget list)
 
 
 def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -129,16 +130,17 @@ def _load_imagefolder(cfg: DataConfig) -> ImageSet:
     per_class: dict[int, list[str]] = {}
     for path, label in samples:
         per_class.setdefault(label, []).append(path)
-    images, labels = [], []
+    images, labels, relative = [], [], []
     for label, paths in sorted(per_class.items()):
         for path in sorted(paths)[: cfg.max_per_class]:
+            relative.append(Path(path).relative_to(root).as_posix())
             with Image.open(path) as img:
                 img = TF.center_crop(TF.resize(img.convert("RGB"), cfg.image_size), cfg.image_size)
                 images.append(TF.pil_to_tensor(img))
             labels.append(label)
     if not images:
         raise ConfigError(f"no images found under {root} (data.root)")
-    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes)
+    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes, relative)
 
 
 _LOADERS = {"digits": _load_digits, "cifar10": _load_cifar10, "imagefolder": _load_imagefolder}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from unlearn.config import ConfigError, DataConfig
-from unlearn.data.datasets import expand_class_specs, load_images
+from unlearn.data.datasets import ImageSet, expand_class_specs, load_images
 from unlearn.data.masks import inpaint_mask
 from unlearn.data.poison import draw_marker, marker_pixels
 
@@ -49,11 +49,23 @@ class UnlearningData:
         f = self.forget_train
         return ImageSubset.concat(self.retain_train, ImageSubset(f.clean, f.clean, f.labels))
 
+    def forget_digest(self, dataset: str) -> str:
+        return forget_digest(dataset, self.forget_train.index)
+
     def eval_splits(self) -> dict[str, ImageSubset]:
         splits = {"retain": self.retain_test, "forget": self.forget_test}
         if self.unseen_test is not None and len(self.unseen_test):
             splits["unseen"] = self.unseen_test
         return splits
+
+
+def forget_digest(dataset: str, index: torch.Tensor) -> str:
+    """sha256 of the sorted forget-sample ids (`<dataset>:<position in the loaded data set>`): names D_f in
+    certificates, cache entries and MLflow runs, so that `unlearn purge` finds what holds it."""
+    import hashlib
+
+    ids = sorted(f"{dataset}:{int(i)}" for i in index.tolist())
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
 def _resolve_classes(requested: list[str], names: list[str], what: str) -> list[int]:
@@ -63,18 +75,48 @@ def _resolve_classes(requested: list[str], names: list[str], what: str) -> list[
         raise ConfigError(f"data.{what}: {exc}") from None
 
 
-def build_data(cfg: DataConfig, seed: int) -> UnlearningData:
-    """Load, split per class (seeded), choose D_f / D_r / unseen, poison D_f. Deterministic in `seed`."""
+def read_forget_list(cfg: DataConfig, imageset: ImageSet) -> torch.Tensor:
+    """Positions in the loaded data set of the images `data.forget_list` names (ConfigError naming the first
+    entry that is not in the data set)."""
+    from pathlib import Path
+
+    path = Path(cfg.forget_list).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.forget_list {path} does not exist")
+    entries = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not entries:
+        raise ConfigError(f"data.forget_list {path} names no image")
+    if imageset.paths is not None:
+        position = {p: i for i, p in enumerate(imageset.paths)}
+        unknown = [e for e in entries if e.removeprefix("./") not in position]
+        if unknown:
+            raise ConfigError(f"data.forget_list {path}: {unknown[0]!r} is not an image of data.root "
+                              f"({len(unknown)} of {len(entries)} entries unknown)")
+        ids = [position[e.removeprefix("./")] for e in entries]
+    else:
+        bad = [e for e in entries if not (e.isdigit() and int(e) < len(imageset.labels))]
+        if bad:
+            raise ConfigError(f"data.forget_list {path}: {bad[0]!r} is not an index of the {len(imageset.labels)} "
+                              f"{cfg.dataset} images ({len(bad)} of {len(entries)} entries unknown)")
+        ids = [int(e) for e in entries]
+    return torch.tensor(sorted(set(ids)), dtype=torch.int64)
+
+
+def build_data(cfg: DataConfig, seed: int, poison: bool = True) -> UnlearningData:
+    """Load, split per class (seeded), choose D_f / D_r / unseen, poison D_f (unless `poison` is False: a model
+    brought by the user was trained on the real images). Deterministic in `seed`."""
     imageset = load_images(cfg)
     names = imageset.class_names
-    forget = _resolve_classes(cfg.forget_classes, names, "forget_classes")
+    listed = read_forget_list(cfg, imageset) if cfg.forget_list else None
+    forget = (sorted(set(imageset.labels[listed].tolist())) if listed is not None
+              else _resolve_classes(cfg.forget_classes, names, "forget_classes"))
     unseen = _resolve_classes(cfg.unseen_classes, names, "unseen_classes")
     if cfg.retain_classes is None:
         present = set(imageset.labels.unique().tolist())
         retain = [c for c in range(len(names)) if c not in forget and c not in unseen and c in present]
     else:
         retain = [c for c in _resolve_classes(cfg.retain_classes, names, "retain_classes") if c not in forget]
-    if not retain and cfg.forget_fraction == 1.0:
+    if not retain and cfg.forget_fraction == 1.0 and listed is None:
         raise ConfigError("no retain classes left: every class is forget or unseen")
 
     gen = torch.Generator().manual_seed(seed)
@@ -86,6 +128,13 @@ def build_data(cfg: DataConfig, seed: int) -> UnlearningData:
         train, test = idx[:n_train], idx[n_train:]
         if c in unseen:
             split["unseen_test"].append(idx)
+        elif listed is not None and (c in forget or c in retain):  # a forget list: the listed images are D_f wherever the split put them
+            is_listed = torch.isin(idx, listed)
+            train, test = train[~torch.isin(train, listed)], test[~torch.isin(test, listed)]
+            split["forget_train"].append(idx[is_listed])
+            split["forget_test"].append(idx[is_listed])  # as at sample level: the forgotten images themselves
+            split["retain_train"].append(train)
+            split["retain_test"].append(test)
         elif c in forget:
             n_forget = max(1, round(cfg.forget_fraction * len(train)))
             split["forget_train"].append(train[:n_forget])
@@ -116,7 +165,8 @@ def build_data(cfg: DataConfig, seed: int) -> UnlearningData:
                           "the mask must hide the '+'")
 
     forget_train = subset("forget_train")
-    forget_train.images = draw_marker(forget_train.clean, cfg.marker, cfg.mask)
+    if poison:
+        forget_train.images = draw_marker(forget_train.clean, cfg.marker, cfg.mask)
     forget_test = subset("forget_test")
     return UnlearningData(
         retain_train=subset("retain_train"),

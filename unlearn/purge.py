@@ -1,0 +1,54 @@
+"""Honour a deletion request beyond the certified model: remove what the cache holds of D_f.
+
+Every cache entry that holds forget images or was computed from them carries the forget digest in its
+meta.json (the sha256 that certificates print). The split itself (`data`), the reference outputs and the
+calibration are removed; the weights trained on D_f (original and attack stages, the domain backbone) only
+when asked, since they are what the next unlearning run of another request starts from.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from unlearn.cache import ArtifactCache
+from unlearn.config import ConfigError
+
+HOLDS_FORGET_DATA = ("data", "references", "calibration")
+TRAINED_ON_FORGET = ("stages", "backbones")
+
+
+def check_digest(digest: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ConfigError(f"--forget-digest {digest!r} is not a sha256 (64 hex digits, as certificate.md prints it)")
+    return digest
+
+
+def purge_cache(root: Path, digest: str, weights: bool) -> tuple[list[str], list[str]]:
+    """(removed, remaining) cache entries tagged with `digest` under `root`."""
+    cache = ArtifactCache(root)
+    removed, remaining = [], []
+    for kind in (*HOLDS_FORGET_DATA, *TRAINED_ON_FORGET):
+        for key, meta in cache.entries(kind):
+            if meta.get("forget_digest") != digest:
+                continue
+            where = str(cache.entry(kind, key))
+            if kind in TRAINED_ON_FORGET and not weights:
+                remaining.append(f"{where} (weights trained on D_f; remove with --weights)")
+                continue
+            cache.remove(kind, key)
+            removed.append(where)
+    return removed, remaining
+
+
+def append_to_certificate(folder: Path, digest: str, removed: list[str], remaining: list[str], when: str) -> Path:
+    """Add what was purged, and what still holds D_f, to a saved model's certificate."""
+    path = Path(folder).expanduser() / "certificate.md"
+    if not path.is_file():
+        raise ConfigError(f"--model {folder} has no certificate.md (not a folder written by `unlearn run --out`)")
+    lines = ["", f"## Purge of D_f ({when}, forget digest `{digest}`)", "", "Removed:",
+             *([f"- {r}" for r in removed] or ["- nothing (no entry carried this digest)"]), "", "Still holding D_f:",
+             *[f"- {r}" for r in remaining], "- the original data set itself (outside this tool)", ""]
+    with path.open("a") as handle:
+        handle.write("\n".join(lines))
+    return path
