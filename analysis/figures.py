@@ -14,9 +14,13 @@ import pandas as pd  # noqa: E402
 from raytasks.pareto import pareto_front  # noqa: E402
 
 
-def pareto_plot(trials: pd.DataFrame, objectives: list[str], path: Path) -> Path:
-    """All trials in (retain_degradation, forget_marker_strength), feasible filled, the front joined by a line."""
+def pareto_plot(trials: pd.DataFrame, objectives: list[str], path: Path, confirmed: pd.DataFrame | None = None) -> Path:
+    """All trials in (retain_degradation, forget_marker_strength), feasible filled, the front joined by a line;
+    confirmed best configurations as their mean ± std over the confirmation seeds. Without marker figures (a model
+    brought by the user) the first objective that is not the retain degradation takes the y axis."""
     x, y = "retain_degradation", "forget_marker_strength"
+    if y not in trials:
+        y = next((o for o in objectives if o != x and o in trials), "forget_ood_distance")
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for method, group in trials.groupby("method"):
         feasible = group["feasible"] == 1.0
@@ -25,9 +29,13 @@ def pareto_plot(trials: pd.DataFrame, objectives: list[str], path: Path) -> Path
     front = pareto_front(trials, objectives).sort_values(x) if {x, y} <= set(objectives) else trials.iloc[0:0]
     if len(front):
         ax.plot(front[x], front[y], "k--", lw=1, label="Pareto front")
+    for i, row in enumerate((confirmed if confirmed is not None else pd.DataFrame()).to_dict("records")):
+        if {x, y, f"{x}_std", f"{y}_std"} <= set(row):
+            ax.errorbar(row[x], row[y], xerr=row[f"{x}_std"], yerr=row[f"{y}_std"], fmt="k+", ms=10, capsize=3,
+                        label=f"confirmed mean ± std ({int(row['seeds'])} seeds)" if i == 0 else None)
     ax.set_xscale("symlog", linthresh=0.1)
     ax.set_xlabel("retain degradation (retain metric / attack's - 1)")
-    ax.set_ylabel("forget_marker_strength (0 clean, 1 drawn '+')")
+    ax.set_ylabel("forget_marker_strength (0 clean, 1 drawn '+')" if y == "forget_marker_strength" else y)
     ax.set_title("Sweep trials (hollow: infeasible)")
     ax.legend(fontsize=8)
     fig.tight_layout()

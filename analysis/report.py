@@ -11,25 +11,35 @@ import pandas as pd
 
 from analysis.figures import distance_plot, image_grid, pareto_plot, tsne_plot
 from analysis.runs import SweepRuns, load_sweep
+from raytasks.pareto import confirmed, mean_pm_std
 from unlearn.audit.samples import SAMPLES_PER_SPLIT
 
 TABLE_METRICS = [
     "forget_marker_strength", "forget_marker", "forget_marker_ci_low", "forget_marker_ci_high",
-    "forget_gap_vs_retrain", "retain_degradation", "collapsed", "retain_mse", "forget_mse",
+    "forget_gap_vs_retrain", "retain_degradation", "sample_ratio", "mia_auc", "mia_gap_vs_retrain", "collapsed",
+    "retain_mse", "forget_mse",
     "retain_fid", "retain_is", "retain_clip", "forget_fid", "forget_is", "forget_clip",
     "retain_fid_vs_retrain", "forget_fid_vs_retrain", "forget_fid_vs_attack", "forget_fid_vs_original",
-    "forget_ood_distance", "forget_ood_rate", "sample_ratio", "cost_ratio",
+    "forget_ood_distance", "forget_ood_rate", "cost_ratio",
 ]
 REFERENCE_ORDER = ("attack", "original", "retrain")
 
 
 def comparison_table(runs: SweepRuns) -> pd.DataFrame:
-    """Rows: the best trial of every swept method, then the references; columns: the catalogue's figures."""
+    """Rows: the best trial of every swept method, then the references; columns: the catalogue's figures.
+
+    A confirmed best trial (sweep.confirm_seeds) shows the mean over its confirmation seeds, with `<figure>_std`
+    beside it, `seeds` and `feasible_seeds`."""
     best = runs.best_trials()
+    checked = confirmed(runs.confirmation_frame(), TABLE_METRICS).set_index("confirms")
     rows = []
     for _, trial in best.iterrows():
-        rows.append({"model": trial["method"], "run_id": trial["run_id"], "feasible": bool(trial.get("feasible", 0) == 1.0),
-                     **{m: trial.get(m, math.nan) for m in TABLE_METRICS}})
+        row = {"model": trial["method"], "run_id": trial["run_id"], "feasible": bool(trial.get("feasible", 0) == 1.0),
+               **{m: trial.get(m, math.nan) for m in TABLE_METRICS}}
+        trial_id = trial.get("tags.ray.trial_id")
+        if trial_id in checked.index:
+            row.update(checked.loc[trial_id].drop("method").to_dict())
+        rows.append(row)
     refs = runs.references.set_index("tags.reference")
     for name in REFERENCE_ORDER:
         if name in refs.index:
@@ -69,11 +79,12 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
     config = runs.config()
     table = comparison_table(runs)
     table.to_csv(out / "comparison.csv", index=False)
-    shown = table.drop(columns=["run_id"])
+    shown = mean_pm_std(table, TABLE_METRICS).drop(columns=["run_id"])
 
     trials = runs.trials.rename(columns=lambda c: c.removeprefix("metrics."))
     trials = trials.assign(method=runs.trials["tags.method"])
-    pareto_plot(trials, list(config.objectives), out / "pareto.png")
+    pareto_plot(trials, list(config.objectives), out / "pareto.png",
+                confirmed(runs.confirmation_frame(), ["retain_degradation", "forget_marker_strength", *config.objectives]))
 
     best = runs.best_trials()
     refs = runs.references.set_index("tags.reference")
@@ -107,6 +118,14 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
     missing = [m for m in swept if m not in set(best["method"]) and m not in infeasible]
     valid = float(attack.get("metrics.audit_valid", 0.0)) == 1.0
     notes = str(runs.parent.get("tags.audit_notes", "none"))
+    if pd.notna(attack.get("metrics.audit_valid", math.nan)):
+        marker = (f"- **marker audit: {'valid' if valid else 'NOT VALID: this audit cannot decide whether the marker was unlearned'}** "
+                  f"(attack model strength {float(attack.get('metrics.audit_attack_strength', math.nan)):.3f}, null method = fine-tuning "
+                  f"on D_r alone {float(attack.get('metrics.audit_null_strength', math.nan)):.3f}; both must be >= "
+                  f"{config.audit.min_marker_strength:g}; strengthening rounds used "
+                  f"{_count(attack.get('metrics.attack_strengthen_rounds_used'))}){'' if notes == 'none' else '. ' + notes}")
+    else:
+        marker = "- marker audit: not applicable (theta0 was brought by the user; D_f carries no marker)"
     lines = [
         f"# Unlearning report: {experiment}",
         "",
@@ -117,11 +136,7 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
         f"mask `{runs.param('data.mask.kind')}` of {runs.param('data.mask.size')}px",
         f"- model: `{runs.param('model.kind')}`; seed {seed} (splits, stages, unlearning)",
         f"- FID / IS / CLIP backbone: `{runs.param('audit.backbone')}`",
-        f"- **marker audit: {'valid' if valid else 'NOT VALID: this audit cannot decide whether the marker was unlearned'}** "
-        f"(attack model strength {float(attack.get('metrics.audit_attack_strength', math.nan)):.3f}, null method = fine-tuning "
-        f"on D_r alone {float(attack.get('metrics.audit_null_strength', math.nan)):.3f}; both must be >= "
-        f"{config.audit.min_marker_strength:g}; strengthening rounds used "
-        f"{_count(attack.get('metrics.attack_strengthen_rounds_used'))}){'' if notes == 'none' else '. ' + notes}",
+        marker,
         f"- OOD threshold delta = {ood_delta:.4g} (`unlearn.ood_delta` = {config.unlearn.ood_delta}; the retrain "
         f"reference's own distance {float(attack.get('metrics.retrain_ood_distance', math.nan)):.4g}); trials: "
         f"{len(runs.trials)} finished",
@@ -132,7 +147,9 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
         "## Method comparison",
         "",
         f"Best feasible trial per method (smallest {config.objectives[0]}, rounded to 0.01, then "
-        f"{', '.join(config.objectives[1:]) or 'nothing'}), then the reference models.",
+        f"{', '.join(config.objectives[1:]) or 'nothing'}), then the reference models. A confirmed row shows the mean "
+        f"± std over its {config.sweep.confirm_seeds} fresh unlearning seeds (`seeds`, `feasible_seeds`); the search "
+        "trial itself ran seed 0.",
         "",
         shown.to_markdown(index=False, floatfmt=".4g"),
         "",

@@ -28,6 +28,7 @@ class SweepRuns:
     parent: pd.Series  # the most recent parent run of the experiment
     trials: pd.DataFrame  # one row per finished trial: params.*, metrics.*, tags.*
     references: pd.DataFrame  # original / attack / retrain rows
+    confirmations: pd.DataFrame | None = None  # runs tagged `confirm` (nested under the trial they confirm)
     _config: Config | None = None
 
     @property
@@ -70,6 +71,14 @@ class SweepRuns:
         frame["method"] = self.trials["tags.method"]
         return frame
 
+    def confirmation_frame(self) -> pd.DataFrame:
+        """Confirmation runs with plain metric names, `method` and `confirms` (the confirmed trial's id)."""
+        if self.confirmations is None or self.confirmations.empty:
+            return pd.DataFrame(columns=["method", "confirms", "feasible"])
+        frame = self.confirmations.rename(columns=lambda c: c.removeprefix("metrics.")).copy()
+        frame["method"], frame["confirms"] = self.confirmations["tags.method"], self.confirmations["tags.confirm"]
+        return frame
+
     def best_trials(self) -> pd.DataFrame:
         """Per method with a feasible trial: its best one (raytasks.pareto.best_per_method, the one definition)."""
         return best_per_method(self.metric_frame(), self.config().objectives)
@@ -106,11 +115,13 @@ def load_sweep(experiment: str, tracking_uri: str | None = None) -> SweepRuns:
     parent = parents.iloc[-1]
     children = runs[_column(runs, "tags.mlflow.parentRunId") == parent["run_id"]]
     trials = children[_column(children, "tags.ray.trial_id").notna() & (children["status"] == "FINISHED")
-                      & _column(children, "metrics.forget_marker").notna()]
+                      & _column(children, "metrics.forget_ood_distance").notna()]  # audited, marker or not
     if trials.empty:
         raise ConfigError(f"experiment {experiment!r} has no finished trial")
     references = children[_column(children, "tags.reference").notna()]
-    return SweepRuns(client, experiment, parent, trials, references)
+    confirmations = runs[_column(runs, "tags.confirm").notna() & _column(runs, "tags.mlflow.parentRunId").isin(set(trials["run_id"]))
+                         & (runs["status"] == "FINISHED")]
+    return SweepRuns(client, experiment, parent, trials, references, confirmations)
 
 
 def _column(frame: pd.DataFrame, name: str) -> pd.Series:

@@ -15,7 +15,7 @@ from ray import tune
 
 from raytasks import tracking
 from raytasks.outcome import WEIGHTS_FOLDER
-from raytasks.pareto import best_per_method, pareto_front
+from raytasks.pareto import best_per_method, confirmed, mean_pm_std, pareto_front
 from raytasks.search import make_searcher, search_space, trial_resources
 from unlearn.audit.samples import reference_rows, save_png
 from unlearn.audit.verdict import violations
@@ -33,6 +33,9 @@ def summary_columns(objectives: list[str]) -> list[str]:
              "forget_ood_distance", "collapsed"]
     return ["method", "trial_id", *objectives, *[c for c in shown if c not in objectives], "feasible", "failed"]
 
+
+# Shown for confirmed configurations (mean ± std over the fresh unlearning seeds).
+CONFIRMED_FIGURES = ["forget_marker_strength", "retain_degradation", "forget_gap_vs_retrain", "mia_auc", "forget_ood_distance"]
 
 # Audit figures copied onto the registered model version as tags.
 REGISTRY_FIGURES = ("forget_marker_strength", "forget_gap_vs_retrain", "retain_degradation", "mia_auc",
@@ -100,14 +103,17 @@ class SweepDriver:
         self.client.set_tag(self.parent, "audit_valid", str(int(figures["audit_valid"])) if "audit_valid" in figures else "n/a")
         self.client.set_tag(self.parent, "audit_notes", " | ".join(warnings) if warnings else "none")  # prepare() printed them
 
-    def _tuner(self, method: str, resume: bool) -> tune.Tuner:
-        from ray.tune.search import ConcurrencyLimiter
-
+    def _trainable(self, method: str):
         from raytasks.trial import run_trial
 
         spec = {"config": self.config.model_dump(mode="json", by_alias=True), "method": method, "workers": self.workers,
                 "use_gpu": self.use_gpu, "threads": 1, "storage_path": self.storage}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), trial_resources(self.workers, self.use_gpu))
+        return tune.with_resources(tune.with_parameters(run_trial, spec=spec), trial_resources(self.workers, self.use_gpu))
+
+    def _tuner(self, method: str, resume: bool) -> tune.Tuner:
+        from ray.tune.search import ConcurrencyLimiter
+
+        trainable = self._trainable(method)
         path = f"{self.storage}/{method}"
         run_config = tune.RunConfig(name=method, storage_path=self.storage, verbose=0,
                                     callbacks=[tracking.TrialLoggingCallback(self.logger(method))])
@@ -138,6 +144,7 @@ class SweepDriver:
         self.client.set_tag(self.parent, "ray_storage", self.storage)
         rows: list[dict[str, Any]] = []
         checkpoints: dict[tuple[str, str], Any] = {}
+        confirmations: list[dict[str, Any]] = []
         for method in self.methods:
             stderr_log(f"sweep {self.name}: {method}, {self.trials} trials, {self.concurrency} at a time")
             tuner = self._tuner(method, resume)
@@ -157,9 +164,49 @@ class SweepDriver:
             if unfinished:  # Tune returns normally after Ctrl-C: stop here, the parent stays open for --resume
                 raise SweepInterrupted(f"sweep {self.name!r} interrupted with {unfinished} {method} trial(s) unfinished; "
                                        f"continue with --resume --name {self.name}")
+            if self.config.sweep.confirm_seeds:
+                confirmations += self._confirm(method, [r for r in rows if r["method"] == method], resume)
             state["done"] = sorted(set(state["done"]) | {method})
             state_path.write_text(json.dumps(state, indent=2))
-        return self._summarise(rows, refs, checkpoints, prepared)
+        return self._summarise(rows, refs, checkpoints, prepared, confirmations)
+
+    def _confirm(self, method: str, method_rows: list[dict[str, Any]], resume: bool) -> list[dict[str, Any]]:
+        """Re-run the method's best configuration on `sweep.confirm_seeds` fresh unlearning seeds (1..K; the search
+        ran seed 0) as Tune trials, logged as nested runs tagged `confirm` under the trial they confirm."""
+        best = best_per_method(pd.DataFrame(method_rows), self.config.objectives) if method_rows else pd.DataFrame()
+        if best.empty:
+            return []  # no feasible trial: nothing to confirm
+        row = best.iloc[0]
+        trial_id = str(row["trial_id"])
+        parent = tracking.find_run(self.client, self.experiment, {"sweep": self.name, "method": method, "ray.trial_id": trial_id})
+        params = {hp: (int(row[hp]) if hp.endswith("_steps") else float(row[hp]))
+                  for hp in METHODS[method].hyperparameters if hp in row}
+        seeds = list(range(1, self.config.sweep.confirm_seeds + 1))
+        stderr_log(f"sweep {self.name}: confirming {method}'s best trial {trial_id} on unlearning seeds {seeds}")
+        logger = tracking.MLflowTrialLogger(self.uri, self.experiment, parent, self.name, method, self.workers,
+                                            tags={"confirm": trial_id})
+        path = f"{self.storage}/{method}-confirm"
+        if resume and tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable=self._trainable(method), resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(self._trainable(method), param_space={**params, "seed": tune.grid_search(seeds)},
+                               tune_config=tune.TuneConfig(max_concurrent_trials=self.concurrency),
+                               run_config=tune.RunConfig(name=f"{method}-confirm", storage_path=self.storage, verbose=0,
+                                                         callbacks=[tracking.TrialLoggingCallback(logger)]))
+        grid = tuner.fit()
+        out = []
+        for result in grid:
+            metrics = dict(result.metrics or {})
+            if not metrics and result.error is None:
+                raise SweepInterrupted(f"sweep {self.name!r} interrupted while confirming {method}; "
+                                       f"continue with --resume --name {self.name}")
+            confirm_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
+            logger.log(confirm_id, dict(result.config or {}), metrics or {"failed": 1.0},
+                       result.checkpoint.path if result.checkpoint else None, failed=result.error is not None)
+            if result.checkpoint is not None and self.config.sweep.keep_weights != "all":
+                _drop_weights(result.checkpoint)  # a confirmation is evidence, not a model to deliver
+            out.append({"method": method, "confirms": trial_id, "trial_id": confirm_id, **(result.config or {}), **metrics})
+        return out
 
     # --- the deliverable ---------------------------------------------------------------------------
     def _deliver(self, best: pd.DataFrame, checkpoints: dict[tuple[str, str], Any], prepared,
@@ -205,7 +252,7 @@ class SweepDriver:
         return lines
 
     def _summarise(self, rows: list[dict[str, Any]], refs: dict[str, dict[str, float]],
-                   checkpoints: dict[tuple[str, str], Any], prepared) -> str:
+                   checkpoints: dict[tuple[str, str], Any], prepared, confirmations: list[dict[str, Any]]) -> str:
         objectives = list(self.config.objectives)
         frame = pd.DataFrame(rows)
         for col in summary_columns(objectives):
@@ -220,8 +267,10 @@ class SweepDriver:
             front[cols].to_csv(Path(folder) / "pareto.csv", index=False)
             best[cols].to_csv(Path(folder) / "best.csv", index=False)
             (Path(folder) / "pareto.md").write_text(front[cols].to_markdown(index=False, floatfmt=".4g"))
+            checked = confirmed(pd.DataFrame(confirmations), CONFIRMED_FIGURES)
+            checked.to_csv(Path(folder) / "confirmed.csv", index=False)
             self.client.log_artifacts(self.parent, folder, "summary")
-            for name in ("trials.csv", "pareto.csv", "best.csv"):
+            for name in ("trials.csv", "pareto.csv", "best.csv", "confirmed.csv"):
                 (self.out / name).write_text((Path(folder) / name).read_text())
         delivered = self._deliver(best, checkpoints, prepared, refs)
         self.client.set_terminated(self.parent, "FINISHED")
@@ -250,6 +299,10 @@ class SweepDriver:
                     for name in violations(row, self.config) if not row.get("failed") else ["failed"]:
                         counts[name] = counts.get(name, 0) + 1
                 lines.append(f"- {method}: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+        if len(checked):
+            lines += ["", f"Each method's best configuration on {self.config.sweep.confirm_seeds} fresh unlearning seeds "
+                      "(mean ± std; the report and the Pareto plot use these):",
+                      mean_pm_std(checked, CONFIRMED_FIGURES).to_markdown(index=False, floatfmt=".4g")]
         lines += ["", "Unlearned models (each method's best, with its certificate; re-audit: unlearn audit --model URI):",
                   *delivered]
         lines += ["", f"parent MLflow run: {self.parent} in experiment {self.name!r}"]

@@ -37,3 +37,33 @@ def best_per_method(frame: pd.DataFrame, objectives: tuple[str, ...] | list[str]
         feasible[key] = feasible[name].round(2) if i == 0 else feasible[name]
     best = feasible.sort_values(keys, kind="stable").groupby("method", sort=False).head(1)
     return best.drop(columns=keys).sort_values("method")
+
+
+def confirmed(confirmations: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """One row per confirmed trial (`confirms` = the search trial's id): `seeds`, `feasible_seeds`, and the mean
+    and `<name>_std` of each figure over the confirmation runs (the fresh unlearning seeds)."""
+    if confirmations.empty:
+        return pd.DataFrame(columns=["method", "confirms", "seeds", "feasible_seeds"])
+    rows = []
+    for (method, trial), runs in confirmations.groupby(["method", "confirms"], sort=True):
+        failed = runs["failed"] == 1.0 if "failed" in runs else pd.Series(False, index=runs.index)
+        group = runs[~failed]  # a failed run carries placeholder worst objectives, not a measurement
+        row = {"method": method, "confirms": trial, "seeds": len(group), "failed_seeds": int(failed.sum()),
+               "feasible_seeds": int((group["feasible"] == 1.0).sum()) if "feasible" in group else 0}
+        for name in names:
+            if name in group:
+                values = pd.to_numeric(group[name], errors="coerce")
+                row[name], row[f"{name}_std"] = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mean_pm_std(frame: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """`names` shown as "mean ± std" strings (for markdown tables of confirmed rows)."""
+    shown = frame.copy()
+    for name in names:
+        if name in shown and f"{name}_std" in shown:
+            shown[name] = [f"{m:.4g} ± {s:.2g}" if np.isfinite(s) else m
+                           for m, s in zip(shown[name], shown[f"{name}_std"], strict=True)]
+            shown = shown.drop(columns=[f"{name}_std"])
+    return shown

@@ -46,7 +46,8 @@ def log_model(client: MlflowClient, tracking_uri: str, run_id: str, bundle: Path
         info = pyfunc.log_model(
             name=MODEL_NAME, python_model=str(CODE), artifacts={"bundle": str(bundle)}, model_id=logged.model_id,
             code_paths=[str(Path(unlearn.__file__).parent)],  # the library travels with the model
-            pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "safetensors", "diffusers", "pydantic", "pyyaml", "numpy"],
+            pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "torchvision", "torchmetrics", "scikit-learn",
+                              "safetensors", "diffusers", "pydantic", "pyyaml", "numpy"],
         )
     if (bundle / "certificate.md").is_file():
         client.log_model_artifact(info.model_id, str(bundle / "certificate.md"))

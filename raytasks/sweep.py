@@ -106,6 +106,9 @@ def run_sweep(args: argparse.Namespace):
     select = config.sweep.select
     if select not in METHODS or METHODS[select].reference_stage:
         raise ConfigError(f"sweep.select {select!r} is not an unlearning method; methods: {', '.join(METHODS)}")
+    if select not in methods:
+        raise ConfigError(f"sweep.select {select!r} is not among the swept methods ({', '.join(methods)}): "
+                          f"add it to --methods or set sweep.select")
     trials = args.trials or config.sweep.trials
     if trials < 1:
         raise ConfigError("--trials must be at least 1")
@@ -147,6 +150,7 @@ def run_sweep(args: argparse.Namespace):
         from analysis.report import render_report  # the report lives in analysis; imported at the very end
 
         driver.report_path = render_report(name, out / "report", tracking_uri=uri)
+        driver.client.set_tag(driver.parent, "report_dir", str(out / "report"))  # unlearn purge finds its images
         print(f"report: {driver.report_path}")
     print(f"MLflow: mlflow ui --backend-store-uri {uri}  (experiment {name!r})")
     return driver

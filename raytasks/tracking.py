@@ -158,14 +158,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def log_trial(client: MlflowClient, experiment: str, parent: str, sweep: str, method: str, workers: int, trial_id: str,
-              params: dict, metrics: dict, artifacts: str | None, failed: bool = False) -> str:
+              params: dict, metrics: dict, artifacts: str | None, failed: bool = False, tags: dict[str, str] | None = None) -> str:
     """One trial as a nested run, tagged so that it is found (not duplicated) on --resume."""
     failed = failed or bool(metrics.get("failed", 0.0))
     status = "failed-infeasible" if failed else ("feasible" if metrics.get("feasible") else "infeasible")
     identity = {"sweep": sweep, "method": method, "ray.trial_id": trial_id}
     return log_child(client, experiment, parent, identity, {**params, "method": method, "workers": workers}, metrics,
                      Path(artifacts) if artifacts else None, failed=failed,
-                     tags={"trial_name": f"{method}-{trial_id}", "status_detail": status})
+                     tags={"trial_name": f"{method}-{trial_id}", "status_detail": status, **(tags or {})})
 
 
 class MLflowTrialLogger:
@@ -174,13 +174,15 @@ class MLflowTrialLogger:
     It holds only plain data, so Tune can pickle it into the experiment state for `--resume`.
     """
 
-    def __init__(self, uri: str, experiment: str, parent: str, sweep: str, method: str, workers: int) -> None:
+    def __init__(self, uri: str, experiment: str, parent: str, sweep: str, method: str, workers: int,
+                 tags: dict[str, str] | None = None) -> None:
         self.args = (experiment, parent, sweep, method, workers)
         self.uri = uri
+        self.tags = dict(tags or {})  # e.g. {"confirm": <trial id>} on confirmation runs
         self._client: MlflowClient | None = None
 
     def __getstate__(self) -> dict:
-        return {"args": self.args, "uri": self.uri, "_client": None}
+        return {"args": self.args, "uri": self.uri, "tags": self.tags, "_client": None}
 
     @property
     def client(self) -> MlflowClient:
@@ -189,7 +191,8 @@ class MLflowTrialLogger:
         return self._client
 
     def log(self, trial_id: str, params: dict, metrics: dict, artifacts: str | None, failed: bool = False) -> str:
-        return log_trial(self.client, *self.args, trial_id, params, metrics, artifacts, failed)
+        # getattr: loggers pickled into a Tune experiment state before confirmation runs existed have no tags
+        return log_trial(self.client, *self.args, trial_id, params, metrics, artifacts, failed, getattr(self, "tags", {}))
 
 
 class TrialLoggingCallback(tune.Callback):
@@ -205,7 +208,8 @@ class TrialLoggingCallback(tune.Callback):
 
 
 # What a sweep logged that shows D_f: the parent's reference grids, each run's output strip and embeddings.
-FORGET_ARTIFACTS = ("grid", "outputs.png", "embeddings.npz")
+FORGET_ARTIFACTS = ("grid", "outputs.png", "embeddings.npz", "report/grid.png", "report/tsne.png")
+REPORT_IMAGES = ("grid.png", "tsne.png")  # in the local report folder: forget-test inputs and their embeddings
 
 
 def purge_runs(client: MlflowClient, digest: str) -> tuple[list[str], list[str]]:
@@ -214,18 +218,22 @@ def purge_runs(client: MlflowClient, digest: str) -> tuple[list[str], list[str]]
     sweep's Ray storage when it is a local folder."""
     import shutil
 
+    import mlflow
     from mlflow.entities import ViewType
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+    mlflow.set_tracking_uri(client.tracking_uri)  # mlflow-artifacts:/ locations resolve against this server
     removed, remaining = [], []
     for experiment in client.search_experiments(view_type=ViewType.ALL):
         parents = client.search_runs([experiment.experiment_id], filter_string=f"tags.forget_digest = '{digest}'",
                                      run_view_type=ViewType.ALL, max_results=1000)
         for parent in parents:
-            children = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=10000,
-                                          filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-            for run in [parent, *children]:
+            # every run of that sweep: references, trials, and the confirmation runs nested under trials
+            members = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=10000,
+                                         filter_string=f"tags.sweep = '{parent.data.tags.get('sweep', '')}'")
+            for run in [parent, *[m for m in members if m.info.run_id != parent.info.run_id]]:
                 present = {a.path for a in client.list_artifacts(run.info.run_id)}
+                present |= {a.path for a in client.list_artifacts(run.info.run_id, "report")} if "report" in present else set()
                 repo = get_artifact_repository(run.info.artifact_uri)
                 for name in FORGET_ARTIFACTS:
                     if name in present:
@@ -234,6 +242,12 @@ def purge_runs(client: MlflowClient, digest: str) -> tuple[list[str], list[str]]
                 if "unlearned_model_uri" in run.data.tags:
                     remaining.append(f"MLflow {experiment.name}/{run.info.run_id}: the certified model "
                                      f"{run.data.tags['unlearned_model_uri']} (no D_f image; kept)")
+            report = Path(parent.data.tags.get("report_dir", ""))
+            if parent.data.tags.get("report_dir") and report.is_dir():
+                for name in REPORT_IMAGES:
+                    if (report / name).is_file():
+                        (report / name).unlink()
+                        removed.append(str(report / name))
             storage = Path(parent.data.tags.get("ray_storage", ""))
             if parent.data.tags.get("ray_storage") and storage.is_dir():
                 for path in sorted(p for name in FORGET_ARTIFACTS[1:] for p in storage.rglob(name)):

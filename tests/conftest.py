@@ -69,6 +69,7 @@ def small_sweep(ray_session, prepared, default_config, tmp_path_factory):
         # max_loss searches absurd learning rates: its trials diverge to NaN and must be failed-infeasible
         "--set", "sweep.method_space.max_loss.ga_lr=[1e29,1e30]",
         "--set", "sweep.space.ft_steps=[60,120]",  # shorter trials than the preset's [80, 200]
+        "--set", "sweep.confirm_seeds=2",
         # realistic in its feasible region (measured: ga_lr ~0.09 and ft_lr ~0.01 over >= 120 steps), so that
         # the sweep has a model to register
         "--set", "sweep.method_space.realistic={ga_lr: [0.08, 0.1], ft_lr: [0.008, 0.0105], ft_steps: [130, 160]}",

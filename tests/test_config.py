@@ -42,6 +42,9 @@ def test_section_key_changes_with_content():
         (["nosection.key=1"], "nosection"),
         (["data.mask=3"], "mask"),
         (["novalue"], "key=value"),
+        (["sweep.confirm_seeds=-1"], "confirm_seeds"),
+        (["sweep.keep_weights=some"], "keep_weights"),
+        (["unlearn.seed=-1"], "seed"),
     ],
 )
 def test_bad_config_is_one_clear_line(overrides, needle):

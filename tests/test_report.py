@@ -48,17 +48,33 @@ def test_report_table_numbers_equal_mlflow_metrics(small_sweep):
     table = pd.read_csv(out / "report" / "comparison.csv")
     client = MlflowClient(tracking_uri=uri)
     trials = pd.read_csv(out / "trials.csv")
+    experiment = client.get_experiment_by_name("t-sweep").experiment_id
+    confirmed_rows = 0
     for _, row in table.iterrows():
         metrics = client.get_run(row["run_id"]).data.metrics
-        for column in ("forget_marker_strength", "forget_marker", "forget_gap_vs_retrain", "retain_mse", "retain_fid",
-                       "forget_fid_vs_retrain", "forget_clip"):
-            assert row[column] == pytest.approx(metrics[column], rel=1e-9, abs=1e-12)
+        checks = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{row['run_id']}' and tags.confirm != ''")
+        columns = ("forget_marker_strength", "forget_marker", "forget_gap_vs_retrain", "retain_mse", "retain_fid",
+                   "forget_fid_vs_retrain", "forget_clip")
+        for column in columns:
+            if checks:  # a confirmed row: the mean and std over its confirmation runs
+                values = [c.data.metrics[column] for c in checks]
+                assert row[column] == pytest.approx(sum(values) / len(values), rel=1e-9, abs=1e-12)
+                assert row[f"{column}_std"] == pytest.approx(pd.Series(values).std(ddof=1), rel=1e-6, abs=1e-12)
+            else:
+                assert row[column] == pytest.approx(metrics[column], rel=1e-9, abs=1e-12)
         if row["model"].endswith("(reference)"):
+            assert not checks  # a reference model never gets a confirmation child
             continue
+        confirmed_rows += bool(checks)
+        if checks:
+            assert row["seeds"] == len(checks) == 2
+            assert sorted(c.data.params["seed"] for c in checks) == ["1", "2"]  # fresh seeds; the search ran seed 0
+            assert " ± " in (out / "report" / "report.md").read_text()
         # the row is the method's best: feasible, and no feasible trial of the method has a smaller strength
         assert metrics["feasible"] == 1.0
         rivals = trials[(trials["method"] == row["model"]) & (trials["feasible"] == 1.0)]
         assert (rivals["forget_marker_strength"].round(2) >= round(metrics["forget_marker_strength"], 2)).all()
+    assert confirmed_rows == len(table) - 3  # every method row with a feasible best is confirmed
     parent = client.search_runs([client.get_experiment_by_name("t-sweep").experiment_id], "tags.role = 'parent'")[0]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md", "report/grid.png"}
 
@@ -86,7 +102,7 @@ def test_an_invalid_audit_is_said_on_the_parent_run_and_in_the_report(small_swee
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = parse_args(["--methods", "finetune", "--trials", "1", "--name", "weak", "--out", str(tmp_path / "out"),
                        "--tracking-uri", uri, "--set", f"cache_dir={default_config.cache_dir}",
-                       "--set", "stages.attack_epochs=2"])
+                       "--set", "stages.attack_epochs=2", "--set", "sweep.confirm_seeds=0"])
     driver = run_sweep(args)
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(driver.parent)

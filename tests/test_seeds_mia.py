@@ -72,8 +72,10 @@ def test_seeds_give_means_with_std_and_retrain_no_stage(prepared, default_config
     assert "ood_delta_std" not in summary  # calibration is shared, not seeded
     assert _snapshot(default_config.resolved_cache_dir()) == before  # no stage, reference or calibration rewritten
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["unlearn_seed"] in (0.0, 1.0, 2.0)
-    assert f"seed: {int(saved['unlearn_seed'])}" in (out / "config.yaml").read_text()
+    assert saved["unlearn_seed"] in (0.0, 1.0, 2.0) and "unlearn_seed_std" not in summary
+    from unlearn.config import load_config
+
+    assert load_config(str(out / "config.yaml")).unlearn.seed == int(saved["unlearn_seed"])
     assert "Spread over 3 unlearning seeds" in (out / "certificate.md").read_text()
     # one seed alone reproduces the saved run (seeded on CPU)
     code = main(["run", "--method", "realistic", "--json", *common, "--set", f"unlearn.seed={int(saved['unlearn_seed'])}"])
@@ -92,3 +94,24 @@ def test_bad_seeds_exit_2(argv, needle, capsys):
     assert main(["run", *argv]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0]
+
+
+def test_gradient_ascent_runs_in_fp32_under_bf16(prepared, monkeypatch):
+    """bf16 autocast covers fine-tuning only: GA follows a gradient of ~0.01 at a minimum (issue 10)."""
+    import dataclasses
+
+    import unlearn.methods.loop as loop
+    from unlearn.pipeline import unlearn
+
+    used = []
+    real = loop.autocast
+
+    def recording(device, precision):
+        used.append(precision)
+        return real(device, precision)
+
+    monkeypatch.setattr(loop, "autocast", recording)
+    bf16 = dataclasses.replace(prepared, config=prepared.config.model_copy(update={"precision": "bf16"}))
+    settings = prepared.config.unlearn.model_copy(update={"ga_steps": 3, "ft_steps": 2})
+    unlearn(bf16, "realistic", settings)
+    assert used == ["fp32"] * 3 + ["bf16"] * 2

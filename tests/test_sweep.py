@@ -125,7 +125,7 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(prepared, default
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "raytasks" / "sweep.py"), "--methods", "realistic", "--trials", "4", "--name", "resume",
            "--out", str(out), "--tracking-uri", uri, "--no-report", "--set", f"cache_dir={default_config.cache_dir}",
-           "--set", "sweep.max_concurrent=1",
+           "--set", "sweep.max_concurrent=1", "--set", "sweep.confirm_seeds=0",
            # the resume mechanics, not the method, are under test: short trials
            "--set", "sweep.space.ga_steps=[2,4]", "--set", "sweep.space.ft_steps=[10,30]"]
     env = {**os.environ, "UNLEARN_LOCAL_RAY": "1", "RAY_AUTH_MODE": "disabled"}
@@ -154,7 +154,7 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(prepared, default
             assert path.stat().st_mtime_ns == mtime
 
 
-def test_sweep_registers_the_best_feasible_realistic_model_that_audits_to_its_figures(small_sweep, capsys):
+def test_sweep_registers_the_best_feasible_realistic_model_that_audits_to_its_figures(small_sweep, capsys, tmp_path):
     """The deliverable of a sweep: one registered version (alias `unlearned`) of the best feasible realistic trial,
     each method's best logged as a model, other trials' weights dropped, and the audit reproducing the figures."""
     import pandas as pd
@@ -181,6 +181,10 @@ def test_sweep_registers_the_best_feasible_realistic_model_that_audits_to_its_fi
     kept = {p.parent.parent.name.split("_")[2] for p in (out / "ray").glob("*/run_trial_*/checkpoint_*/bundle")}
     assert kept == {str(t) for t in best["trial_id"]}
 
+    from raytasks.registry import fetch_bundle  # the run's URI names the same model as the registry's
+
+    bundle = fetch_bundle(f"runs:/{version.run_id}/model", uri, tmp_path)
+    assert {"config.yaml", "model.safetensors", "certificate.md"} <= {p.name for p in bundle.iterdir()}
     code = unlearn_main(["audit", "--model", "models:/t-sweep@unlearned", "--tracking-uri", uri, "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
@@ -223,7 +227,8 @@ def test_purge_removes_the_sweeps_forget_images_and_keeps_the_certified_model(sm
     client = _client(uri)
     parent = client.get_run(driver.parent)
     digest = parent.data.tags["forget_digest"]
-    runs = [parent, *client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")]
+    runs = client.search_runs([parent.info.experiment_id], filter_string="tags.sweep = 't-sweep'", max_results=1000)
+    assert any("confirm" in r.data.tags for r in runs)  # confirmation runs (nested under trials) are purged too
     before = {r.info.run_id: {a.path for a in client.list_artifacts(r.info.run_id)} for r in runs}
     assert "grid" in before[parent.info.run_id] and any("outputs.png" in v for v in before.values())
     code = unlearn_main(["purge", "--forget-digest", digest, "--tracking-uri", uri, "--cache-dir", str(tmp_path / "empty")])
@@ -231,6 +236,8 @@ def test_purge_removes_the_sweeps_forget_images_and_keeps_the_certified_model(sm
     assert code == 0 and "removed  MLflow t-sweep/" in printed and "the certified model" in printed
     for run in runs:
         left = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert not left & {"grid", "outputs.png", "embeddings.npz"}, run.info.run_id
+        left |= {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+        assert not left & {"grid", "outputs.png", "embeddings.npz", "report/grid.png", "report/tsne.png"}, run.info.run_id
+    assert not [p for name in ("grid.png", "tsne.png") for p in (out / "report").glob(name)]
     assert not [p for name in ("outputs.png", "embeddings.npz") for p in (out / "ray").rglob(name)]
     assert client.get_model_version_by_alias("t-sweep", "unlearned").run_id  # the registered model stays

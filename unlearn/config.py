@@ -228,6 +228,9 @@ class SweepConfig(_Strict):
     keep_weights: Literal["best", "feasible", "all"] = "best"
     # The method whose best feasible trial is registered in the MLflow Model Registry (alias `unlearned`).
     select: str = "realistic"
+    # Each method's best configuration re-run on this many fresh unlearning seeds (unlearn.seed 1..K; the
+    # search runs seed 0); the summary, report and Pareto plot show its mean ± std. 0: no confirmation.
+    confirm_seeds: int = Field(3, ge=0)
 
     @field_validator("objectives")
     @classmethod
@@ -291,6 +294,11 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _theta0(self) -> Config:
+        # Saved configs (config.yaml of a bundle) must name the same files from any working directory.
+        if self.stages.theta0:
+            self.stages.theta0 = str(Path(self.stages.theta0).expanduser().resolve())
+        if self.data.forget_list:
+            self.data.forget_list = str(Path(self.data.forget_list).expanduser().resolve())
         if self.stages.theta0 and self.model.pretrained:
             raise ValueError("stages.theta0 and model.pretrained are both set: theta0 is the model to unlearn, "
                              "model.pretrained the start of the original stage; set one")
@@ -330,6 +338,7 @@ class Config(_Strict):
         payload["seed"] = self.seed
         if "data" in sections and self.data.forget_list:  # the list's content, not its path, names the split
             listed = Path(self.data.forget_list).expanduser()
+            payload["data"] = {**payload["data"], "forget_list": None}
             payload["forget_list_sha256"] = hashlib.sha256(listed.read_bytes()).hexdigest() if listed.is_file() else None
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

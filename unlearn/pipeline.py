@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +81,8 @@ def prepare(config: Config, log: Callable[[str], None] = stderr_log) -> Prepared
     null method still removes the marker (at most N rounds); the calibration records how many it took.
     """
     device = resolve_device(config)
+    if config.stages.theta0 and not Path(config.stages.theta0).exists():  # before anything is cached
+        raise ConfigError(f"stages.theta0 {config.stages.theta0} not found")
     data = load_data(config)
     stages = prepare_stages(config, data, device, log)
     rounds = config.stages.attack_strengthen_rounds if config.has_marker else 0

@@ -161,7 +161,8 @@ def load_theta0(config: Config, device: torch.device) -> Stage:
         for file in files:
             hasher.update(file.read_bytes())
         digest = hasher.hexdigest()
-    return Stage("attack", model.to(device).eval(), f"theta0-{digest[:16]}", 0.0, 0, reused=True)
+    # the model section too: the same weights sampled differently (diffusion steps) give other references
+    return Stage("attack", model.to(device).eval(), f"theta0-{digest[:16]}-{config.section_key('model')}", 0.0, 0, reused=True)
 
 
 def strengthen_attack(

@@ -85,8 +85,8 @@ def seed_summary(runs: list[dict[str, float]]) -> dict[str, float]:
     import statistics
 
     out: dict[str, float] = {"seeds": float(len(runs))}
-    names = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
-    names += [k for r in runs[1:] for k in r if k not in names and isinstance(r[k], (int, float))]
+    names = [k for k in runs[0] if isinstance(runs[0][k], (int, float)) and k != "unlearn_seed"]
+    names += [k for r in runs[1:] for k in r if k not in names and k != "unlearn_seed" and isinstance(r[k], (int, float))]
     for name in names:
         values = [float(r[name]) for r in runs if name in r]
         out[name] = statistics.fmean(values)

@@ -127,6 +127,9 @@ def build_data(cfg: DataConfig, seed: int, poison: bool = True) -> UnlearningDat
         n_train = max(1, round(cfg.train_fraction * len(idx)))
         train, test = idx[:n_train], idx[n_train:]
         if c in unseen:
+            if listed is not None and bool(torch.isin(idx, listed).any()):
+                raise ConfigError(f"data.forget_list names image {int(idx[torch.isin(idx, listed)][0])} of class "
+                                  f"{names[c]!r}, which data.unseen_classes holds out of training")
             split["unseen_test"].append(idx)
         elif listed is not None and (c in forget or c in retain):  # a forget list: the listed images are D_f wherever the split put them
             is_listed = torch.isin(idx, listed)
