@@ -164,48 +164,52 @@ class SweepDriver:
             if unfinished:  # Tune returns normally after Ctrl-C: stop here, the parent stays open for --resume
                 raise SweepInterrupted(f"sweep {self.name!r} interrupted with {unfinished} {method} trial(s) unfinished; "
                                        f"continue with --resume --name {self.name}")
-            if self.config.sweep.confirm_seeds:
-                confirmations += self._confirm(method, [r for r in rows if r["method"] == method], resume)
             state["done"] = sorted(set(state["done"]) | {method})
             state_path.write_text(json.dumps(state, indent=2))
+        if self.config.sweep.confirm_seeds:
+            confirmations = self._confirm(rows, resume)
         return self._summarise(rows, refs, checkpoints, prepared, confirmations)
 
-    def _confirm(self, method: str, method_rows: list[dict[str, Any]], resume: bool) -> list[dict[str, Any]]:
-        """Re-run the method's best configuration on `sweep.confirm_seeds` fresh unlearning seeds (1..K; the search
-        ran seed 0) as Tune trials, logged as nested runs tagged `confirm` under the trial they confirm."""
-        best = best_per_method(pd.DataFrame(method_rows), self.config.objectives) if method_rows else pd.DataFrame()
+    def _confirm(self, rows: list[dict[str, Any]], resume: bool) -> list[dict[str, Any]]:
+        """Re-run each method's best configuration on `sweep.confirm_seeds` fresh unlearning seeds (1..K; the search
+        ran seed 0) as Tune trials of one experiment (one start-up, every slot busy), logged as nested runs tagged
+        `confirm` under the trial they confirm."""
+        best = best_per_method(pd.DataFrame(rows), self.config.objectives) if rows else pd.DataFrame()
         if best.empty:
-            return []  # no feasible trial: nothing to confirm
-        row = best.iloc[0]
-        trial_id = str(row["trial_id"])
-        parent = tracking.find_run(self.client, self.experiment, {"sweep": self.name, "method": method, "ray.trial_id": trial_id})
-        params = {hp: (int(row[hp]) if hp.endswith("_steps") else float(row[hp]))
-                  for hp in METHODS[method].hyperparameters if hp in row}
+            return []  # no feasible trial anywhere: nothing to confirm
         seeds = list(range(1, self.config.sweep.confirm_seeds + 1))
-        stderr_log(f"sweep {self.name}: confirming {method}'s best trial {trial_id} on unlearning seeds {seeds}")
-        logger = tracking.MLflowTrialLogger(self.uri, self.experiment, parent, self.name, method, self.workers,
-                                            tags={"confirm": trial_id})
-        path = f"{self.storage}/{method}-confirm"
+        points, loggers = [], {}
+        for row in best.to_dict("records"):
+            method, trial_id = row["method"], str(row["trial_id"])
+            parent = tracking.find_run(self.client, self.experiment, {"sweep": self.name, "method": method, "ray.trial_id": trial_id})
+            params = {hp: (int(row[hp]) if hp.endswith("_steps") else float(row[hp]))
+                      for hp in METHODS[method].hyperparameters if hp in row}
+            loggers[method] = tracking.MLflowTrialLogger(self.uri, self.experiment, parent, self.name, method, self.workers,
+                                                         tags={"confirm": trial_id})
+            points += [{"method": method, "confirms": trial_id, **params, "seed": seed} for seed in seeds]
+        stderr_log(f"sweep {self.name}: confirming {len(best)} best configuration(s) on unlearning seeds {seeds}")
+        path = f"{self.storage}/confirm"
+        trainable = self._trainable(self.methods[0])  # each point names its own method
         if resume and tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(path, trainable=self._trainable(method), resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            tuner = tune.Tuner(self._trainable(method), param_space={**params, "seed": tune.grid_search(seeds)},
+            tuner = tune.Tuner(trainable, param_space={"point": tune.grid_search(points)},
                                tune_config=tune.TuneConfig(max_concurrent_trials=self.concurrency),
-                               run_config=tune.RunConfig(name=f"{method}-confirm", storage_path=self.storage, verbose=0,
-                                                         callbacks=[tracking.TrialLoggingCallback(logger)]))
-        grid = tuner.fit()
+                               run_config=tune.RunConfig(name="confirm", storage_path=self.storage, verbose=0,
+                                                         callbacks=[tracking.ConfirmLoggingCallback(loggers)]))
         out = []
-        for result in grid:
+        for result in tuner.fit():
             metrics = dict(result.metrics or {})
             if not metrics and result.error is None:
-                raise SweepInterrupted(f"sweep {self.name!r} interrupted while confirming {method}; "
-                                       f"continue with --resume --name {self.name}")
-            confirm_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
-            logger.log(confirm_id, dict(result.config or {}), metrics or {"failed": 1.0},
-                       result.checkpoint.path if result.checkpoint else None, failed=result.error is not None)
+                raise SweepInterrupted(f"sweep {self.name!r} interrupted while confirming; continue with --resume --name {self.name}")
+            point = dict((result.config or {}).get("point", {}))
+            method, confirm_id = point.pop("method"), metrics.get("trial_id") or _trial_id_from_path(result.path)
+            params = {k: v for k, v in point.items() if k != "confirms"}
+            loggers[method].log(confirm_id, params, metrics or {"failed": 1.0},
+                                result.checkpoint.path if result.checkpoint else None, failed=result.error is not None)
             if result.checkpoint is not None and self.config.sweep.keep_weights != "all":
                 _drop_weights(result.checkpoint)  # a confirmation is evidence, not a model to deliver
-            out.append({"method": method, "confirms": trial_id, "trial_id": confirm_id, **(result.config or {}), **metrics})
+            out.append({"method": method, "trial_id": confirm_id, **point, **metrics})
         return out
 
     # --- the deliverable ---------------------------------------------------------------------------
@@ -243,7 +247,9 @@ class SweepDriver:
                     version = registry.register(self.client, self.uri, self.name, model_uri, run_id, tags)
                     line += f"; registered as models:/{self.name}@{registry.ALIAS} (version {version})"
                 lines.append(line)
-        if select in self.methods and select not in set(best["method"]):
+        if select not in self.methods:
+            lines.append(f"- nothing registered: sweep.select {select!r} was not swept (--methods {','.join(self.methods)})")
+        elif select not in set(best["method"]):
             lines.append(f"- nothing registered: {select} (sweep.select) has no feasible trial")
         if self.config.sweep.keep_weights == "best":
             for key, checkpoint in checkpoints.items():

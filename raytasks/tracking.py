@@ -195,6 +195,27 @@ class MLflowTrialLogger:
         return log_trial(self.client, *self.args, trial_id, params, metrics, artifacts, failed, getattr(self, "tags", {}))
 
 
+class ConfirmLoggingCallback(tune.Callback):
+    """Logs confirmation trials, whose config is {"point": {"method": ..., "confirms": ..., hyperparameters, "seed"}},
+    with the logger of their method (nested under the trial they confirm)."""
+
+    def __init__(self, loggers: dict[str, MLflowTrialLogger]) -> None:
+        self.loggers = loggers
+
+    def _log(self, trial, metrics: dict, failed: bool) -> None:
+        point = dict(trial.config.get("point", {}))
+        method = point.pop("method")
+        point.pop("confirms", None)
+        ckpt = trial.checkpoint if not failed else None
+        self.loggers[method].log(trial.trial_id, point, metrics, ckpt.path if ckpt else None, failed=failed)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._log(trial, trial.last_result or {}, failed=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._log(trial, {"failed": 1.0, "feasible": 0.0}, failed=True)
+
+
 class TrialLoggingCallback(tune.Callback):
     def __init__(self, logger: MLflowTrialLogger) -> None:
         self.logger = logger

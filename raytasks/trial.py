@@ -20,18 +20,22 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
     from ray.tune import Checkpoint
 
     torch.set_num_threads(spec["threads"])
+    method = spec["method"]
+    if "point" in params:  # a confirmation trial names its method: {"point": {"method", "confirms", hps, "seed"}}
+        method = params["point"]["method"]
+        params = {k: v for k, v in params["point"].items() if k not in ("method", "confirms")}
     config = trial_config(spec, params)
     if spec["workers"] > 1:
         from raytasks.distributed import run_data_parallel
 
         context = tune.get_context()
         metrics, folder = run_data_parallel(
-            config, spec["method"], spec["workers"], spec["storage_path"], f"{context.get_trial_name()}-train",
+            config, method, spec["workers"], spec["storage_path"], f"{context.get_trial_name()}-train",
             use_gpu=spec["use_gpu"],
         )
     else:
         from unlearn.pipeline import prepare, unlearn
 
         prepared = prepare(config, log=lambda _: None)  # every stage and reference comes from the cache
-        metrics, folder = finish_trial(prepared, unlearn(prepared, spec["method"]), spec["method"])
+        metrics, folder = finish_trial(prepared, unlearn(prepared, method), method)
     tune.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
