@@ -47,7 +47,7 @@ def confirmed(confirmations: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     rows = []
     for (method, trial), runs in confirmations.groupby(["method", "confirms"], sort=True):
         failed = runs["failed"] == 1.0 if "failed" in runs else pd.Series(False, index=runs.index)
-        group = runs[~failed]  # a failed run carries placeholder worst objectives, not a measurement
+        group = runs[~failed]  # a failed run reports the worst objectives sanitise() gives it, not a measurement
         row = {"method": method, "confirms": trial, "seeds": len(group), "failed_seeds": int(failed.sum()),
                "feasible_seeds": int((group["feasible"] == 1.0).sum()) if "feasible" in group else 0}
         for name in names:
