@@ -20,7 +20,7 @@ from raytasks.search import make_searcher, search_space, trial_resources
 from unlearn.audit.samples import reference_rows, save_png
 from unlearn.audit.verdict import violations
 from unlearn.config import Config
-from unlearn.export import forget_digest, weights_digest, write_certificate
+from unlearn.export import weights_digest, write_certificate
 from unlearn.methods import METHODS, REFERENCE_MODELS
 from unlearn.pipeline import audit_warnings, evaluate_reference, prepare, stderr_log
 
@@ -140,7 +140,7 @@ class SweepDriver:
         self._log_calibration(prepared)
         refs = self._log_references(prepared)
         # What `unlearn purge --forget-digest` looks for: the sweep holds forget images (grids, trial strips).
-        self.client.set_tag(self.parent, "forget_digest", forget_digest(self.config, prepared.data.forget_train.index))
+        self.client.set_tag(self.parent, "forget_digest", prepared.data.forget_digest(self.config.data.dataset))
         self.client.set_tag(self.parent, "ray_storage", self.storage)
         rows: list[dict[str, Any]] = []
         checkpoints: dict[tuple[str, str], Any] = {}
@@ -240,7 +240,7 @@ class SweepDriver:
                 line = f"- {method}: runs:/{run_id}/{registry.MODEL_NAME} (trial {trial_id})"
                 if method == select:
                     tags = {"trial_id": trial_id, "sweep": self.name, "method": method,
-                            "forget_digest": forget_digest(self.config, prepared.data.forget_train.index),
+                            "forget_digest": prepared.data.forget_digest(self.config.data.dataset),
                             "weights_sha256": weights_digest(bundle),
                             "config_sha256": hashlib.sha256((bundle / "config.yaml").read_bytes()).hexdigest(),
                             **{k: f"{metrics[k]:.6g}" for k in REGISTRY_FIGURES if k in metrics}}

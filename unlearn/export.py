@@ -109,13 +109,6 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def forget_digest(config: Config, index: Any) -> str:
-    """sha256 of the sorted forget-sample ids (`<dataset>:<position in the loaded data set>`)."""
-    from unlearn.data.splits import forget_digest as digest
-
-    return digest(config.data.dataset, index)
-
-
 def load_saved(path: str | Path) -> tuple[Config, Path]:
     """(config, folder) of a saved model folder; ConfigError naming what is missing."""
     folder = Path(path).expanduser()
@@ -232,7 +225,7 @@ def write_certificate(folder: Path, prepared: Any, method: str, metrics: dict[st
         "",
         "## What was forgotten",
         f"- data set `{config.data.dataset}` ({config.data.image_size}px), {what}: {len(data.forget_train)} training images",
-        f"- forget-set digest (sha256 of the sorted sample ids): `{forget_digest(config, data.forget_train.index)}`",
+        f"- forget-set digest (sha256 of the sorted sample ids): `{data.forget_digest(config.data.dataset)}`",
         "",
         "## How",
         f"- method `{method}`" + (" (a reference model, not an unlearning run)" if method in REFERENCE_MODELS else ""),
