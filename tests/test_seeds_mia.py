@@ -115,3 +115,15 @@ def test_gradient_ascent_runs_in_fp32_under_bf16(prepared, monkeypatch):
     settings = prepared.config.unlearn.model_copy(update={"ga_steps": 3, "ft_steps": 2})
     unlearn(bf16, "realistic", settings)
     assert used == ["fp32"] * 3 + ["bf16"] * 2
+
+
+def test_vectorised_bootstrap_auc_equals_scikit_learns_with_ties():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from unlearn.audit.mia import ranked_auc
+
+    rows = np.random.default_rng(0).integers(0, 5, size=(50, 30)).astype(float)  # many ties
+    labels = np.r_[np.ones(12), np.zeros(18)]
+    expected = [roc_auc_score(labels, row) for row in rows]
+    assert ranked_auc(rows, 12) == pytest.approx(expected, abs=1e-12)

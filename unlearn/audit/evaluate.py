@@ -9,8 +9,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.inception import InceptionScore
 
 from unlearn.audit.backbones import Backbone, load_backbone
 from unlearn.audit.catalogue import REFERENCES
@@ -37,6 +35,10 @@ class _Precomputed(nn.Module):
 
 
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    # imported where used: torchmetrics pulls in torchvision and torch._dynamo (seconds), which commands that do
+    # not audit (methods, purge, a config error) should not pay for
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     # sync_on_compute=False: in a data-parallel run only rank 0 audits; torchmetrics must not wait for the others.
     metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), sync_on_compute=False)
     metric.update(real.double(), real=True)
@@ -46,6 +48,8 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 
 def inception_score(logits: torch.Tensor) -> float:
+    from torchmetrics.image.inception import InceptionScore
+
     with warnings.catch_warnings():  # feature buffering, and the std of a single split: both expected here
         warnings.simplefilter("ignore", UserWarning)
         metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=max(1, min(10, len(logits) // 20)),

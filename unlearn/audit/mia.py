@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from unlearn.data import ImageSubset
 
@@ -23,17 +22,28 @@ def hole_errors(outputs: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) 
 def membership_auc(member_errors: torch.Tensor, nonmember_errors: torch.Tensor, resamples: int = 200,
                    seed: int = 0) -> tuple[float, float, float]:
     """(AUC, 95% bootstrap interval low, high); members are predicted by a low error."""
+    from sklearn.metrics import roc_auc_score  # imported where used (seconds with scikit-learn)
+
     scores = -torch.cat([member_errors, nonmember_errors]).double().numpy()
     labels = np.r_[np.ones(len(member_errors)), np.zeros(len(nonmember_errors))]
     auc = float(roc_auc_score(labels, scores))
     rng = np.random.default_rng(seed)
     members, nonmembers = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    boot = []
-    for _ in range(resamples):  # stratified: each resample keeps both groups' sizes
-        idx = np.r_[rng.choice(members, len(members)), rng.choice(nonmembers, len(nonmembers))]
-        boot.append(roc_auc_score(labels[idx], scores[idx]))
-    low, high = np.quantile(boot, [0.025, 0.975])
+    # stratified: each resample keeps both groups' sizes (members first in every row)
+    idx = np.stack([np.r_[rng.choice(members, len(members)), rng.choice(nonmembers, len(nonmembers))]
+                    for _ in range(resamples)])
+    low, high = np.quantile(ranked_auc(scores[idx], len(members)), [0.025, 0.975])
     return auc, float(low), float(high)
+
+
+def ranked_auc(rows: np.ndarray, positives: int) -> np.ndarray:
+    """ROC AUC of each row whose first `positives` entries are the positives: the Mann-Whitney U statistic from
+    average ranks (ties count one half, as in roc_auc_score), all rows at once instead of one sklearn call each."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(rows, axis=1)
+    negatives = rows.shape[1] - positives
+    return (ranks[:, :positives].sum(axis=1) - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 def membership_sets(forget_train: ImageSubset, candidates: list[ImageSubset], limit: int) -> tuple[ImageSubset, ImageSubset]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.neighbors import NearestNeighbors
 
 
 def output_distance(outputs: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> float:
@@ -24,6 +23,8 @@ def knn_ood_rate(train: torch.Tensor, calibration: torch.Tensor, query: torch.Te
         return F.normalize(x.flatten(1).double(), dim=1).numpy()
 
     k = min(k, len(train))
+    from sklearn.neighbors import NearestNeighbors  # imported where used (seconds with scikit-learn)
+
     index = NearestNeighbors(n_neighbors=k).fit(prep(train))
     threshold = np.quantile(index.kneighbors(prep(calibration))[0][:, -1], tpr)
     return float((index.kneighbors(prep(query))[0][:, -1] > threshold).mean())
