@@ -9,7 +9,7 @@ import pytest
 
 from unlearn.methods import METHODS
 
-TIMING = {"unlearn_seconds", "retrain_seconds", "cost_ratio"}
+TIMING = {"unlearn_seconds", "audit_seconds", "retrain_seconds", "cost_ratio"}
 
 
 def test_attack_regenerates_marker_original_and_retrain_do_not(method_metrics):

@@ -27,7 +27,7 @@ from unlearn.models import I2IModel, build_model
 MODEL_FILE = "model.safetensors"
 DIFFUSERS_FOLDER = "model"
 # Figures of the procedure (GA bookkeeping, cost): in metrics.json, not recomputable from the weights.
-PROCEDURE_PREFIXES = ("ga_", "unlearn_", "retrain_seconds", "retrain_samples", "cost_ratio", "sample_ratio")
+PROCEDURE_PREFIXES = ("ga_", "unlearn_", "audit_seconds", "retrain_seconds", "retrain_samples", "cost_ratio", "sample_ratio")
 
 
 def check_out_folder(path: str | Path) -> Path:

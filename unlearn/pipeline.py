@@ -7,7 +7,9 @@ set of hyperparameters, the unit a sweep trial executes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import json
 import math
 import sys
 import time
@@ -23,6 +25,7 @@ from unlearn.cache import ArtifactCache
 from unlearn.config import Config, ConfigError, UnlearnConfig
 from unlearn.data import BatchStream, ImageSubset, UnlearningData, build_data
 from unlearn.methods import (
+    METHODS,
     REFERENCE_MODELS,
     GradientSync,
     History,
@@ -99,6 +102,22 @@ def prepare(config: Config, log: Callable[[str], None] = stderr_log) -> Prepared
     for line in audit_warnings(prepared):
         log(line)
     return prepared
+
+
+_WARM: dict[str, Prepared] = {}
+
+
+def prepare_warm(config: Config) -> Prepared:
+    """`prepare` memoised in this process, keyed by everything except the unlearning hyperparameters and seed
+    (what sweep trials vary): a trial that lands on a reused Ray actor loads nothing. Quiet (trials only load)."""
+    varied = {hp for method in METHODS.values() for hp in method.hyperparameters} | {"seed"}
+    dumped = config.model_dump(mode="json", by_alias=True)
+    dumped["unlearn"] = {k: v for k, v in dumped["unlearn"].items() if k not in varied}
+    key = hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
+    if key not in _WARM:
+        _WARM.clear()  # one setup at a time: a sweep has one, and its tensors can be large
+        _WARM[key] = prepare(config, log=lambda _: None)
+    return dataclasses.replace(_WARM[key], config=config)
 
 
 def calibrate(prepared: Prepared, log: Callable[[str], None] = stderr_log) -> dict[str, float]:
@@ -300,9 +319,10 @@ def audit_result(prepared: Prepared, result: UnlearnResult) -> dict[str, float]:
         metrics.update(diverged=1.0, ood_reached=0.0)
         _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared)
         return auditor.verdict(metrics)
+    started = time.perf_counter()
     audit = auditor.evaluate(result.model)
     audit["diverged"] = max(audit.get("diverged", 0.0), metrics.get("diverged", 0.0))
-    metrics.update(audit)
+    metrics.update(audit, audit_seconds=time.perf_counter() - started)
     _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared)
     return auditor.verdict(metrics)
 

@@ -53,6 +53,7 @@ GLOBAL = {
     "ga_ood_distance": "Eq. 3 distance right after GA",
     "unlearn_seconds": "wall time of the unlearning procedure (stage training time for references)",
     "retrain_seconds": "wall time of training the retrain stage",
+    "audit_seconds": "wall time of the audit (the catalogue, membership inference) of the unlearned model",
     "cost_ratio": "unlearn_seconds / retrain_seconds; only when both were timed side by side (same process and device)",
     "cost_ratio_side_by_side": "1 if retrain was trained in this process, so cost_ratio is present; 0: compare sample_ratio",
     "unlearn_samples": "training samples processed by the procedure",
