@@ -60,10 +60,20 @@ def _train(
     config: Config, model: I2IModel, data: UnlearningData, phase: Phase, subsets: dict[str, ImageSubset], seed: int,
     forget_weight: float = 1.0,
 ) -> int:
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     streams = {k: BatchStream(v, config.stages.batch_size, seed + i, device=device) for i, (k, v) in enumerate(subsets.items())}
     ctx = StepContext(model=model, mask=data.mask.to(device), noise_seed=seed, alpha=forget_weight)
-    history = run_phases(model, [phase], streams, ctx, clip_norm=10.0, precision=config.precision)
+    steps_per_epoch = max(1, math.ceil(max(len(v) for v in subsets.values()) / config.stages.batch_size))
+    # A bar per stage on a terminal (disable=None: off when stderr is not a TTY, e.g. in Ray workers and tests).
+    with tqdm(total=phase.steps, desc=f"stage {phase.name}", unit="step", disable=None, leave=False) as bar:
+        def on_step(_: str, step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(epoch=f"{step // steps_per_epoch + 1}/{math.ceil(phase.steps / steps_per_epoch)}",
+                            loss=f"{loss:.4g}", refresh=False)
+
+        history = run_phases(model, [phase], streams, ctx, clip_norm=10.0, precision=config.precision, on_step=on_step)
     if history.diverged:
         raise RuntimeError(f"stage training diverged in phase {phase.name}; lower stages.lr")
     return history.samples
