@@ -1,4 +1,5 @@
-"""SweepDriver: prepares once, logs the references, runs (or restores) one Tuner per method, summarises."""
+"""SweepDriver: prepares once, logs the references, runs (or restores) the one Tune experiment of every method's
+search and confirmation trials, summarises and delivers the unlearned models."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import json
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,9 @@ from ray import tune
 from raytasks import tracking
 from raytasks.outcome import WEIGHTS_FOLDER
 from raytasks.pareto import best_per_method, confirmed, mean_pm_std, pareto_front
-from raytasks.search import make_searcher, search_space, trial_resources
+from raytasks.progress import ProgressCallback
+from raytasks.resources import TrialPlan
+from raytasks.search import CONFIRMS_KEY, METHOD_KEY, SweepSearch, confirmation_points, make_searcher
 from unlearn.audit.samples import reference_rows, save_png
 from unlearn.audit.verdict import violations
 from unlearn.config import Config
@@ -51,6 +55,9 @@ def _drop_weights(checkpoint: Any) -> None:
         checkpoint.filesystem.delete_dir(path)
 
 
+EXPERIMENT = "trials"  # the Tune experiment's folder under the sweep's Ray storage
+
+
 class SweepInterrupted(RuntimeError):
     pass
 
@@ -63,15 +70,15 @@ def _trial_id_from_path(path: str) -> str:
 
 class SweepDriver:
     def __init__(self, config: Config, name: str, out: Path, client: MlflowClient, uri: str, methods: list[str],
-                 trials: int, workers: int, use_gpu: bool, concurrency: int, storage: str) -> None:
+                 trials: int, workers: int, use_gpu: bool, storage: str, plan: TrialPlan,
+                 replan: Callable[[int, int], TrialPlan] | None = None) -> None:
         self.config, self.name, self.out, self.client, self.uri = config, name, out, client, uri
-        self.methods, self.trials, self.workers, self.use_gpu, self.concurrency = methods, trials, workers, use_gpu, concurrency
+        self.methods, self.trials, self.workers, self.use_gpu = methods, trials, workers, use_gpu
+        self.plan = plan  # one trial's resources and the concurrency (raytasks.resources)
+        self.replan = replan  # (peak GPU bytes of one trial, free GPU bytes) -> plan, when the share is measured
         self.storage = storage  # a local folder, or shared storage (a mount, s3://...) on a cluster
         self.searchers: dict[str, Any] = {}  # method -> the OptunaSearch of this run (tests inspect the study)
         self.report_path: Path | None = None
-
-    def logger(self, method: str) -> tracking.MLflowTrialLogger:
-        return tracking.MLflowTrialLogger(self.uri, self.experiment, self.parent, self.name, method, self.workers)
 
     def _log_references(self, prepared) -> dict[str, dict[str, float]]:
         refs = {}
@@ -103,26 +110,25 @@ class SweepDriver:
         self.client.set_tag(self.parent, "audit_valid", str(int(figures["audit_valid"])) if "audit_valid" in figures else "n/a")
         self.client.set_tag(self.parent, "audit_notes", " | ".join(warnings) if warnings else "none")  # prepare() printed them
 
-    def _trainable(self, method: str):
+    def _tuner(self, resume: bool) -> tune.Tuner:
+        """One experiment for every method's search and confirmation (`SweepSearch`): slots never idle between
+        methods, and actors are reused, so a trial finds the prepared data already loaded in its process."""
         from raytasks.trial import run_trial
 
-        spec = {"config": self.config.model_dump(mode="json", by_alias=True), "method": method, "workers": self.workers,
-                "use_gpu": self.use_gpu, "threads": 1, "storage_path": self.storage}
-        return tune.with_resources(tune.with_parameters(run_trial, spec=spec), trial_resources(self.workers, self.use_gpu))
-
-    def _tuner(self, method: str, resume: bool) -> tune.Tuner:
-        from ray.tune.search import ConcurrencyLimiter
-
-        trainable = self._trainable(method)
-        path = f"{self.storage}/{method}"
-        run_config = tune.RunConfig(name=method, storage_path=self.storage, verbose=0,
-                                    callbacks=[tracking.TrialLoggingCallback(self.logger(method))])
+        spec = {"config": self.config.model_dump(mode="json", by_alias=True), "workers": self.workers,
+                "use_gpu": self.use_gpu, "threads": max(1, int(self.plan.resources["CPU"])), "storage_path": self.storage}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), self.plan.resources)
+        path = f"{self.storage}/{EXPERIMENT}"
         if resume and tune.Tuner.can_restore(path):
             return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        self.searchers[method] = make_searcher(self.config, method, self.trials)
-        searcher = ConcurrencyLimiter(self.searchers[method], max_concurrent=self.concurrency)
-        return tune.Tuner(trainable, param_space=search_space(self.config, method),
-                          tune_config=tune.TuneConfig(search_alg=searcher, num_samples=self.trials), run_config=run_config)
+        objectives = list(self.config.objectives)
+        self.searchers = {m: make_searcher(self.config, m, self.trials) for m in self.methods}
+        search = SweepSearch(self.searchers, self.trials, self.config.sweep.confirm_seeds, objectives)
+        callbacks = [tracking.TrialLoggingCallback(self.trial_logger),
+                     ProgressCallback(self.config)]
+        return tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=search, num_samples=-1, reuse_actors=True,
+                                                                 max_concurrent_trials=self.concurrency),
+                          run_config=tune.RunConfig(name=EXPERIMENT, storage_path=self.storage, verbose=0, callbacks=callbacks))
 
     def run(self, resume: bool) -> str:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -132,8 +138,9 @@ class SweepDriver:
         self.parent = tracking.start_parent(self.client, self.experiment, self.name,
                                             self.config.model_dump(mode="json", by_alias=True), state.get("parent_run_id"))
         state.update(name=self.name, parent_run_id=self.parent, experiment_id=self.experiment, tracking_uri=self.uri,
-                     methods=self.methods, trials=self.trials, workers=self.workers, done=state.get("done", []))
+                     methods=self.methods, trials=self.trials, workers=self.workers)
         state_path.write_text(json.dumps(state, indent=2))
+        self.trial_logger = tracking.MLflowTrialLogger(self.uri, self.experiment, self.parent, self.name, self.workers)
 
         stderr_log(f"sweep {self.name}: preparing stages and reference features once ...")
         prepared = prepare(self.config)
@@ -142,75 +149,63 @@ class SweepDriver:
         # What `unlearn purge --forget-digest` looks for: the sweep holds forget images (grids, trial strips).
         self.client.set_tag(self.parent, "forget_digest", prepared.data.forget_digest(self.config.data.dataset))
         self.client.set_tag(self.parent, "ray_storage", self.storage)
-        rows: list[dict[str, Any]] = []
-        checkpoints: dict[tuple[str, str], Any] = {}
-        confirmations: list[dict[str, Any]] = []
-        for method in self.methods:
-            stderr_log(f"sweep {self.name}: {method}, {self.trials} trials, {self.concurrency} at a time")
-            tuner = self._tuner(method, resume)
-            grid = tuner.fit()
-            unfinished = sum(1 for r in grid if not r.metrics and r.error is None) + max(0, self.trials - len(grid))
-            for result in grid:
-                metrics = dict(result.metrics or {})
-                if not metrics and result.error is None:
-                    continue  # interrupted before it reported: --resume runs it
-                trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
-                # Reconcile: a trial that finished while the driver was down is logged now (deduplicated).
-                self.logger(method).log(trial_id, dict(result.config or {}), metrics or {"failed": 1.0},
-                                        result.checkpoint.path if result.checkpoint else None, failed=result.error is not None)
-                rows.append({"method": method, "trial_id": trial_id, **(result.config or {}), **metrics})
-                if result.checkpoint is not None:
-                    checkpoints[(method, trial_id)] = result.checkpoint
-            if unfinished:  # Tune returns normally after Ctrl-C: stop here, the parent stays open for --resume
-                raise SweepInterrupted(f"sweep {self.name!r} interrupted with {unfinished} {method} trial(s) unfinished; "
-                                       f"continue with --resume --name {self.name}")
-            state["done"] = sorted(set(state["done"]) | {method})
-            state_path.write_text(json.dumps(state, indent=2))
-        if self.config.sweep.confirm_seeds:
-            confirmations = self._confirm(rows, resume)
+        self._plan_gpu_share(prepared)
+        stderr_log(f"sweep {self.name}: {', '.join(self.methods)}: {self.trials} trials each "
+                   f"(+ {self.config.sweep.confirm_seeds} confirmation seed(s) of each best), {self.concurrency} at a time, "
+                   f"each with {self.plan.resources}")
+        rows, confirmations, checkpoints = self._collect(self._tuner(resume).fit())
         return self._summarise(rows, refs, checkpoints, prepared, confirmations)
 
-    def _confirm(self, rows: list[dict[str, Any]], resume: bool) -> list[dict[str, Any]]:
-        """Re-run each method's best configuration on `sweep.confirm_seeds` fresh unlearning seeds (1..K; the search
-        ran seed 0) as Tune trials of one experiment (one start-up, every slot busy), logged as nested runs tagged
-        `confirm` under the trial they confirm."""
-        best = best_per_method(pd.DataFrame(rows), self.config.objectives) if rows else pd.DataFrame()
-        if best.empty:
-            return []  # no feasible trial anywhere: nothing to confirm
-        seeds = list(range(1, self.config.sweep.confirm_seeds + 1))
-        points, loggers = [], {}
-        for row in best.to_dict("records"):
-            method, trial_id = row["method"], str(row["trial_id"])
-            parent = tracking.find_run(self.client, self.experiment, {"sweep": self.name, "method": method, "ray.trial_id": trial_id})
-            params = {hp: (int(row[hp]) if hp.endswith("_steps") else float(row[hp]))
-                      for hp in METHODS[method].hyperparameters if hp in row}
-            loggers[method] = tracking.MLflowTrialLogger(self.uri, self.experiment, parent, self.name, method, self.workers,
-                                                         tags={"confirm": trial_id})
-            points += [{"method": method, "confirms": trial_id, **params, "seed": seed} for seed in seeds]
-        stderr_log(f"sweep {self.name}: confirming {len(best)} best configuration(s) on unlearning seeds {seeds}")
-        path = f"{self.storage}/confirm"
-        trainable = self._trainable(self.methods[0])  # each point names its own method
-        if resume and tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = tune.Tuner(trainable, param_space={"point": tune.grid_search(points)},
-                               tune_config=tune.TuneConfig(max_concurrent_trials=self.concurrency),
-                               run_config=tune.RunConfig(name="confirm", storage_path=self.storage, verbose=0,
-                                                         callbacks=[tracking.ConfirmLoggingCallback(loggers)]))
-        out = []
-        for result in tuner.fit():
-            metrics = dict(result.metrics or {})
+    @property
+    def concurrency(self) -> int:
+        return min(self.plan.concurrency, self.config.sweep.max_concurrent or self.plan.concurrency)
+
+    def _plan_gpu_share(self, prepared) -> None:
+        """`sweep.gpus_per_trial` unset on a GPU: measure one short trial's peak memory here (the driver prepared on
+        the GPU) and let as many trials share each GPU as fit. A driver without a GPU keeps whole GPUs per trial."""
+        import torch
+
+        if not (self.use_gpu and self.workers == 1 and self.config.sweep.gpus_per_trial is None and self.replan
+                and prepared.device.type == "cuda"):
+            return
+        from raytasks.resources import measure_trial_peak
+
+        peak = measure_trial_peak(prepared)
+        torch.cuda.empty_cache()
+        self.plan = self.replan(peak, torch.cuda.mem_get_info()[0])
+        stderr_log(f"sweep {self.name}: one trial peaks at {peak / 1024**3:.2f} GiB of GPU memory: "
+                   f"{self.plan.trials_per_gpu} trials per GPU")
+
+    def _collect(self, grid) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[tuple[str, str], Any]]:
+        """Search rows, confirmation rows and kept checkpoints of a finished experiment. Trials that finished while
+        the driver was down are logged now (deduplicated); an interrupted experiment raises SweepInterrupted."""
+        rows, confirmations, checkpoints = [], [], {}
+        unfinished = 0
+        for result in grid:
+            metrics, config = dict(result.metrics or {}), dict(result.config or {})
             if not metrics and result.error is None:
-                raise SweepInterrupted(f"sweep {self.name!r} interrupted while confirming; continue with --resume --name {self.name}")
-            point = dict((result.config or {}).get("point", {}))
-            method, confirm_id = point.pop("method"), metrics.get("trial_id") or _trial_id_from_path(result.path)
-            params = {k: v for k, v in point.items() if k != "confirms"}
-            loggers[method].log(confirm_id, params, metrics or {"failed": 1.0},
-                                result.checkpoint.path if result.checkpoint else None, failed=result.error is not None)
-            if result.checkpoint is not None and self.config.sweep.keep_weights != "all":
-                _drop_weights(result.checkpoint)  # a confirmation is evidence, not a model to deliver
-            out.append({"method": method, "trial_id": confirm_id, **point, **metrics})
-        return out
+                unfinished += 1  # interrupted before it reported: --resume runs it
+                continue
+            trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
+            folder = result.path if result.error is not None else (result.checkpoint.path if result.checkpoint else None)
+            self.trial_logger.log(trial_id, config, metrics or {"failed": 1.0}, folder, failed=result.error is not None)
+            row = {"trial_id": trial_id, **config, **metrics}
+            if CONFIRMS_KEY in config:
+                confirmations.append(row)
+                if result.checkpoint is not None and self.config.sweep.keep_weights != "all":
+                    _drop_weights(result.checkpoint)  # a confirmation is evidence, not a model to deliver
+                continue
+            rows.append(row)
+            if result.checkpoint is not None:
+                checkpoints[(config[METHOD_KEY], trial_id)] = result.checkpoint
+        expected = len(self.methods) * self.trials + len(
+            confirmation_points(pd.DataFrame(rows), list(self.config.objectives), self.config.sweep.confirm_seeds)
+            if len(rows) == len(self.methods) * self.trials and self.config.sweep.confirm_seeds else [])
+        unfinished = max(unfinished, expected - len(rows) - len(confirmations))
+        if unfinished:  # Tune returns normally after Ctrl-C: stop here, the parent stays open for --resume
+            raise SweepInterrupted(f"sweep {self.name!r} interrupted with {unfinished} trial(s) unfinished; "
+                                   f"continue with --resume --name {self.name}")
+        return rows, confirmations, checkpoints
 
     # --- the deliverable ---------------------------------------------------------------------------
     def _deliver(self, best: pd.DataFrame, checkpoints: dict[tuple[str, str], Any], prepared,

@@ -29,6 +29,8 @@ def pareto_front(frame: pd.DataFrame, objectives: tuple[str, ...] | list[str] = 
 
 def best_per_method(frame: pd.DataFrame, objectives: tuple[str, ...] | list[str] = DEFAULT_OBJECTIVES) -> pd.DataFrame:
     """One row per method that has a feasible trial: its best one (see the module docstring)."""
+    if not set(objectives) <= set(frame.columns):  # e.g. only failed trials, which report no objective
+        return frame.iloc[0:0]
     feasible = feasible_rows(frame).dropna(subset=list(objectives)).copy()
     if feasible.empty:
         return feasible

@@ -72,33 +72,6 @@ def _init_ray(address: str | None) -> None:
              object_store_memory=200 * 1024**2)
 
 
-def cluster_capacity() -> dict[str, float]:
-    """Resources the cluster can ever hold: the autoscaler's maximum on a cluster, else what is there."""
-    import ray
-
-    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
-    if bootstrap.is_file():
-        import yaml
-
-        spec = yaml.safe_load(bootstrap.read_text()) or {}
-        total: dict[str, float] = {}
-        for name, node in (spec.get("available_node_types") or {}).items():
-            count = 1 if name == spec.get("head_node_type") else node.get("max_workers", 0)
-            for res, amount in (node.get("resources") or {}).items():
-                total[res] = total.get(res, 0.0) + amount * count
-        if total:
-            return total
-    return dict(ray.cluster_resources())
-
-
-def _check_capacity(workers: int, use_gpu: bool, capacity: dict[str, float]) -> int:
-    unit = "GPU" if use_gpu else "CPU"
-    have = capacity.get(unit, 0.0)
-    if workers > have:
-        raise ConfigError(f"{workers} workers per trial need {workers} {unit}s; this cluster can hold at most {have:g}")
-    return max(1, int(have // workers))
-
-
 def run_sweep(args: argparse.Namespace):
     """Validate everything that can be checked before a trial starts, then run the sweep; return the driver."""
     config = load_config(args.config, args.set)
@@ -127,12 +100,12 @@ def run_sweep(args: argparse.Namespace):
     uri = tracking.resolve_uri(args.tracking_uri)
     client = tracking.connect(uri)
 
+    from raytasks.resources import cluster_capacity, node_shapes, plan_trials
+
     _init_ray(args.address)
-    capacity = cluster_capacity()
+    capacity, shapes = cluster_capacity(), node_shapes()
     use_gpu = config.device == "cuda" or (config.device == "auto" and capacity.get("GPU", 0) > 0)
-    concurrency = _check_capacity(workers, use_gpu, capacity)
-    if config.sweep.max_concurrent:
-        concurrency = min(concurrency, config.sweep.max_concurrent)
+    plan = plan_trials(config, workers, use_gpu, capacity, shapes, None, None)  # exit 2 here, before any work
     # The logged config states what actually runs (methods and trials from the flags included).
     config = with_overrides(config, {"cache_dir": str(config.resolved_cache_dir()), "device": "cuda" if use_gpu else "cpu",
                                      "unlearn.workers": workers, "sweep.methods": methods, "sweep.trials": trials})
@@ -141,7 +114,8 @@ def run_sweep(args: argparse.Namespace):
 
     storage = args.storage or os.environ.get("UNLEARN_RAY_STORAGE")
     storage = f"{storage.rstrip('/')}/{name}" if storage else str(out / "ray")
-    driver = SweepDriver(config, name, out, client, uri, methods, trials, workers, use_gpu, concurrency, storage)
+    driver = SweepDriver(config, name, out, client, uri, methods, trials, workers, use_gpu, storage, plan,
+                         lambda peak, free: plan_trials(config, workers, use_gpu, capacity, shapes, peak, free))
     print(driver.run(resume=args.resume))
     if not args.no_report:
         from analysis.report import render_report  # the report lives in analysis; imported at the very end

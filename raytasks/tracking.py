@@ -61,7 +61,10 @@ def experiment_id(client: MlflowClient, name: str) -> str:
             client.restore_experiment(found.experiment_id)
         experiment = found.experiment_id
     else:
-        experiment = client.create_experiment(name)
+        # A sqlite store keeps artifacts beside the database (MLflow's default, ./mlruns, is the caller's folder).
+        uri = client.tracking_uri
+        root = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:///") else None
+        experiment = client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
     # The MLflow UI opens it in the model-training view (runs with their logged models).
     client.set_experiment_tag(experiment, "mlflow.experimentKind", "custom_model_development")
     return experiment
@@ -169,20 +172,18 @@ def log_trial(client: MlflowClient, experiment: str, parent: str, sweep: str, me
 
 
 class MLflowTrialLogger:
-    """A Tune callback (driver side, one writer) that logs each finished trial as it completes.
+    """Logs finished trials (driver side, one writer): search trials nested under the sweep's parent run,
+    confirmation trials (config key `confirms`) under the trial they confirm, tagged `confirm=<trial id>`.
 
     It holds only plain data, so Tune can pickle it into the experiment state for `--resume`.
     """
 
-    def __init__(self, uri: str, experiment: str, parent: str, sweep: str, method: str, workers: int,
-                 tags: dict[str, str] | None = None) -> None:
-        self.args = (experiment, parent, sweep, method, workers)
-        self.uri = uri
-        self.tags = dict(tags or {})  # e.g. {"confirm": <trial id>} on confirmation runs
+    def __init__(self, uri: str, experiment: str, parent: str, sweep: str, workers: int) -> None:
+        self.experiment, self.parent, self.sweep, self.workers, self.uri = experiment, parent, sweep, workers, uri
         self._client: MlflowClient | None = None
 
     def __getstate__(self) -> dict:
-        return {"args": self.args, "uri": self.uri, "tags": self.tags, "_client": None}
+        return {**self.__dict__, "_client": None}
 
     @property
     def client(self) -> MlflowClient:
@@ -190,33 +191,20 @@ class MLflowTrialLogger:
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
-    def log(self, trial_id: str, params: dict, metrics: dict, artifacts: str | None, failed: bool = False) -> str:
-        # getattr: loggers pickled into a Tune experiment state before confirmation runs existed have no tags
-        return log_trial(self.client, *self.args, trial_id, params, metrics, artifacts, failed, getattr(self, "tags", {}))
-
-
-class ConfirmLoggingCallback(tune.Callback):
-    """Logs confirmation trials, whose config is {"point": {"method": ..., "confirms": ..., hyperparameters, "seed"}},
-    with the logger of their method (nested under the trial they confirm)."""
-
-    def __init__(self, loggers: dict[str, MLflowTrialLogger]) -> None:
-        self.loggers = loggers
-
-    def _log(self, trial, metrics: dict, failed: bool) -> None:
-        point = dict(trial.config.get("point", {}))
-        method = point.pop("method")
-        point.pop("confirms", None)
-        ckpt = trial.checkpoint if not failed else None
-        self.loggers[method].log(trial.trial_id, point, metrics, ckpt.path if ckpt else None, failed=failed)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._log(trial, trial.last_result or {}, failed=False)
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._log(trial, {"failed": 1.0, "feasible": 0.0}, failed=True)
+    def log(self, trial_id: str, config: dict, metrics: dict, artifacts: str | None, failed: bool = False) -> str:
+        params = dict(config)
+        method, confirms = params.pop("method"), params.pop("confirms", None)
+        parent, tags = self.parent, {}
+        if confirms is not None:
+            confirmed = find_run(self.client, self.experiment, {"sweep": self.sweep, "method": method, "ray.trial_id": confirms})
+            parent, tags = confirmed or self.parent, {"confirm": confirms}
+        return log_trial(self.client, self.experiment, parent, self.sweep, method, self.workers, trial_id, params,
+                         metrics, artifacts, failed, tags)
 
 
 class TrialLoggingCallback(tune.Callback):
+    """Logs each trial as it ends, so MLflow shows the sweep while it runs."""
+
     def __init__(self, logger: MLflowTrialLogger) -> None:
         self.logger = logger
 
@@ -225,7 +213,9 @@ class TrialLoggingCallback(tune.Callback):
         self.logger.log(trial.trial_id, trial.config, trial.last_result or {}, ckpt.path if ckpt else None)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self.logger.log(trial.trial_id, trial.config, {"failed": 1.0, "feasible": 0.0}, None, failed=True)
+        # the trial raised (a bug, not a diverged model): its run gets Tune's error.txt, the traceback
+        folder = str(Path(trial.error_file).parent) if trial.error_file else None
+        self.logger.log(trial.trial_id, trial.config, {"failed": 1.0, "feasible": 0.0}, folder, failed=True)
 
 
 # What a sweep logged that shows D_f: the parent's reference grids, each run's output strip and embeddings.

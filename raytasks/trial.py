@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from raytasks.outcome import finish_trial
+from raytasks.outcome import failed_trial, finish_trial
+from raytasks.search import CONFIRMS_KEY, METHOD_KEY
 from unlearn.config import validate_config, with_overrides
 
 
@@ -15,16 +16,16 @@ def trial_config(spec: dict[str, Any], params: dict[str, Any]):
 
 
 def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
-    """Function trainable (wrapped with tune.with_parameters): reports one sanitised result + artifacts."""
+    """Function trainable (wrapped with tune.with_parameters): reports one sanitised result + artifacts.
+
+    `params` is what `SweepSearch` suggested: the method, its hyperparameters, and for a confirmation trial the
+    trial it confirms and the unlearning seed (`seed` -> unlearn.seed)."""
     from ray import tune
     from ray.tune import Checkpoint
 
     torch.set_num_threads(spec["threads"])
-    method = spec["method"]
-    if "point" in params:  # a confirmation trial names its method: {"point": {"method", "confirms", hps, "seed"}}
-        method = params["point"]["method"]
-        params = {k: v for k, v in params["point"].items() if k not in ("method", "confirms")}
-    config = trial_config(spec, params)
+    method = params[METHOD_KEY]
+    config = trial_config(spec, {k: v for k, v in params.items() if k not in (METHOD_KEY, CONFIRMS_KEY)})
     if spec["workers"] > 1:
         from raytasks.distributed import run_data_parallel
 
@@ -34,8 +35,12 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
             use_gpu=spec["use_gpu"],
         )
     else:
-        from unlearn.pipeline import prepare, unlearn
+        from unlearn.pipeline import prepare_warm, unlearn
 
-        prepared = prepare(config, log=lambda _: None)  # every stage and reference comes from the cache
-        metrics, folder = finish_trial(prepared, unlearn(prepared, method), method)
+        prepared = prepare_warm(config)  # from this process's memo or the cache: nothing is trained here
+        try:
+            metrics, folder = finish_trial(prepared, unlearn(prepared, method), method)
+        except torch.OutOfMemoryError as exc:  # trials share the GPU: this one did not fit beside the others
+            torch.cuda.empty_cache()
+            metrics, folder = failed_trial(prepared, f"out of GPU memory while sharing the GPU: {exc}")
     tune.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))

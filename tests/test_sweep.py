@@ -89,6 +89,9 @@ def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
         (["--set", "sweep.space.ft_lr=[0.01,0.01]"], "empty range"),
         (["--resume", "--name", "never-ran"], "nothing to resume"),
         (["--workers", "64"], "can hold at most"),
+        (["--set", "sweep.gpus_per_trial=2"], "above 1"),
+        (["--workers", "2", "--set", "sweep.gpus_per_trial=0.5"], "whole GPUs"),
+        (["--set", "sweep.cpus_per_trial=64"], "more than any node has"),
         (["--methods", "retrain"], "reference model"),
     ],
 )
@@ -140,7 +143,7 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(prepared, default
     assert proc.wait(timeout=120) == 130, proc.stderr.read()[-2000:]
     finished = {r.data.tags["ray.trial_id"]: r.info.run_id for r in _child_runs(uri, "resume")}
     assert 2 <= len(finished) < 4
-    result_files = {p: p.stat().st_mtime_ns for p in (out / "ray" / "realistic").glob("run_trial_*/result.json")}
+    result_files = {p: p.stat().st_mtime_ns for p in (out / "ray" / "trials").glob("run_trial_*/result.json")}
 
     resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

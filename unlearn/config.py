@@ -210,6 +210,10 @@ class SweepConfig(_Strict):
     methods: list[str] = ["realistic", "max_loss", "finetune", "noisy_label", "random_encoder", "i2i_sota", "merged"]
     trials: int = Field(8, ge=1)
     max_concurrent: int | None = Field(None, ge=1)  # None: as many as the cluster holds
+    # One-worker trials share a GPU: the fraction of a GPU each trial asks Ray for (None: as many trials per GPU
+    # as the measured peak memory of one trial and the CPUs allow). Multi-worker trials hold whole GPUs.
+    gpus_per_trial: float | None = Field(None, gt=0)
+    cpus_per_trial: float = Field(1.0, gt=0)  # also the trial's torch threads (one-worker trials)
     retain_metric: Literal["retain_mse", "retain_fid"] = "retain_mse"
     # [low, high] per hyperparameter; steps are integers, rates and weights are sampled log-uniformly.
     space: dict[str, tuple[float, float]] = {
@@ -282,7 +286,7 @@ class SweepConfig(_Strict):
 class Config(_Strict):
     name: str = "custom"
     seed: int = 0
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: Literal["cpu", "cuda", "auto"] = "auto"  # auto: cuda when there is one
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     cache_dir: str | None = None  # default: $UNLEARN_CACHE or ~/.cache/unlearn
     data: DataConfig = DataConfig()
