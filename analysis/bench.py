@@ -85,7 +85,12 @@ def orchestration(config: Config, steps: int, storage: str) -> dict[str, Any]:
     rows["tune_trial"] = {**grid[0].metrics, "launched": launched}
 
     backend = "nccl" if config.device == "cuda" else "gloo"
+    skipped: dict[str, Any] = {}
     for workers in (1, 2):
+        if config.device == "cuda" and workers > torch.cuda.device_count():
+            # NCCL ranks hold a whole GPU each: never wait for resources this machine does not have
+            skipped[f"ray_train_{workers}"] = {"skipped": f"needs {workers} GPUs, this machine has {torch.cuda.device_count()}"}
+            continue
         launched = time.time()
         trainer = TorchTrainer(_train_worker, train_loop_config={"config": cfg, "steps": steps},
                                torch_config=TorchConfig(backend=backend),
@@ -95,11 +100,11 @@ def orchestration(config: Config, steps: int, storage: str) -> dict[str, Any]:
         with result.checkpoint.as_directory() as folder:
             timing = json.loads((Path(folder) / "timing.json").read_text())
         rows[f"ray_train_{workers}"] = {**timing, "launched": launched}
-    table = {}
+    table: dict[str, Any] = {}
     for name, r in rows.items():
         table[name] = {"startup_seconds": r["first_step"] - r["launched"],
                        "steady_steps_per_second": r["steady_steps_per_second"]}
-    return table
+    return {**table, **skipped}
 
 
 def unlearning_vs_retraining(config: Config, prepared, best: dict[str, Any]) -> dict[str, Any]:
@@ -136,55 +141,107 @@ def unlearning_vs_retraining(config: Config, prepared, best: dict[str, Any]) -> 
     return rows
 
 
-def sweep_overhead(config: Config, out: Path, trials: int) -> dict[str, Any]:
-    """A real sweep (realistic, `trials` trials): per-trial wall time against its unlearning compute."""
+def _peak_in_flight(results: list[dict[str, Any]]) -> int:
+    """The most trials that ran at the same moment (from each trial's end stamp and running time)."""
+    events = sorted([(r["timestamp"] - r["time_total_s"], 1) for r in results] + [(r["timestamp"], -1) for r in results])
+    peak = running = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def sweep_efficiency(config: Config, prepared, out: Path, methods: str | None, trials: int | None) -> dict[str, Any]:
+    """The sweep as users run it (default: every method, sweep.trials each, plus the confirmation trials), timed end
+    to end; then every trial it ran is re-run alone here on the idle device.
+
+    sweep_efficiency = summed unlearning seconds of those solo re-runs / (sweep wall time x slots), where slots are
+    the GPUs on a GPU and the concurrent trial slots on a CPU: the share of the sweep's device time spent unlearning.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    from raytasks.driver import EXPERIMENT
     from raytasks.sweep import parse_args, run_sweep
+    from unlearn.pipeline import unlearn
 
     cache = config.resolved_cache_dir()
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("tensors.pt")}
-    uri = f"sqlite:///{out}/bench-mlflow.db"
+    argv = ["--name", "bench-sweep", "--out", str(out / "bench-sweep"), "--tracking-uri", f"sqlite:///{out}/bench-mlflow.db",
+            "--no-report", "--set", f"cache_dir={cache}", "--set", f"device={config.device}"]
+    argv += ["--methods", methods] if methods else []
+    argv += ["--trials", str(trials)] if trials else []
     started = time.time()
-    driver = run_sweep(parse_args(["--methods", "realistic", "--trials", str(trials), "--name", "bench-sweep",
-                                   "--out", str(out / "bench-sweep"), "--tracking-uri", uri, "--no-report",
-                                   "--set", f"cache_dir={cache}", "--set", f"device={config.device}"]))
+    driver = run_sweep(parse_args(argv))
     sweep_seconds = time.time() - started
-    import pandas as pd
-
-    frame = pd.read_csv(driver.out / "trials.csv")
-    from ray.tune import ExperimentAnalysis
-
-    results = [t.last_result for t in ExperimentAnalysis(f"{driver.storage}/realistic").trials]
-    totals = [r["time_total_s"] for r in results]
-    compute = [r["unlearn_seconds"] for r in results]
     after = {p: p.stat().st_mtime_ns for p in cache.rglob("tensors.pt")}
-    written = [p for p in after if before.get(p) != after[p]]  # new or rewritten cache entries
-    retrained = [str(p) for p in written if p.parent.parent.name == "stages"]
-    fractions = [(t - c) / t for t, c in zip(totals, compute, strict=True)]
-    # Whole-sweep view: the slot time the sweep held (wall x concurrent trials) against the unlearning compute
-    # it bought; includes stage/reference loading, scheduling, actor start-up, evaluation and MLflow logging.
-    slot_seconds = sweep_seconds * driver.concurrency
+    written: dict[str, int] = {}
+    for path in after:
+        if before.get(path) != after[path]:  # new or rewritten cache entries, by kind (stages, references, ...)
+            written[path.parent.parent.name] = written.get(path.parent.parent.name, 0) + 1
+    results = [t.last_result for t in ExperimentAnalysis(f"{driver.storage}/{EXPERIMENT}").trials if t.last_result]
+    import ray
+
+    torch.set_num_threads(max(1, int(driver.plan.resources["CPU"])))  # as each trial ran
+    solo = 0.0
+    for result in results:
+        point = dict(result["config"])
+        method = point.pop("method")
+        point.pop("confirms", None)
+        solo += unlearn(prepared, method, with_overrides(config, {f"unlearn.{k}": v for k, v in point.items()}).unlearn).seconds
+    slots = int(ray.cluster_resources().get("GPU", 0)) if driver.use_gpu else driver.concurrency  # devices or slots
     return {
-        "concurrency": driver.concurrency,
-        "sweep_overhead_fraction": 1 - sum(compute) / slot_seconds,
-        "trials": len(frame),
+        "trials": len(results),
         "sweep_seconds": sweep_seconds,
-        "mean_trial_seconds": statistics.mean(totals),
-        "mean_unlearn_seconds": statistics.mean(compute),
-        "trial_overhead_fraction": statistics.mean(fractions),
-        "stage_entries_written_during_sweep": len(retrained),
-        "reference_features_reused": not any(p.parent.parent.name == "references" for p in written),
+        "slots": slots,
+        "concurrency": driver.concurrency,
+        "trials_per_gpu": driver.plan.trials_per_gpu,
+        "peak_in_flight": _peak_in_flight(results),
+        "solo_unlearn_seconds": solo,
+        "sweep_efficiency": solo / (sweep_seconds * slots),
+        "mean_trial_seconds": statistics.mean(r["time_total_s"] for r in results),
+        "cache_entries_written": written,  # {} on a warm cache: no stage, reference or calibration recomputed
     }
 
 
-def evaluation_throughput(prepared, repeats: int = 3) -> dict[str, float]:
-    model = prepared.stages["attack"].model
-    prepared.auditor.evaluate(model)  # warm-up
+def cli_overhead(config: Config) -> dict[str, float]:
+    """`unlearn run --method realistic --json` as a user types it: wall time beyond the unlearning and the audit
+    (interpreter start, imports, loading the cached setup, printing)."""
+    import subprocess
+
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "unlearn.cli", "run", "--method", "realistic", "--json",
+                           "--set", f"cache_dir={config.resolved_cache_dir()}", "--set", f"device={config.device}"],
+                          capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - started
+    metrics = json.loads(done.stdout.strip().splitlines()[-1])
+    work = metrics["unlearn_seconds"] + metrics["audit_seconds"]
+    return {"wall_seconds": wall, "unlearn_seconds": metrics["unlearn_seconds"], "audit_seconds": metrics["audit_seconds"],
+            "overhead_seconds": wall - work}
+
+
+def evaluation_throughput(prepared, models: int = 4) -> dict[str, float]:
+    """The whole catalogue on `models` distinct models (theta0 with seeded weight noise: nothing can be reused
+    between them), after one warm-up; images = the evaluated splits' images per catalogue."""
+    import copy
+
+    base = prepared.stages["attack"].model
+    distinct = []
+    for i in range(models):
+        model = copy.deepcopy(base)
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(1e-3 * torch.randn(param.shape, generator=generator).to(param.device))
+        distinct.append(model)
+    prepared.auditor.evaluate(base)  # warm-up
     images = sum(len(s) for s in prepared.data.eval_splits().values())
+    if prepared.device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(repeats):
+    for model in distinct:
         prepared.auditor.evaluate(model)
-    seconds = (time.perf_counter() - start) / repeats
-    return {"images": images, "seconds_per_catalogue": seconds, "eval_images_per_second": images / seconds}
+    seconds = (time.perf_counter() - start) / models
+    return {"images": images, "models": models, "seconds_per_catalogue": seconds, "eval_images_per_second": images / seconds}
 
 
 def _best_realistic(config: Config, experiment: str | None, uri: str | None) -> dict[str, Any]:
@@ -218,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--steps", type=int, default=300, help="loop steps per orchestration variant")
-    p.add_argument("--sweep-trials", type=int, default=4)
+    p.add_argument("--sweep-methods", default=None, help="the measured sweep's methods (default: sweep.methods)")
+    p.add_argument("--sweep-trials", type=int, default=None, help="its trials per method (default: sweep.trials)")
     p.add_argument("--experiment", default=None, help="take realistic's best feasible configuration from this sweep")
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--only", default="cost,orchestration,sweep,eval", help="comma-separated subset to run")
+    p.add_argument("--only", default="cost,orchestration,sweep,cli,eval", help="comma-separated subset to run")
     args = p.parse_args(argv)
     try:
         config = load_config(args.config, [*args.set, f"device={args.device}"])
@@ -258,9 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         results["orchestration"] = table
         results["train_overhead_ratio"] = table["bare"]["steady_steps_per_second"] / table["ray_train_1"]["steady_steps_per_second"]
     if "sweep" in only:
-        results["sweep"] = sweep_overhead(config, out, args.sweep_trials)
-        _print_table("Sweep overhead", {"realistic sweep": results["sweep"]})
-        results["trial_overhead_fraction"] = results["sweep"]["trial_overhead_fraction"]
+        results["sweep"] = sweep_efficiency(config, prepared, out, args.sweep_methods, args.sweep_trials)
+        _print_table("Sweep (as users run it) and its trials re-run alone", {"sweep": results["sweep"]})
+        results["sweep_seconds"] = results["sweep"]["sweep_seconds"]
+        results["sweep_efficiency"] = results["sweep"]["sweep_efficiency"]
+    if "cli" in only:
+        results["cli"] = cli_overhead(config)
+        _print_table("unlearn run --method realistic --json (wall time beyond unlearning and audit)", {"cli": results["cli"]})
+        results["cli_overhead_seconds"] = results["cli"]["overhead_seconds"]
     if "eval" in only:
         results["evaluation"] = evaluation_throughput(prepared)
         _print_table("Evaluation throughput (cached reference features)", {"catalogue": results["evaluation"]})
