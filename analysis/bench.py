@@ -141,16 +141,6 @@ def unlearning_vs_retraining(config: Config, prepared, best: dict[str, Any]) -> 
     return rows
 
 
-def _peak_in_flight(results: list[dict[str, Any]]) -> int:
-    """The most trials that ran at the same moment (from each trial's end stamp and running time)."""
-    events = sorted([(r["timestamp"] - r["time_total_s"], 1) for r in results] + [(r["timestamp"], -1) for r in results])
-    peak = running = 0
-    for _, step in events:
-        running += step
-        peak = max(peak, running)
-    return peak
-
-
 def sweep_efficiency(config: Config, prepared, out: Path, methods: str | None, trials: int | None) -> dict[str, Any]:
     """The sweep as users run it (default: every method, sweep.trials each, plus the confirmation trials), timed end
     to end; then every trial it ran is re-run alone here on the idle device.
@@ -170,6 +160,10 @@ def sweep_efficiency(config: Config, prepared, out: Path, methods: str | None, t
             "--no-report", "--set", f"cache_dir={cache}", "--set", f"device={config.device}"]
     argv += ["--methods", methods] if methods else []
     argv += ["--trials", str(trials)] if trials else []
+    import ray
+
+    ray.shutdown()  # the sweep starts its own Ray, sized to this machine, as `python raytasks/sweep.py` does
+    os.environ["UNLEARN_LOCAL_RAY"] = "1"
     started = time.time()
     driver = run_sweep(parse_args(argv))
     sweep_seconds = time.time() - started
@@ -179,8 +173,6 @@ def sweep_efficiency(config: Config, prepared, out: Path, methods: str | None, t
         if before.get(path) != after[path]:  # new or rewritten cache entries, by kind (stages, references, ...)
             written[path.parent.parent.name] = written.get(path.parent.parent.name, 0) + 1
     results = [t.last_result for t in ExperimentAnalysis(f"{driver.storage}/{EXPERIMENT}").trials if t.last_result]
-    import ray
-
     torch.set_num_threads(max(1, int(driver.plan.resources["CPU"])))  # as each trial ran
     solo = 0.0
     for result in results:
@@ -195,7 +187,7 @@ def sweep_efficiency(config: Config, prepared, out: Path, methods: str | None, t
         "slots": slots,
         "concurrency": driver.concurrency,
         "trials_per_gpu": driver.plan.trials_per_gpu,
-        "peak_in_flight": _peak_in_flight(results),
+        "peak_in_flight": driver.progress.peak_in_flight,
         "solo_unlearn_seconds": solo,
         "sweep_efficiency": solo / (sweep_seconds * slots),
         "mean_trial_seconds": statistics.mean(r["time_total_s"] for r in results),

@@ -124,8 +124,8 @@ class SweepDriver:
         objectives = list(self.config.objectives)
         self.searchers = {m: make_searcher(self.config, m, self.trials) for m in self.methods}
         search = SweepSearch(self.searchers, self.trials, self.config.sweep.confirm_seeds, objectives)
-        callbacks = [tracking.TrialLoggingCallback(self.trial_logger),
-                     ProgressCallback(self.config)]
+        self.progress = ProgressCallback(self.config)  # the bench reads its peak_in_flight
+        callbacks = [tracking.TrialLoggingCallback(self.trial_logger), self.progress]
         return tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=search, num_samples=-1, reuse_actors=True,
                                                                  max_concurrent_trials=self.concurrency),
                           run_config=tune.RunConfig(name=EXPERIMENT, storage_path=self.storage, verbose=0, callbacks=callbacks))

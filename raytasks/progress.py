@@ -48,8 +48,15 @@ def trial_line(trials: list, trial, trials_per_method: int, confirm_seeds: int, 
 
 
 class ProgressCallback(tune.Callback):
+    """Prints a line per finished trial and counts the most trials in flight at once (`peak_in_flight`)."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.peak_in_flight = 0
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        running = sum(1 for t in trials if t.status == "RUNNING" or t is trial)
+        self.peak_in_flight = max(self.peak_in_flight, running)
 
     def _print(self, trials: list, trial, failed: bool) -> None:
         c = self.config.sweep

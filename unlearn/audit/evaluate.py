@@ -34,17 +34,28 @@ class _Precomputed(nn.Module):
         return features
 
 
-def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+def fid_metric(real: torch.Tensor):
+    """torchmetrics' FID holding the statistics of a fixed real feature set, kept across `reset()`
+    (reset_real_features=False), so that each model only adds its own features (see `fid_against`)."""
     # imported where used: torchmetrics pulls in torchvision and torch._dynamo (seconds), which commands that do
     # not audit (methods, purge, a config error) should not pay for
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     # sync_on_compute=False: in a data-parallel run only rank 0 audits; torchmetrics must not wait for the others.
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), sync_on_compute=False)
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), reset_real_features=False, sync_on_compute=False)
     metric.update(real.double(), real=True)
+    return metric
+
+
+def fid_against(metric, fake: torch.Tensor) -> float:
+    metric.reset()  # drops the previous model's features, keeps the real statistics
     metric.update(fake.double(), real=False)
     # A distance: identical feature sets give a tiny negative number from the matrix square root's round-off.
     return max(0.0, float(metric.compute()))
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    return fid_against(fid_metric(real), fake)
 
 
 def inception_score(logits: torch.Tensor) -> float:
@@ -125,6 +136,7 @@ class Auditor:
         self.retain_truth = to_float(self.splits["retain"].clean)
         self.mia_members, self.mia_nonmembers = membership_sets(
             data.forget_train, [data.forget_test, data.retain_test], config.audit.mia_samples)
+        self._fid_metrics: dict = {}  # reference feature set -> its FID metric (real statistics kept)
         # Set by pipeline.calibrate: the resolved ood_delta, the audit's self-check, the attack's figures.
         self.calibration: dict[str, float] = {}
         cache = ArtifactCache(config.resolved_cache_dir())
@@ -231,6 +243,12 @@ class Auditor:
             arrays[split] = self.backbone(model_outputs(model, subset, self.mask, self.device, self.config.precision))[0].numpy()
         np.savez_compressed(path, **arrays)
 
+    def _fid(self, real_key: str, features: torch.Tensor) -> float:
+        """FID against the reference features `real_key`, whose statistics are computed once per auditor."""
+        if real_key not in self._fid_metrics:
+            self._fid_metrics[real_key] = fid_metric(self.refs[real_key])
+        return fid_against(self._fid_metrics[real_key], features)
+
     def evaluate(self, model: I2IModel) -> dict[str, float]:
         metrics: dict[str, float] = {}
         hole = self.mask[0, 0].bool()
@@ -243,12 +261,12 @@ class Auditor:
             truth = to_float(subset.clean)
             metrics[f"{split}_mse"] = float((outputs - truth)[:, :, hole].pow(2).mean())
             features, logits = self.backbone(outputs)
-            metrics[f"{split}_fid"] = fid(self.refs[f"gt/{split}"], features)
+            metrics[f"{split}_fid"] = self._fid(f"gt/{split}", features)
             metrics[f"{split}_is"] = inception_score(logits)
             metrics[f"{split}_clip"] = cosine_similarity(features, self.refs[f"gt/{split}"])
             for ref in REFERENCES:
                 if f"{ref}/{split}" in self.refs:
-                    metrics[f"{split}_fid_vs_{ref}"] = fid(self.refs[f"{ref}/{split}"], features)
+                    metrics[f"{split}_fid_vs_{ref}"] = self._fid(f"{ref}/{split}", features)
             if split == "forget" and self.config.has_marker:
                 metrics.update(self.marker_figures(outputs))
             if split == "forget" and "original/forget_gap" in self.refs:
