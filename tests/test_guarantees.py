@@ -1,5 +1,6 @@
 """Guarantee bookkeeping checked against a hand computation on a tiny model."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -87,3 +88,40 @@ def test_non_finite_loss_stops_and_flags_divergence():
     history = run_phases(model, [phase], {"forget": BatchStream(subset, 4, seed=0)}, StepContext(model=model, mask=torch.ones(1, 1, 4, 4)), clip_norm=1.0)
     assert history.diverged and history.phase("ga").steps_run == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ga_bookkeeping_with_clipping_matches_hand_computation():
+    """Plain-SGD GA whose every step is clipped: the trajectory and the bounds use the clipped rates
+    r_t = lr x clip / ||g_t|| (the test above never clips: clip_norm 1e6)."""
+    torch.manual_seed(0)
+    images = (torch.rand(8, 3, 4, 4) * 255).to(torch.uint8)
+    subset = ImageSubset(images, images, torch.zeros(8, dtype=torch.int64))
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 1:3, 1:3] = 1
+    model, hand = TinyModel(), TinyModel()
+    hand.load_state_dict(model.state_dict())
+    steps, lr, clip = 4, 0.5, 0.01
+    x = images.float() / 255
+    norms, rates = [], []
+    with torch.no_grad():
+        loss0 = float(hand.loss(x, mask, x).mean())
+    for _ in range(steps):
+        hand.zero_grad()
+        (-hand.loss(x, mask, x).mean()).backward()
+        norm = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in hand.parameters())))
+        norms.append(norm)
+        rates.append(lr * min(1.0, clip / norm))
+        with torch.no_grad():
+            for p in hand.parameters():
+                p -= rates[-1] * p.grad
+    assert min(norms) > clip  # every step is clipped
+    phase = Phase("ga", obj.gradient_ascent, ("forget",), steps, lr, optimizer="sgd", ascent=True)
+    history = run_phases(model, [phase], {"forget": BatchStream(subset, 8, seed=0)}, StepContext(model=model, mask=mask), clip_norm=clip)
+    with torch.no_grad():
+        after = float(model.loss(x, mask, x).mean())
+    g = ga_guarantees(history.phase("ga"), lr, loss0, after)
+    distance = torch.sqrt(sum((p - q).pow(2).sum() for p, q in zip(model.parameters(), hand.parameters(), strict=True)))
+    assert float(distance) < 1e-5  # the loop clipped exactly as the hand loop
+    assert g["ga_bound_lower"] == pytest.approx(min(norms) ** 2 * sum(rates), rel=1e-5)
+    assert g["ga_bound_upper"] == pytest.approx(max(norms) ** 2 * sum(rates), rel=1e-5)
+    assert g["ga_bound_upper"] < 0.5 * steps * lr * max(norms) ** 2  # clip / norm ~ 0.3: below the unclipped T lr G^2

@@ -156,3 +156,21 @@ def test_an_audit_bug_surfaces_and_only_a_diverged_model_is_failed_infeasible(pr
     metrics, folder = outcome.finish_trial(prepared, result, "finetune")
     assert metrics["failed"] == 1.0 and metrics["feasible"] == 0.0
     assert "a bug in a metric" in (folder / "error.txt").read_text()
+
+
+def test_best_per_method_is_the_feasible_trial_with_the_smallest_rounded_first_objective():
+    """The one definition of "best": only feasible trials, the first objective rounded to 0.01 (noise does not
+    decide), ties broken by the next objective; a method without a feasible trial has no best."""
+    import pandas as pd
+
+    from raytasks.pareto import best_per_method
+
+    frame = pd.DataFrame([
+        {"method": "a", "trial_id": "infeasible-but-lowest", "feasible": 0.0, "forget_marker_strength": 0.0, "retain_degradation": 0.0},
+        {"method": "a", "trial_id": "noise-level-lower", "feasible": 1.0, "forget_marker_strength": 0.011, "retain_degradation": 0.3},
+        {"method": "a", "trial_id": "best", "feasible": 1.0, "forget_marker_strength": 0.014, "retain_degradation": 0.1},
+        {"method": "a", "trial_id": "worse", "feasible": 1.0, "forget_marker_strength": 0.2, "retain_degradation": 0.0},
+        {"method": "b", "trial_id": "only-infeasible", "feasible": 0.0, "forget_marker_strength": 0.0, "retain_degradation": 0.0},
+    ])
+    best = best_per_method(frame, ["forget_marker_strength", "retain_degradation"])
+    assert list(best["method"]) == ["a"] and list(best["trial_id"]) == ["best"]
