@@ -76,8 +76,9 @@ class SweepDriver:
         self.methods, self.trials, self.workers, self.use_gpu = methods, trials, workers, use_gpu
         self.plan = plan  # one trial's resources and the concurrency (raytasks.resources)
         self.replan = replan  # (peak GPU bytes of one trial, free GPU bytes) -> plan, when the share is measured
+        self.searchers: dict[str, Any] = {}  # method -> its Optuna searcher (a fresh sweep; tests inspect the studies)
+        self.progress: ProgressCallback | None = None
         self.storage = storage  # a local folder, or shared storage (a mount, s3://...) on a cluster
-        self.searchers: dict[str, Any] = {}  # method -> the OptunaSearch of this run (tests inspect the study)
         self.report_path: Path | None = None
 
     def _log_references(self, prepared) -> dict[str, dict[str, float]]:
@@ -120,7 +121,9 @@ class SweepDriver:
         trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), self.plan.resources)
         path = f"{self.storage}/{EXPERIMENT}"
         if resume and tune.Tuner.can_restore(path):
-            return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            # resume_errored=False: an errored trial is final (the searcher already counted it as failed); re-running
+            # it would hand the driver a result the searcher never sees
+            return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
         objectives = list(self.config.objectives)
         self.searchers = {m: make_searcher(self.config, m, self.trials) for m in self.methods}
         search = SweepSearch(self.searchers, self.trials, self.config.sweep.confirm_seeds, objectives)
@@ -138,7 +141,8 @@ class SweepDriver:
         self.parent = tracking.start_parent(self.client, self.experiment, self.name,
                                             self.config.model_dump(mode="json", by_alias=True), state.get("parent_run_id"))
         state.update(name=self.name, parent_run_id=self.parent, experiment_id=self.experiment, tracking_uri=self.uri,
-                     methods=self.methods, trials=self.trials, workers=self.workers)
+                     methods=self.methods, trials=self.trials, workers=self.workers,
+                     confirm_seeds=self.config.sweep.confirm_seeds)
         state_path.write_text(json.dumps(state, indent=2))
         self.trial_logger = tracking.MLflowTrialLogger(self.uri, self.experiment, self.parent, self.name, self.workers)
 
@@ -161,8 +165,8 @@ class SweepDriver:
         return min(self.plan.concurrency, self.config.sweep.max_concurrent or self.plan.concurrency)
 
     def _plan_gpu_share(self, prepared) -> None:
-        """`sweep.gpus_per_trial` unset on a GPU: measure one short trial's peak memory here (the driver prepared on
-        the GPU) and let as many trials share each GPU as fit. A driver without a GPU keeps whole GPUs per trial."""
+        """`sweep.gpus_per_trial` unset on a GPU: measure a short trial of each method here (the driver prepared on
+        the GPU) and let as many trials share each GPU as the largest peak allows. A driver without a GPU keeps whole GPUs per trial."""
         import torch
 
         if not (self.use_gpu and self.workers == 1 and self.config.sweep.gpus_per_trial is None and self.replan
@@ -170,7 +174,7 @@ class SweepDriver:
             return
         from raytasks.resources import measure_trial_peak
 
-        peak = measure_trial_peak(prepared)
+        peak = max(measure_trial_peak(prepared, method) for method in self.methods)
         torch.cuda.empty_cache()
         self.plan = self.replan(peak, torch.cuda.mem_get_info()[0])
         stderr_log(f"sweep {self.name}: one trial peaks at {peak / 1024**3:.2f} GiB of GPU memory: "

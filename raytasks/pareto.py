@@ -37,7 +37,10 @@ def best_per_method(frame: pd.DataFrame, objectives: tuple[str, ...] | list[str]
     keys = [f"_rank{i}" for i in range(len(objectives))]
     for i, (key, name) in enumerate(zip(keys, objectives, strict=True)):
         feasible[key] = feasible[name].round(2) if i == 0 else feasible[name]
-    best = feasible.sort_values(keys, kind="stable").groupby("method", sort=False).head(1)
+    # trial_id last: ties resolve the same whatever order the rows come in (completion order in the searcher,
+    # Tune's result order in the driver), so the confirmed trial is the delivered one
+    order = [*keys, "trial_id"] if "trial_id" in feasible else keys
+    best = feasible.sort_values(order, kind="stable").groupby("method", sort=False).head(1)
     return best.drop(columns=keys).sort_values("method")
 
 

@@ -65,14 +65,14 @@ class TrialPlan:
     peak_gpu_bytes: int | None  # the measured peak of one trial (None: not measured)
 
 
-def measure_trial_peak(prepared) -> int:
-    """Peak GPU bytes of one short trial on the prepared data (allocator peak, plus the CUDA context)."""
+def measure_trial_peak(prepared, method: str) -> int:
+    """Peak GPU bytes of one short trial of `method` on the prepared data (allocator peak, plus the CUDA context)."""
     from unlearn.pipeline import audit_result, unlearn
 
     settings = prepared.config.unlearn.model_copy(update={"ga_steps": 2, "ft_steps": 4})
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    audit_result(prepared, unlearn(prepared, "realistic", settings))
+    audit_result(prepared, unlearn(prepared, method, settings))
     torch.cuda.synchronize()
     return int(torch.cuda.max_memory_reserved()) + CUDA_CONTEXT_BYTES
 
@@ -101,6 +101,9 @@ def plan_trials(config: Config, workers: int, use_gpu: bool, capacity: dict[str,
         return TrialPlan({"CPU": cpus}, max(1, int(have // cpus)), 1, None)
     if have < 1:
         raise ConfigError(f"device cuda: this cluster has no GPU (at most {have:g})")
+    gpu_node_cpus = max((s.get("CPU", 0.0) for s in shapes if s.get("GPU")), default=most_cpus)
+    if cpus > gpu_node_cpus:
+        raise ConfigError(f"sweep.cpus_per_trial {cpus:g} is more than any GPU node has (at most {gpu_node_cpus:g} CPUs)")
     if sweep.gpus_per_trial is not None:
         share = sweep.gpus_per_trial
     else:

@@ -13,6 +13,7 @@ to the feasibility constraints of `unlearn.audit.verdict`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -47,6 +48,8 @@ def _methods(args: argparse.Namespace, config: Config) -> list[str]:
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(config.sweep.methods)
     if not names:
         raise ConfigError("--methods names no method")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--methods repeats a method: {','.join(names)}")
     for name in names:
         if name not in METHODS:
             raise ConfigError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
@@ -94,6 +97,15 @@ def run_sweep(args: argparse.Namespace):
         raise ConfigError(f"nothing to resume: no sweep {name!r} in {out}")
     if not args.resume and state_path.is_file():
         raise ConfigError(f"sweep {name!r} already exists in {out}: pass --resume to continue it, or choose another --name")
+    if args.resume:  # the restored experiment's searcher runs the methods and trials it was started with
+        stored = json.loads(state_path.read_text())
+        methods = methods if args.methods else stored.get("methods", methods)
+        trials = trials if args.trials else stored.get("trials", trials)
+        if (methods, trials) != (stored.get("methods", methods), stored.get("trials", trials)):
+            raise ConfigError(f"sweep {name!r} was started with --methods {','.join(stored['methods'])} --trials "
+                              f"{stored['trials']}; resume it with those, or without --methods/--trials")
+        # and queues the confirmation seeds it was started with
+        config = with_overrides(config, {"sweep.confirm_seeds": stored.get("confirm_seeds", config.sweep.confirm_seeds)})
 
     from raytasks import tracking
 

@@ -40,7 +40,7 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
         prepared = prepare_warm(config)  # from this process's memo or the cache: nothing is trained here
         try:
             metrics, folder = finish_trial(prepared, unlearn(prepared, method), method)
-        except torch.OutOfMemoryError as exc:  # trials share the GPU: this one did not fit beside the others
+        except torch.cuda.OutOfMemoryError as exc:  # trials share the GPU: this one did not fit beside the others
             torch.cuda.empty_cache()
             metrics, folder = failed_trial(prepared, f"out of GPU memory while sharing the GPU: {exc}")
     tune.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))

@@ -99,3 +99,19 @@ def _roundtrip(state):
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_stop_at_ood_ends_gradient_ascent_at_the_first_check_past_the_threshold(prepared):
+    """unlearn.stop_at_ood: GA stops at the first checked step whose Eq. 3 distance reaches ood_delta (and not
+    before); without it GA runs all ga_steps. Normalised GA climbs ~0.05 per step of 0.05 (README), so a budget of
+    40 steps at 0.05 passes delta (~0.25 on digits) well before its end."""
+    from unlearn.pipeline import unlearn
+
+    delta = prepared.auditor.ood_delta
+    settings = prepared.config.unlearn.model_copy(update={"ga_steps": 40, "ga_lr": 0.05, "ft_steps": 1, "stop_at_ood": True})
+    stopped = unlearn(prepared, "realistic", settings).history.phase("ga")
+    distances = [d for _, d in stopped.ood_distance]
+    assert stopped.steps_run < 40 and distances[-1] >= delta and all(d < delta for d in distances[:-1])
+    assert stopped.ood_distance[-1][0] == stopped.steps_run  # it stopped at the step it measured
+    full = unlearn(prepared, "realistic", settings.model_copy(update={"stop_at_ood": False})).history.phase("ga")
+    assert full.steps_run == 40

@@ -92,6 +92,7 @@ def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
         (["--set", "sweep.gpus_per_trial=2"], "above 1"),
         (["--workers", "2", "--set", "sweep.gpus_per_trial=0.5"], "whole GPUs"),
         (["--set", "sweep.cpus_per_trial=64"], "more than any node has"),
+        (["--methods", "realistic,realistic"], "repeats a method"),
         (["--methods", "retrain"], "reference model"),
     ],
 )
@@ -244,3 +245,12 @@ def test_purge_removes_the_sweeps_forget_images_and_keeps_the_certified_model(sm
     assert not [p for name in ("grid.png", "tsne.png") for p in (out / "report").glob(name)]
     assert not [p for name in ("outputs.png", "embeddings.npz") for p in (out / "ray").rglob(name)]
     assert client.get_model_version_by_alias("t-sweep", "unlearned").run_id  # the registered model stays
+
+
+def test_resume_with_other_methods_or_trials_exits_2(small_sweep, default_config, capsys):
+    """The restored experiment runs the methods and trials it was started with: asking for others is an error."""
+    _, uri, out = small_sweep
+    code = main(["--name", "t-sweep", "--out", str(out), "--tracking-uri", uri, "--resume", "--no-report",
+                 "--trials", "5", "--set", f"cache_dir={default_config.cache_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "was started with --methods realistic,finetune,max_loss --trials 3" in err[-1]

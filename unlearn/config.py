@@ -212,7 +212,7 @@ class SweepConfig(_Strict):
     max_concurrent: int | None = Field(None, ge=1)  # None: as many as the cluster holds
     # One-worker trials share a GPU: the fraction of a GPU each trial asks Ray for (None: as many trials per GPU
     # as the measured peak memory of one trial and the CPUs allow). Multi-worker trials hold whole GPUs.
-    gpus_per_trial: float | None = Field(None, gt=0)
+    gpus_per_trial: float | None = Field(None, ge=0.0001)  # Ray's GPU fractions have four decimals
     cpus_per_trial: float = Field(1.0, gt=0)  # also the trial's torch threads (one-worker trials)
     retain_metric: Literal["retain_mse", "retain_fid"] = "retain_mse"
     # [low, high] per hyperparameter; steps are integers, rates and weights are sampled log-uniformly.
