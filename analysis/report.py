@@ -147,7 +147,7 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
         "## Method comparison",
         "",
         f"Best feasible trial per method (smallest {config.objectives[0]}, rounded to 0.01, then "
-        f"{', '.join(config.objectives[1:]) or 'nothing'}), then the reference models."
+        f"{', '.join([*config.objectives[1:], 'trial id'])}), then the reference models."
         + (" A confirmed row shows the mean ± std over its fresh unlearning seeds (`seeds`, `feasible_seeds`; the "
            "search trial itself ran seed 0)." if "seeds" in table else ""),
         "",

@@ -3,7 +3,7 @@
 Only feasible trials count (see `unlearn.audit.verdict`: OOD reached, not collapsed, not diverged, forget
 outputs near the retrained model's, retain quality kept). Among them a method's best trial is the one with
 the smallest first objective (`sweep.objectives`, rounded to 0.01 so that noise-level differences do not
-decide), ties broken by the next objectives in order.
+decide), ties broken by the next objectives in order, then by trial id (so the order rows arrive in never decides).
 """
 
 from __future__ import annotations
