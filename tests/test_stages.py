@@ -46,7 +46,10 @@ def test_checkpoints_load_with_weights_only(prepared, default_config):
     assert set(state) == set(prepared.stages["attack"].model.state_dict())
 
 
-def test_invalid_run_leaves_cache_untouched(prepared, default_config, capsys):
+def test_invalid_run_leaves_cache_untouched(prepared, default_config, tmp_path, capsys):
+    """Errors found before any work write nothing: a bad value (config validation), and a missing theta0, which
+    prepare() finds only after parsing the config, on an empty cache where the data split would be the first
+    thing written."""
     from unlearn.cli import main
 
     root = default_config.resolved_cache_dir()
@@ -54,6 +57,11 @@ def test_invalid_run_leaves_cache_untouched(prepared, default_config, capsys):
     code = main(["run", "--method", "realistic", "--set", f"cache_dir={root}", "--set", "unlearn.ga_lr=-1"])
     assert code == 2
     assert _snapshot(root) == before
+    empty = tmp_path / "cache"
+    code = main(["run", "--method", "realistic", "--set", f"cache_dir={empty}", "--set", f"stages.theta0={tmp_path}/none.pt",
+                 "--set", "audit.retrain=false"])
+    assert code == 2 and "none.pt not found" in capsys.readouterr().err
+    assert not empty.exists() or not any(p.is_file() for p in empty.rglob("*"))
 
 
 def test_corrupt_pretrained_path_is_a_config_error(tmp_path):
