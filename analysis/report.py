@@ -98,6 +98,8 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
     rows += [(name, runs.image(refs.loc[name, "run_id"], "outputs.png")) for name in REFERENCE_ORDER if name in refs.index]
     rows += [(row["method"], runs.image(row["run_id"], "outputs.png")) for _, row in best.iterrows()]
     image_grid([(label, img) for label, img in rows if img is not None], SAMPLES_PER_SPLIT, out / "grid.png")
+    grid_rows = [label for label, img in rows if img is not None]
+    grid_missing = [label for label, img in rows if img is None]  # e.g. removed by `unlearn purge`
 
     embeddings = {}
     sources = [(f"{row['method']} (unlearned)", row["run_id"]) for _, row in best.iterrows() if row["method"] == "realistic"]
@@ -163,6 +165,7 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
         lines += ["## Sample-level unlearning (forget_marker_strength)", "", samples.to_markdown(index=False, floatfmt=".3g"), ""]
     lines += [
         "## Outputs", "", "![image grid](grid.png)", "",
+        f"Grid rows: {', '.join(grid_rows)}" + (f" (no image logged: {', '.join(grid_missing)})" if grid_missing else "") + ".", "",
         "## Trade-off", "", "![Pareto front](pareto.png)", "",
         "## Decoupling: distance to theta0 and loss against GA step", "", "![distance](distance.png)", "",
     ]

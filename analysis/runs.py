@@ -39,13 +39,14 @@ class SweepRuns:
         return str(self.parent.get(f"params.{name}", default))
 
     def artifact(self, run_id: str, path: str) -> Path | None:
-        """Download one artifact (None if the run has none at that path)."""
-        try:
-            folder = tempfile.mkdtemp(prefix="artifact-")
-            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=folder,
-                                                            tracking_uri=self.client.tracking_uri))
-        except Exception:
+        """Download one artifact: None if the run has none at that path; a failing download raises (a report that
+        silently drops a row would look complete)."""
+        parent = str(Path(path).parent) if Path(path).parent != Path(".") else None
+        if path not in {a.path for a in self.client.list_artifacts(run_id, parent)}:
             return None
+        folder = tempfile.mkdtemp(prefix="artifact-")
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=folder,
+                                                        tracking_uri=self.client.tracking_uri))
 
     def image(self, run_id: str, path: str) -> np.ndarray | None:
         from PIL import Image

@@ -24,6 +24,11 @@ def test_report_has_every_method_and_reference(small_sweep):
         has_feasible = bool((trials[trials["method"] == method]["feasible"] == 1.0).any())
         assert (method in set(table["model"])) == has_feasible, method
         assert (method in without_line) == (not has_feasible), method
+    # the grid has a row for the inputs, the ground truth and every model of the table, none lost on the way
+    grid_line = next(line for line in text.splitlines() if line.startswith("Grid rows: "))
+    labels = grid_line.removeprefix("Grid rows: ").rstrip(".").split(", ")
+    assert labels[:2] == ["masked_input", "ground_truth"] and "no image logged" not in grid_line
+    assert set(labels[2:]) == {m.removesuffix(" (reference)") for m in table["model"]}, (labels, list(table["model"]))
     assert "max_loss" not in set(table["model"])
     assert "without a finished trial (all failed-infeasible): max_loss" in text
     assert "backbone: `domain`" in text and "`digits`" in text and "seed 0" in text
