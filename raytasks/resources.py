@@ -22,39 +22,36 @@ CUDA_CONTEXT_BYTES = 768 * 1024**2
 USABLE_GPU_MEMORY = 0.9
 
 
+def _autoscaler_spec() -> dict:
+    """The node types of a cluster started with `ray up` (the autoscaler's bootstrap file), else {}."""
+    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
+    if not bootstrap.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(bootstrap.read_text()) or {}
+
+
 def node_shapes() -> list[dict[str, float]]:
-    """The resources of each node (type) the cluster has or can launch: the autoscaler's node types on a cluster
-    started with `ray up`, else the live nodes."""
+    """The resources of each node (type) the cluster has or can launch: the autoscaler's node types, else the
+    live nodes."""
     import ray
 
-    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
-    if bootstrap.is_file():
-        import yaml
-
-        spec = yaml.safe_load(bootstrap.read_text()) or {}
-        shapes = [dict(node.get("resources") or {}) for node in (spec.get("available_node_types") or {}).values()]
-        if any(shapes):
-            return shapes
-    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+    shapes = [dict(node.get("resources") or {}) for node in (_autoscaler_spec().get("available_node_types") or {}).values()]
+    return shapes if any(shapes) else [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
 def cluster_capacity() -> dict[str, float]:
     """Resources the cluster can ever hold: the autoscaler's maximum on a cluster, else what is there."""
     import ray
 
-    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
-    if bootstrap.is_file():
-        import yaml
-
-        spec = yaml.safe_load(bootstrap.read_text()) or {}
-        total: dict[str, float] = {}
-        for name, node in (spec.get("available_node_types") or {}).items():
-            count = 1 if name == spec.get("head_node_type") else node.get("max_workers", 0)
-            for res, amount in (node.get("resources") or {}).items():
-                total[res] = total.get(res, 0.0) + amount * count
-        if total:
-            return total
-    return dict(ray.cluster_resources())
+    spec = _autoscaler_spec()
+    total: dict[str, float] = {}
+    for name, node in (spec.get("available_node_types") or {}).items():
+        count = 1 if name == spec.get("head_node_type") else node.get("max_workers", 0)
+        for res, amount in (node.get("resources") or {}).items():
+            total[res] = total.get(res, 0.0) + amount * count
+    return total or dict(ray.cluster_resources())
 
 
 @dataclass

@@ -54,9 +54,6 @@ def fid_against(metric, fake: torch.Tensor) -> float:
     return max(0.0, float(metric.compute()))
 
 
-def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
-    return fid_against(fid_metric(real), fake)
-
 
 def inception_score(logits: torch.Tensor) -> float:
     from torchmetrics.image.inception import InceptionScore
