@@ -106,12 +106,12 @@ def test_purge_removes_every_cached_forget_image(byo, capsys):
     digest = text.split("forget-set digest (sha256 of the sorted sample ids): `")[1].split("`")[0]
     store = ArtifactCache(cache)
     tagged = [(k, key) for k in ("data", "references", "calibration", "stages", "backbones")
-              for key, meta in store.entries(k) if meta.get("forget_digest") == digest]
+              for key, meta in store.entries(k) if (meta or {}).get("forget_digest") == digest]
     assert {k for k, _ in tagged} >= {"data", "references", "calibration", "backbones"}
     code, err, _ = _main(capsys, "purge", "--forget-digest", digest, "--cache-dir", str(cache), "--model", str(out))
     assert code == 0, err[-5:]
     left = [(k, key) for k in ("data", "references", "calibration") for key, meta in store.entries(k)
-            if meta.get("forget_digest") == digest]
+            if (meta or {}).get("forget_digest") == digest]
     assert left == []
     assert [k for k, key in tagged if k == "backbones"] and store.entries("backbones")  # weights kept without --weights
     code, _, _ = _main(capsys, "purge", "--forget-digest", digest, "--cache-dir", str(cache), "--weights")

@@ -61,8 +61,8 @@ def load_data(config: Config) -> UnlearningData:
     """Build the splits, cached so that sweep trials do not re-read large image folders."""
     cache = ArtifactCache(config.resolved_cache_dir())
     key = "data-v2-" + config.section_key("data") + ("" if config.has_marker else "-clean")  # v2: '+' inside the border frame
-    if cache.has("data", key):
-        tensors, meta = cache.load("data", key)
+    if (hit := cache.get("data", key)) is not None:
+        tensors, meta = hit
         subsets = {
             name: ImageSubset(*(tensors[f"{name}/{f}"] for f in _FIELDS)) if name in meta["subsets"] else None
             for name in _SUBSETS
@@ -133,8 +133,8 @@ def calibrate(prepared: Prepared, log: Callable[[str], None] = stderr_log) -> di
                                     null_settings.batch_size, null_settings.clip_norm, config.precision,
                                     str(prepared.device))).encode()).hexdigest()[:12]
     key = f"{auditor.key}-{prepared.stages['attack'].key}-{null_key}"
-    if cache.has("calibration", key):
-        figures = cache.load("calibration", key)[1]["figures"]
+    if (hit := cache.get("calibration", key)) is not None:
+        figures = hit[1]["figures"]
     else:
         auditor.calibration = {}
         attack = auditor.evaluate(prepared.stages["attack"].model)

@@ -30,6 +30,10 @@ def purge_cache(root: Path, digest: str, weights: bool) -> tuple[list[str], list
     removed, remaining = [], []
     for kind in (*HOLDS_FORGET_DATA, *TRAINED_ON_FORGET):
         for key, meta in cache.entries(kind):
+            if meta is None:
+                remaining.append(f"{cache.entry(kind, key)} (meta.json damaged: cannot tell whether it holds this D_f; "
+                                 "delete it by hand)")
+                continue
             if "forget_digest" not in meta and kind != "calibration" and meta.get("stage") != "retrain":
                 remaining.append(f"{cache.entry(kind, key)} (written before forget digests were recorded: may hold "
                                  "this D_f; delete it by hand if so)")

@@ -129,8 +129,8 @@ def prepare_stages(
         key = keys[name]
         seed_everything(config.seed + STAGES.index(name))
         model = build_model(config)
-        if cache.has("stages", key):
-            tensors, meta = cache.load("stages", key)
+        if (hit := cache.get("stages", key)) is not None:
+            tensors, meta = hit
             model.load_state_dict(tensors)
             out[name] = Stage(name, model.to(device).eval(), key, meta["seconds"], meta["samples"], reused=True)
             log(f"stage {name}: reused {key}")
@@ -183,8 +183,8 @@ def strengthen_attack(
     cache = ArtifactCache(config.resolved_cache_dir())
     key = f"{attack.key}-s{round_}"
     model = build_model(config)
-    if cache.has("stages", key):
-        tensors, meta = cache.load("stages", key)
+    if (hit := cache.get("stages", key)) is not None:
+        tensors, meta = hit
         model.load_state_dict(tensors)
         log(f"stage attack (strengthening round {round_}): reused {key}")
         return Stage("attack", model.to(device).eval(), key, meta["seconds"], meta["samples"], reused=True)

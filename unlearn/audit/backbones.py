@@ -70,8 +70,8 @@ def _domain(config: Config, data: UnlearningData, device: torch.device, log: Cal
     cache = ArtifactCache(config.resolved_cache_dir())
     key = f"domain-{config.section_key('data')}-{config.audit.domain_epochs}"
     model = DomainClassifier(len(data.class_names))
-    if cache.has("backbones", key):
-        model.load_state_dict(cache.load("backbones", key)[0])
+    if (hit := cache.get("backbones", key)) is not None:
+        model.load_state_dict(hit[0])
         log(f"backbone domain: reused {key}")
     else:
         torch.manual_seed(config.seed)

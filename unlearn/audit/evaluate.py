@@ -141,8 +141,8 @@ class Auditor:
                   + self.backbone.key + ("" if config.has_marker else "-clean"))
         key = f"refs-v{REFERENCE_SCHEMA}-" + hashlib.sha256(inputs.encode()).hexdigest()[:16]
         self.key = key
-        if cache.has("references", key):
-            self.refs = cache.load("references", key)[0]
+        if (hit := cache.get("references", key)) is not None:
+            self.refs = hit[0]
             log("reference features: reused")
         else:
             self.refs = self._reference_tensors(references)

@@ -1,0 +1,122 @@
+"""The stage cache on a shared mount: checksummed entries, damaged ones reported and rebuilt, racing writers."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from unlearn.cache import CHECKSUM, ArtifactCache
+
+
+def _store(tmp_path):
+    lines: list[str] = []
+    return ArtifactCache(tmp_path, warn=lines.append), lines
+
+
+def _truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_an_entry_carries_the_checksum_of_its_tensors_and_reads_back(tmp_path):
+    store, lines = _store(tmp_path)
+    store.save("stages", "k", {"w": torch.arange(10.0)}, {"stage": "x"})
+    tensors, meta = store.get("stages", "k")
+    assert torch.equal(tensors["w"], torch.arange(10.0)) and meta["stage"] == "x" and len(meta[CHECKSUM]) == 64
+    assert lines == []
+
+
+@pytest.mark.parametrize("damage", ["truncated tensors", "truncated meta", "flipped byte", "missing tensors"])
+def test_a_damaged_entry_is_reported_in_one_line_removed_and_never_loaded(tmp_path, damage):
+    store, lines = _store(tmp_path)
+    store.save("stages", "k", {"w": torch.randn(64, 64)}, {"stage": "x"})
+    folder = store.entry("stages", "k")
+    if damage == "truncated tensors":
+        _truncate(folder / "tensors.pt")
+    elif damage == "truncated meta":
+        _truncate(folder / "meta.json")
+    elif damage == "missing tensors":
+        (folder / "tensors.pt").unlink()
+    else:  # same length, one byte changed: torch may still load it, the checksum does not match
+        data = bytearray((folder / "tensors.pt").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (folder / "tensors.pt").write_bytes(bytes(data))
+    assert store.get("stages", "k") is None
+    assert len(lines) == 1 and str(folder) in lines[0] and "damaged" in lines[0], lines
+    assert not folder.exists()
+    store.save("stages", "k", {"w": torch.ones(2)}, {"stage": "x"})  # rebuilt in its place
+    assert torch.equal(store.get("stages", "k")[0]["w"], torch.ones(2))
+
+
+def test_an_entry_written_before_checksums_loads_and_is_still_checked_by_loading(tmp_path):
+    store, lines = _store(tmp_path)
+    for key in ("sound", "broken"):
+        store.save("stages", key, {"w": torch.randn(32, 32)}, {"stage": "x"})
+        meta_path = store.entry("stages", key) / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        del meta[CHECKSUM]
+        meta_path.write_text(json.dumps(meta))
+    _truncate(store.entry("stages", "broken") / "tensors.pt")
+    assert store.get("stages", "sound") is not None
+    assert store.get("stages", "broken") is None and len(lines) == 1 and "broken" in lines[0]
+
+
+def test_purge_lists_an_entry_whose_meta_is_damaged_instead_of_failing(tmp_path):
+    from unlearn.purge import purge_cache
+
+    store, _ = _store(tmp_path)
+    store.save("data", "k", {"x": torch.zeros(1)}, {"forget_digest": "a" * 64})
+    _truncate(store.entry("data", "k") / "meta.json")
+    removed, remaining = purge_cache(tmp_path, "a" * 64, weights=False)
+    assert removed == [] and len(remaining) == 1 and "meta.json damaged" in remaining[0]
+
+
+def _writer(root: str, worker: int, rounds: int) -> None:
+    store = ArtifactCache(root, warn=lambda _: None)
+    for _ in range(rounds):
+        store.save("stages", "shared", {"w": torch.full((256, 256), float(worker))}, {"writer": worker})
+        hit = store.get("stages", "shared")  # another writer may have won: whatever is read is whole
+        if hit is not None:
+            tensors, meta = hit
+            assert torch.all(tensors["w"] == meta["writer"])
+        store.remove("stages", "shared")
+
+
+def test_concurrent_preparers_of_one_key_never_corrupt_it(tmp_path):
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), worker, 30)) for worker in range(3)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    store, lines = _store(tmp_path)
+    store.save("stages", "shared", {"w": torch.zeros(1)}, {"writer": -1})
+    assert store.get("stages", "shared") is not None and lines == []
+    assert [p.name for p in (tmp_path / "stages").iterdir()] == ["shared"]  # no temporary folder left behind
+
+
+def test_a_damaged_cached_stage_is_retrained_to_the_same_weights(tmp_path, capsys):
+    from unlearn.config import load_config
+    from unlearn.pipeline import load_data
+    from unlearn.stages import prepare_stages
+
+    config = load_config("digits-ae", [f"cache_dir={tmp_path}", "stages.epochs=1", "stages.attack_epochs=1", "device=cpu"])
+    data = load_data(config)
+    first = prepare_stages(config, data, torch.device("cpu"))
+    folder = config.resolved_cache_dir() / "stages" / first["original"].key
+    _truncate(folder / "tensors.pt")
+    _truncate(config.resolved_cache_dir() / "stages" / first["retrain"].key / "meta.json")
+    capsys.readouterr()
+    again = prepare_stages(config, load_data(config), torch.device("cpu"))
+    err = capsys.readouterr().err.splitlines()
+    damaged = [line for line in err if "damaged entry" in line]
+    assert len(damaged) == 2 and any(str(folder) in line for line in damaged), err
+    assert not again["original"].reused and not again["retrain"].reused and again["attack"].reused
+    for name in ("original", "retrain"):
+        for key, value in first[name].model.state_dict().items():
+            assert torch.equal(value, again[name].model.state_dict()[key]), (name, key)
+    assert ArtifactCache(tmp_path).get("stages", first["original"].key) is not None
