@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,10 @@ def _drop_weights(checkpoint: Any) -> None:
 
 
 EXPERIMENT = "trials"  # the Tune experiment's folder under the sweep's Ray storage
+
+
+TRACKING_WAIT_S = 600.0  # how long the end of a sweep waits for a tracking server that went away
+TRACKING_POLL_S = 10.0
 
 
 class SweepInterrupted(RuntimeError):
@@ -192,7 +197,7 @@ class SweepDriver:
                 continue
             trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
             folder = result.path if result.error is not None else (result.checkpoint.path if result.checkpoint else None)
-            self.trial_logger.log(trial_id, config, metrics or {"failed": 1.0}, folder, failed=result.error is not None)
+            self._log_when_reachable(trial_id, config, metrics or {"failed": 1.0}, folder, result.error is not None)
             row = {"trial_id": trial_id, **config, **metrics}
             if CONFIRMS_KEY in config:
                 confirmations.append(row)
@@ -210,6 +215,28 @@ class SweepDriver:
             raise SweepInterrupted(f"sweep {self.name!r} interrupted with {unfinished} trial(s) unfinished; "
                                    f"continue with --resume --name {self.name}")
         return rows, confirmations, checkpoints
+
+    def _log_when_reachable(self, trial_id: str, *args) -> None:
+        """Log a finished trial; while the tracking server does not answer, wait for it (saying so) up to
+        `TRACKING_WAIT_S`, then stop with the parent left open: --resume logs the results kept in Ray storage."""
+        deadline = time.monotonic() + TRACKING_WAIT_S
+        said = False
+        while True:
+            try:
+                self.trial_logger.log(trial_id, *args)
+                return
+            except tracking.TRACKING_ERRORS:
+                if tracking.reachable(self.uri):
+                    raise
+                if time.monotonic() > deadline:
+                    raise SweepInterrupted(f"tracking server {self.uri} unreachable for {TRACKING_WAIT_S:.0f} s: the trials' "
+                                           f"results are kept in Ray storage; once it answers, run --resume --name "
+                                           f"{self.name} to log them") from None
+                if not said:
+                    stderr_log(f"sweep {self.name}: tracking server {self.uri} unreachable: waiting for it to log the "
+                               f"trials (up to {TRACKING_WAIT_S:.0f} s) ...")
+                    said = True
+                time.sleep(TRACKING_POLL_S)
 
     # --- the deliverable ---------------------------------------------------------------------------
     def _deliver(self, best: pd.DataFrame, checkpoints: dict[tuple[str, str], Any], prepared,

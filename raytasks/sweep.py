@@ -109,6 +109,9 @@ def run_sweep(args: argparse.Namespace):
 
     from raytasks import tracking
 
+    # A tracking server that goes away is waited for by the sweep, which says so (raytasks.tracking); MLflow's own
+    # retries (7, with back-off: minutes per call) would only stall it silently.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     uri = tracking.resolve_uri(args.tracking_uri)
     client = tracking.connect(uri)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -31,6 +33,23 @@ def resolve_uri(uri: str | None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     return uri
+
+
+def reachable(uri: str) -> bool:
+    """Whether a tracking server answers its health check (a file store always does)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3)
+        return True
+    except Exception:  # noqa: BLE001 - refused, timed out, 5xx: not answering
+        return False
+
+
+# What a write to a tracking server that went away raises (MLflow wraps the connection error after its retries).
+TRACKING_ERRORS = (MlflowException, OSError)
 
 
 def connect(uri: str) -> MlflowClient:
@@ -202,20 +221,46 @@ class MLflowTrialLogger:
                          metrics, artifacts, failed, tags)
 
 
-class TrialLoggingCallback(tune.Callback):
-    """Logs each trial as it ends, so MLflow shows the sweep while it runs."""
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
-    def __init__(self, logger: MLflowTrialLogger) -> None:
+
+class TrialLoggingCallback(tune.Callback):
+    """Logs each trial as it ends, so MLflow shows the sweep while it runs.
+
+    A tracking server that stops answering does not stop the sweep: the trials that end meanwhile are held here
+    (said in one line) and logged as soon as it answers again; the driver logs whatever is still missing at the
+    end (`log_child` finds what is already there, so nothing is logged twice)."""
+
+    def __init__(self, logger: MLflowTrialLogger, say=_stderr) -> None:
         self.logger = logger
+        self.say = say
+        self.pending: dict[str, tuple] = {}  # trial id -> the arguments of its logger.log call
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         ckpt = trial.checkpoint
-        self.logger.log(trial.trial_id, trial.config, trial.last_result or {}, ckpt.path if ckpt else None)
+        self._log(trial.trial_id, trial.config, trial.last_result or {}, ckpt.path if ckpt else None)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         # the trial raised (a bug, not a diverged model): its run gets Tune's error.txt, the traceback
         folder = str(Path(trial.error_file).parent) if trial.error_file else None
-        self.logger.log(trial.trial_id, trial.config, {"failed": 1.0, "feasible": 0.0}, folder, failed=True)
+        self._log(trial.trial_id, trial.config, {"failed": 1.0, "feasible": 0.0}, folder, True)
+
+    def _log(self, trial_id: str, *args) -> None:
+        self.pending[trial_id] = args
+        if len(self.pending) > 1 and not reachable(self.logger.uri):  # still away: do not wait on it per trial
+            self.say(f"[sweep] tracking server {self.logger.uri} still unreachable: {len(self.pending)} trial(s) wait to be logged")
+            return
+        for waiting, arguments in list(self.pending.items()):
+            try:
+                self.logger.log(waiting, *arguments)
+            except TRACKING_ERRORS as exc:
+                if reachable(self.logger.uri):  # the server answers and refuses the write: a real error
+                    raise
+                self.say(f"[sweep] tracking server {self.logger.uri} unreachable ({type(exc).__name__}): "
+                         f"{len(self.pending)} trial(s) wait to be logged; the sweep goes on")
+                return
+            del self.pending[waiting]
 
 
 # What a sweep logged that shows D_f: the parent's reference grids, each run's output strip and embeddings.
