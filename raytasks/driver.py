@@ -19,15 +19,15 @@ from ray import tune
 from raytasks import tracking
 from raytasks.outcome import WEIGHTS_FOLDER
 from raytasks.pareto import best_per_method, confirmed, mean_pm_std, pareto_front
+from raytasks.preparation import Preparation, prepare_on_worker
 from raytasks.progress import ProgressCallback
 from raytasks.resources import TrialPlan
 from raytasks.search import CONFIRMS_KEY, METHOD_KEY, SweepSearch, confirmation_points, make_searcher
-from unlearn.audit.samples import reference_rows, save_png
 from unlearn.audit.verdict import violations
 from unlearn.config import Config
 from unlearn.export import weights_digest, write_certificate
-from unlearn.methods import METHODS, REFERENCE_MODELS
-from unlearn.pipeline import audit_warnings, evaluate_reference, prepare, stderr_log
+from unlearn.methods import METHODS
+from unlearn.pipeline import load_data, stderr_log
 
 CALIBRATION = ("audit_valid", "audit_attack_strength", "audit_null_strength", "audit_null_ood_distance", "ood_delta",
                "retrain_ood_distance", "attack_strengthen_rounds_used")
@@ -86,32 +86,32 @@ class SweepDriver:
         self.storage = storage  # a local folder, or shared storage (a mount, s3://...) on a cluster
         self.report_path: Path | None = None
 
-    def _log_references(self, prepared) -> dict[str, dict[str, float]]:
+    def _log_references(self, prep: Preparation) -> dict[str, dict[str, float]]:
         refs = {}
-        for ref in (r for r in REFERENCE_MODELS if r in prepared.stages):  # no retrain with audit.retrain = false
+        for ref, metrics in prep.references.items():
             tags = {"sweep": self.name, "reference": ref, "method": ref}
             logged = tracking.find_run(self.client, self.experiment, tags)
             if logged is not None and self.client.get_run(logged).info.status == "FINISHED":  # --resume: read back
                 refs[ref] = dict(self.client.get_run(logged).data.metrics)
                 continue
-            metrics = evaluate_reference(prepared, ref)
             refs[ref] = metrics
             with tempfile.TemporaryDirectory() as folder:
-                save_png(prepared.auditor.output_row(prepared.stages[ref].model), Path(folder) / "outputs.png")
-                prepared.auditor.save_embeddings(prepared.stages[ref].model, Path(folder) / "embeddings.npz")
-                tracking.log_child(self.client, self.experiment, self.parent, tags, {"stage_key": prepared.stages[ref].key}, metrics, Path(folder))
+                for name, payload in prep.reference_files[ref].items():
+                    (Path(folder) / name).write_bytes(payload)
+                tracking.log_child(self.client, self.experiment, self.parent, tags, {"stage_key": prep.stage_keys[ref]},
+                                   metrics, Path(folder))
         with tempfile.TemporaryDirectory() as folder:
-            for row_name, row in reference_rows(prepared.data).items():
-                save_png(row, Path(folder) / f"{row_name}.png")
+            for name, payload in prep.grid_rows.items():
+                (Path(folder) / name).write_bytes(payload)
             self.client.log_artifacts(self.parent, folder, "grid")
         return refs
 
     # --- Tune -------------------------------------------------------------------------------------
-    def _log_calibration(self, prepared) -> None:
+    def _log_calibration(self, prep: Preparation) -> None:
         """The audit's self-check on the parent run: figures as metrics, validity and its reasons as tags."""
-        figures = {k: prepared.auditor.calibration[k] for k in CALIBRATION if k in prepared.auditor.calibration}
+        figures = {k: prep.calibration[k] for k in CALIBRATION if k in prep.calibration}
         tracking.log_metrics(self.client, self.parent, figures)
-        warnings = audit_warnings(prepared)
+        warnings = prep.warnings
         # no marker audit on a model brought by the user (stages.theta0): "n/a", not a verdict
         self.client.set_tag(self.parent, "audit_valid", str(int(figures["audit_valid"])) if "audit_valid" in figures else "n/a")
         self.client.set_tag(self.parent, "audit_notes", " | ".join(warnings) if warnings else "none")  # prepare() printed them
@@ -136,7 +136,8 @@ class SweepDriver:
         callbacks = [tracking.TrialLoggingCallback(self.trial_logger), self.progress]
         return tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=search, num_samples=-1, reuse_actors=True,
                                                                  max_concurrent_trials=self.concurrency),
-                          run_config=tune.RunConfig(name=EXPERIMENT, storage_path=self.storage, verbose=0, callbacks=callbacks))
+                          run_config=tune.RunConfig(name=EXPERIMENT, storage_path=self.storage, verbose=0, callbacks=callbacks,
+                                                    failure_config=tune.FailureConfig(max_failures=self.config.sweep.trial_retries)))
 
     def run(self, resume: bool) -> str:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -151,39 +152,40 @@ class SweepDriver:
         state_path.write_text(json.dumps(state, indent=2))
         self.trial_logger = tracking.MLflowTrialLogger(self.uri, self.experiment, self.parent, self.name, self.workers)
 
-        stderr_log(f"sweep {self.name}: preparing stages and reference features once ...")
-        prepared = prepare(self.config)
-        self._log_calibration(prepared)
-        refs = self._log_references(prepared)
+        prep = self._prepare()
+        self._log_calibration(prep)
+        refs = self._log_references(prep)
         # What `unlearn purge --forget-digest` looks for: the sweep holds forget images (grids, trial strips).
-        self.client.set_tag(self.parent, "forget_digest", prepared.data.forget_digest(self.config.data.dataset))
+        self.client.set_tag(self.parent, "forget_digest", prep.forget_digest)
         self.client.set_tag(self.parent, "ray_storage", self.storage)
-        self._plan_gpu_share(prepared)
+        self.client.set_tag(self.parent, "prepared_on_node", prep.node_id)
         stderr_log(f"sweep {self.name}: {', '.join(self.methods)}: {self.trials} trials each "
                    f"(+ {self.config.sweep.confirm_seeds} confirmation seed(s) of each best), {self.concurrency} at a time, "
                    f"each with {self.plan.resources}")
         rows, confirmations, checkpoints = self._collect(self._tuner(resume).fit())
-        return self._summarise(rows, refs, checkpoints, prepared, confirmations)
+        if self.progress is not None and self.progress.retried:  # trials rerun after their process or node died
+            state_path.write_text(json.dumps({**state, "retried_trials": self.progress.retried}, indent=2))
+        return self._summarise(rows, refs, checkpoints, prep, confirmations)
 
     @property
     def concurrency(self) -> int:
         return min(self.plan.concurrency, self.config.sweep.max_concurrent or self.plan.concurrency)
 
-    def _plan_gpu_share(self, prepared) -> None:
-        """`sweep.gpus_per_trial` unset on a GPU: measure a short trial of each method here (the driver prepared on
-        the GPU) and let as many trials share each GPU as the largest peak allows. A driver without a GPU keeps whole GPUs per trial."""
-        import torch
-
-        if not (self.use_gpu and self.workers == 1 and self.config.sweep.gpus_per_trial is None and self.replan
-                and prepared.device.type == "cuda"):
-            return
-        from raytasks.resources import measure_trial_peak
-
-        peak = max(measure_trial_peak(prepared, method) for method in self.methods)
-        torch.cuda.empty_cache()
-        self.plan = self.replan(peak, torch.cuda.mem_get_info()[0])
-        stderr_log(f"sweep {self.name}: one trial peaks at {peak / 1024**3:.2f} GiB of GPU memory: "
-                   f"{self.plan.trials_per_gpu} trials per GPU")
+    def _prepare(self) -> Preparation:
+        """Stages, backbone, references and calibration, prepared once as Ray work on a worker with one trial's CPUs
+        (and a whole GPU when trials use GPUs); the driver, maybe a CPU-only head, trains nothing. With
+        `sweep.gpus_per_trial` unset on GPUs, that worker also measures one short trial of each method, and as many
+        trials share each GPU as the largest peak allows."""
+        measure = (self.use_gpu and self.workers == 1 and self.config.sweep.gpus_per_trial is None
+                   and self.replan is not None)
+        stderr_log(f"sweep {self.name}: preparing stages and reference features once, on a worker ...")
+        prep = prepare_on_worker(self.config, self.methods, self.use_gpu, self.config.sweep.cpus_per_trial, measure, stderr_log)
+        stderr_log(f"sweep {self.name}: prepared on node {prep.node_id[:12]}")
+        if measure and prep.peak_gpu_bytes and self.replan is not None:
+            self.plan = self.replan(prep.peak_gpu_bytes, prep.free_gpu_bytes)
+            stderr_log(f"sweep {self.name}: one trial peaks at {prep.peak_gpu_bytes / 1024**3:.2f} GiB of GPU memory: "
+                       f"{self.plan.trials_per_gpu} trials per GPU")
+        return prep
 
     def _collect(self, grid) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[tuple[str, str], Any]]:
         """Search rows, confirmation rows and kept checkpoints of a finished experiment. Trials that finished while
@@ -239,7 +241,7 @@ class SweepDriver:
                 time.sleep(TRACKING_POLL_S)
 
     # --- the deliverable ---------------------------------------------------------------------------
-    def _deliver(self, best: pd.DataFrame, checkpoints: dict[tuple[str, str], Any], prepared,
+    def _deliver(self, best: pd.DataFrame, checkpoints: dict[tuple[str, str], Any], prep: Preparation,
                  refs: dict[str, dict[str, float]]) -> list[str]:
         """Log each method's best trial as a model (with its certificate) on its run, register the selected
         one (alias `unlearned`), and drop the weights that `sweep.keep_weights` does not keep."""
@@ -247,6 +249,7 @@ class SweepDriver:
 
         lines, chosen = [], set()
         select = self.config.sweep.select
+        data = load_data(self.config)  # the split, from the cache the preparing worker filled (no training here)
         for row in best.to_dict("records"):
             method, trial_id = row["method"], str(row["trial_id"])
             checkpoint = checkpoints.get((method, trial_id))
@@ -261,12 +264,12 @@ class SweepDriver:
                     lines.append(f"- {method}: trial {trial_id} kept no weights; nothing logged")
                     continue
                 metrics = json.loads((bundle / "metrics.json").read_text())
-                write_certificate(bundle, prepared, method, metrics, refs, location=f"runs:/{run_id}/{registry.MODEL_NAME}")
+                write_certificate(bundle, data, prep.stage_keys, method, metrics, refs, location=f"runs:/{run_id}/{registry.MODEL_NAME}")
                 model_uri = registry.log_model(self.client, self.uri, run_id, bundle)
                 line = f"- {method}: runs:/{run_id}/{registry.MODEL_NAME} (trial {trial_id})"
                 if method == select:
                     tags = {"trial_id": trial_id, "sweep": self.name, "method": method,
-                            "forget_digest": prepared.data.forget_digest(self.config.data.dataset),
+                            "forget_digest": prep.forget_digest,
                             "weights_sha256": weights_digest(bundle),
                             "config_sha256": hashlib.sha256((bundle / "config.yaml").read_bytes()).hexdigest(),
                             **{k: f"{metrics[k]:.6g}" for k in REGISTRY_FIGURES if k in metrics}}
@@ -284,7 +287,7 @@ class SweepDriver:
         return lines
 
     def _summarise(self, rows: list[dict[str, Any]], refs: dict[str, dict[str, float]],
-                   checkpoints: dict[tuple[str, str], Any], prepared, confirmations: list[dict[str, Any]]) -> str:
+                   checkpoints: dict[tuple[str, str], Any], prep: Preparation, confirmations: list[dict[str, Any]]) -> str:
         objectives = list(self.config.objectives)
         frame = pd.DataFrame(rows)
         for col in summary_columns(objectives):
@@ -304,7 +307,7 @@ class SweepDriver:
             self.client.log_artifacts(self.parent, folder, "summary")
             for name in ("trials.csv", "pareto.csv", "best.csv", "confirmed.csv"):
                 (self.out / name).write_text((Path(folder) / name).read_text())
-        delivered = self._deliver(best, checkpoints, prepared, refs)
+        delivered = self._deliver(best, checkpoints, prep, refs)
         self.client.set_terminated(self.parent, "FINISHED")
         attack, retrain = refs["attack"], refs.get("retrain", {})
         valid = attack.get("audit_valid", 0.0) == 1.0

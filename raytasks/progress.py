@@ -53,6 +53,12 @@ class ProgressCallback(tune.Callback):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.peak_in_flight = 0
+        self.retried: dict[str, int] = {}  # trial id -> times rerun after its process or node died
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        self.retried[trial.trial_id] = self.retried.get(trial.trial_id, 0) + 1
+        print(f"[sweep] {trial.config.get('method')} trial {trial.trial_id} lost ({type(info.get('exception')).__name__}): "
+              f"rerun {self.retried[trial.trial_id]}/{self.config.sweep.trial_retries} from scratch", file=sys.stderr, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         running = sum(1 for t in trials if t.status == "RUNNING" or t is trial)

@@ -213,10 +213,10 @@ class MLflowTrialLogger:
     def log(self, trial_id: str, config: dict, metrics: dict, artifacts: str | None, failed: bool = False) -> str:
         params = dict(config)
         method, confirms = params.pop("method"), params.pop("confirms", None)
-        parent, tags = self.parent, {}
+        parent, tags = self.parent, ({"node_id": metrics["node_id"]} if isinstance(metrics.get("node_id"), str) else {})
         if confirms is not None:
             confirmed = find_run(self.client, self.experiment, {"sweep": self.sweep, "method": method, "ray.trial_id": confirms})
-            parent, tags = confirmed or self.parent, {"confirm": confirms}
+            parent, tags = confirmed or self.parent, {**tags, "confirm": confirms}
         return log_trial(self.client, self.experiment, parent, self.sweep, method, self.workers, trial_id, params,
                          metrics, artifacts, failed, tags)
 

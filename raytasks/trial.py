@@ -43,4 +43,8 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
         except torch.cuda.OutOfMemoryError as exc:  # trials share the GPU: this one did not fit beside the others
             torch.cuda.empty_cache()
             metrics, folder = failed_trial(prepared, f"out of GPU memory while sharing the GPU: {exc}")
-    tune.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
+    import ray
+
+    # where it ran (MLflow tag `node_id`): on a cluster, which node each trial used
+    tune.report({**metrics, "node_id": ray.get_runtime_context().get_node_id()},
+                checkpoint=Checkpoint.from_directory(str(folder)))

@@ -214,6 +214,9 @@ class SweepConfig(_Strict):
     # as the measured peak memory of one trial and the CPUs allow). Multi-worker trials hold whole GPUs.
     gpus_per_trial: float | None = Field(None, ge=0.0001)  # Ray's GPU fractions have four decimals
     cpus_per_trial: float = Field(1.0, gt=0)  # also the trial's torch threads (one-worker trials)
+    # A trial whose process or node dies (a spot GPU node reclaimed) is rerun from scratch up to this many times
+    # (Tune's FailureConfig); Tune cannot tell a lost node from a trial that raised, so a bug is rerun too.
+    trial_retries: int = Field(2, ge=0)
     retain_metric: Literal["retain_mse", "retain_fid"] = "retain_mse"
     # [low, high] per hyperparameter; steps are integers, rates and weights are sampled log-uniformly.
     space: dict[str, tuple[float, float]] = {

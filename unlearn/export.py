@@ -165,20 +165,20 @@ def write_bundle(folder: Path, prepared: Any, model: I2IModel, method: str, metr
 
     `spread`: the seed summary (`catalogue.seed_summary`) when `metrics` is one of several unlearning seeds."""
     save_run(folder, prepared.config, model, method, metrics)
-    write_certificate(folder, prepared, method, metrics, references, spread)
+    write_certificate(folder, prepared.data, {k: s.key for k, s in prepared.stages.items()}, method, metrics, references, spread)
     return folder
 
 
-def write_certificate(folder: Path, prepared: Any, method: str, metrics: dict[str, float],
+def write_certificate(folder: Path, data: Any, stage_keys: dict[str, str], method: str, metrics: dict[str, float],
                       references: dict[str, dict[str, float]], spread: dict[str, float] | None = None,
                       location: str | None = None) -> Path:
-    """certificate.md beside the weights and config.yaml that `save_run` wrote into `folder`;
-    `location`: where the model will be found (a runs:/ or models:/ URI; default: the folder)."""
+    """certificate.md beside the weights and config.yaml that `save_run` wrote into `folder`; `data`: the split
+    (UnlearningData), `stage_keys`: stage name -> cache key; `location`: where the model will be found (a runs:/ or
+    models:/ URI; default: the folder)."""
     from unlearn.methods import METHODS, REFERENCE_MODELS
 
     config = load_config(str(folder / "config.yaml"))
     weights = folder / MODEL_FILE if (folder / MODEL_FILE).is_file() else folder / DIFFUSERS_FOLDER
-    data = prepared.data
     u = config.unlearn.model_dump(by_alias=True)
     hyper = {hp: u[hp] for hp in METHODS[method].hyperparameters} if method in METHODS else {}
     constraints = constraint_values(metrics, config)
@@ -202,7 +202,7 @@ def write_certificate(folder: Path, prepared: Any, method: str, metrics: dict[st
     cache_root = config.resolved_cache_dir()
     byo = config.stages.theta0 is not None
     stage_paths = ([Path(config.stages.theta0).expanduser()] if byo else
-                   [cache_root / "stages" / s.key for n, s in prepared.stages.items() if n in ("original", "attack")])
+                   [cache_root / "stages" / key for n, key in stage_keys.items() if n in ("original", "attack")])
     classes = sorted({data.class_names[int(c)] for c in data.forget_train.labels.unique()})
     if config.data.forget_list:
         what = f"the images listed in `{config.data.forget_list}` (classes {classes})"
@@ -231,8 +231,8 @@ def write_certificate(folder: Path, prepared: Any, method: str, metrics: dict[st
         f"- method `{method}`" + (" (a reference model, not an unlearning run)" if method in REFERENCE_MODELS else ""),
         f"- hyperparameters: {json.dumps(hyper)}; GA step `{config.unlearn.ga_step}`; data/stage seed {config.seed}, "
         f"unlearning seed {config.unlearn.seed}",
-        (f"- theta0 = the user's model `{config.stages.theta0}` (`{prepared.stages['attack'].key}`)" if byo else
-         f"- theta0 = the attack stage `{prepared.stages['attack'].key}`") + f"; model `{config.model.kind}`",
+        (f"- theta0 = the user's model `{config.stages.theta0}` (`{stage_keys['attack']}`)" if byo else
+         f"- theta0 = the attack stage `{stage_keys['attack']}`") + f"; model `{config.model.kind}`",
         f"- {delta_rule}",
         f"- weights `{weights.name}`, sha256 `{weights_digest(folder)}`",
         "",

@@ -1,0 +1,115 @@
+"""The sweep's preparation as Ray work: stages, audit backbone, reference features and calibration are built on a
+worker with a trial's resources (a GPU node on a cluster, never the CPU-only head), into the shared cache.
+
+The driver only coordinates: it gets back what it logs and certifies (the references' figures and images, the
+calibration, the forget digest, the stage keys) and, for one-worker GPU trials, one trial's measured peak memory.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unlearn.config import Config, ConfigError
+
+
+@dataclass
+class Preparation:
+    node_id: str  # the Ray node that prepared (and filled the cache)
+    calibration: dict[str, float]
+    warnings: list[str]  # why the audit cannot decide, one line each (audit_warnings)
+    forget_digest: str
+    stage_keys: dict[str, str]
+    references: dict[str, dict[str, float]]  # reference model -> its audited figures
+    reference_files: dict[str, dict[str, bytes]]  # reference model -> outputs.png, embeddings.npz
+    grid_rows: dict[str, bytes] = field(default_factory=dict)  # masked input and ground truth strips (PNG)
+    peak_gpu_bytes: int | None = None  # one trial's peak (largest over the swept methods), when measured
+    free_gpu_bytes: int | None = None
+
+
+def prepare_here(config_dump: dict[str, Any], methods: list[str], measure_gpu: bool, node_id: str = "",
+                 log: Callable[[str], None] | None = None) -> Preparation:
+    """Prepare (or load from the cache) and evaluate the reference models in this process."""
+    import torch
+
+    from raytasks.resources import measure_trial_peak
+    from unlearn.audit.samples import reference_rows, save_png
+    from unlearn.config import validate_config
+    from unlearn.methods import REFERENCE_MODELS
+    from unlearn.pipeline import audit_warnings, evaluate_reference, prepare
+
+    config = validate_config(config_dump)
+    prepared = prepare(config, **({"log": log} if log else {}))
+    references, files = {}, {}
+    for ref in (r for r in REFERENCE_MODELS if r in prepared.stages):  # no retrain with audit.retrain = false
+        references[ref] = evaluate_reference(prepared, ref)
+        with tempfile.TemporaryDirectory() as folder:
+            save_png(prepared.auditor.output_row(prepared.stages[ref].model), Path(folder) / "outputs.png")
+            prepared.auditor.save_embeddings(prepared.stages[ref].model, Path(folder) / "embeddings.npz")
+            files[ref] = {p.name: p.read_bytes() for p in Path(folder).iterdir()}
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, row in reference_rows(prepared.data).items():
+            rows[f"{name}.png"] = save_png(row, Path(folder) / f"{name}.png").read_bytes()
+    peak = free = None
+    if measure_gpu and prepared.device.type == "cuda":
+        peak = max(measure_trial_peak(prepared, method) for method in methods)
+        torch.cuda.empty_cache()
+        free = int(torch.cuda.mem_get_info()[0])
+    return Preparation(node_id, dict(prepared.auditor.calibration), audit_warnings(prepared),
+                       prepared.data.forget_digest(config.data.dataset), {k: s.key for k, s in prepared.stages.items()},
+                       references, files, rows, peak, free)
+
+
+def _prepare_task(config_dump: dict[str, Any], methods: list[str], measure_gpu: bool, lines) -> Preparation:
+    import os
+
+    import ray
+    import torch
+
+    # Ray pins a task's threads to its CPUs; nothing else runs while the sweep prepares, so use the node's cores
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def log(line: str) -> None:
+        lines.put(line)
+
+    try:
+        return prepare_here(config_dump, methods, measure_gpu, ray.get_runtime_context().get_node_id(), log)
+    finally:
+        lines.put(None)  # done: the driver stops reading
+
+
+def prepare_on_worker(config: Config, methods: list[str], use_gpu: bool, cpus: float, measure_gpu: bool,
+                      log: Callable[[str], None]) -> Preparation:
+    """Run the preparation as a Ray task with one trial's CPUs and a whole GPU (when trials use GPUs): the autoscaler
+    launches a worker for it like for any trial, and what it builds lands in the shared cache. Its log lines
+    (stage training, ...) come back through a queue while it runs."""
+    import ray
+    from ray.util.queue import Empty, Queue
+
+    lines = Queue(actor_options={"num_cpus": 0})
+    try:
+        # max_retries: a worker node lost while preparing (a reclaimed spot node) is retried on another
+        task = ray.remote(_prepare_task).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_retries=2)
+        result = task.remote(config.model_dump(mode="json", by_alias=True), methods, measure_gpu, lines)
+        while True:
+            try:
+                line = lines.get(timeout=2.0)
+            except Empty:
+                if ray.wait([result], timeout=0)[0]:
+                    break
+                continue
+            if line is None:
+                break
+            log(line)
+        try:
+            return ray.get(result)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ConfigError):  # e.g. stages.theta0 not found: one line, exit 2
+                raise exc.cause from None
+            raise
+    finally:
+        lines.shutdown()
