@@ -9,6 +9,7 @@ nothing (its workers hold the resources).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,9 @@ USABLE_GPU_MEMORY = 0.9
 
 
 def _autoscaler_spec() -> dict:
-    """The node types of a cluster started with `ray up` (the autoscaler's bootstrap file), else {}."""
-    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
+    """The node types of an autoscaling cluster: the config `ray up` leaves on the head (~/ray_bootstrap_config.yaml,
+    or $UNLEARN_AUTOSCALER_CONFIG, which raytasks/local_cluster.py sets for its fake cluster), else {}."""
+    bootstrap = Path(os.environ.get("UNLEARN_AUTOSCALER_CONFIG") or Path.home() / "ray_bootstrap_config.yaml")
     if not bootstrap.is_file():
         return {}
     import yaml
