@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_HEAD = "ray.head.default"  # the head's node type name Ray's fake provider insists on
@@ -35,8 +36,23 @@ FAKE_GPU = "fake_gpu"
 LOCAL_MAX_WORKERS = 2
 # Ray's wheels leave out the fake provider's defaults file (fake_multi_node/example.yaml), which
 # `type: fake_multinode` reads: the same provider, named as an external module, needs no such file.
-PROVIDER = {"type": "external", "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+PROVIDER = {"type": "external", "module": "raytasks.local_cluster.LosableNodeProvider",
             "use_node_id_as_ip": True, "disable_launch_config_check": True, "disable_node_updaters": True}
+
+
+class LosableNodeProvider(FakeMultiNodeProvider):
+    """Ray's FakeMultiNodeProvider, where a worker node whose raylet was killed counts as lost (terminated)."""
+
+    def non_terminated_nodes(self, tag_filters):
+        # What a cloud reports for a reclaimed instance: a node whose raylet died is terminated (Ray's fake provider
+        # keeps listing it, and the autoscaler would wait for it to come up instead of replacing it).
+        with self.lock:
+            for node_id, entry in list(self._nodes.items()):
+                node = entry.get("node")
+                if node is not None and any(kind == "raylet" for kind, _ in node.dead_processes()):
+                    node.kill_all_processes(check_alive=False, allow_graceful=False)
+                    del self._nodes[node_id]
+        return super().non_terminated_nodes(tag_filters)
 
 
 def local_resources(resources: dict[str, float]) -> dict[str, float]:
@@ -147,6 +163,20 @@ class Recorder:
         self._thread.join()
 
 
+def _trial_runs(work: Path, uri: str) -> int:
+    """Trial runs logged so far (0 before the sweep wrote its state)."""
+    from mlflow.tracking import MlflowClient
+
+    state_path = work / "sweep" / "sweep.json"
+    if not state_path.is_file():
+        return 0
+    try:
+        runs = MlflowClient(uri).search_runs([json.loads(state_path.read_text())["experiment_id"]], max_results=1000)
+    except Exception:  # noqa: BLE001 - not answering or state half-written: try again next second
+        return 0
+    return sum("ray.trial_id" in run.data.tags for run in runs)
+
+
 def _stop(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGTERM)
     try:
@@ -165,19 +195,20 @@ def _raylet_pid(node_id: str) -> int | None:
 
 
 def _running_trial_nodes() -> dict[str, str]:
-    """node id -> the class of an actor alive on it (on this cluster, a Tune trial)."""
-    from ray.util.state import list_actors
+    """node id -> the class of an actor alive on it (on this cluster, a Tune trial). From the GCS: the head runs
+    without a dashboard, which Ray's state API needs."""
+    from ray._private.state import actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    return {a.node_id: a.class_name for a in actors if "Queue" not in (a.class_name or "")}
+    alive = [a for a in actors().values() if a.get("State") == "ALIVE"]
+    return {a["Address"]["NodeID"]: a.get("ActorClassName", "") for a in alive if "Queue" not in a.get("ActorClassName", "")}
 
 
 def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float = 3.0,
-        tracking_outage: tuple[float, float] | None = None, scale_down_wait: float = 150.0) -> dict[str, Any]:
+        tracking_outage: float | None = None, scale_down_wait: float = 150.0) -> dict[str, Any]:
     """Head + mlflow server + the sweep against them; returns (and writes to <work>/cluster-run.json) what happened.
     `kill`: `kill_delay` seconds after a trial is first seen running on a worker node, that node's raylet is killed
-    (SIGKILL: what a reclaimed spot node looks like to Ray). `tracking_outage` (after, for): seconds into the
-    sweep, the tracking server is stopped for that many seconds and started again on the same port and store."""
+    (SIGKILL: what a reclaimed spot node looks like to Ray). `tracking_outage`: once the first trial is logged, the
+    tracking server is stopped for that many seconds and started again on the same port and store."""
     import ray
 
     work.mkdir(parents=True, exist_ok=True)
@@ -223,10 +254,10 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
                         os.kill(pid, signal.SIGKILL)
                         killed = {"node_id": seen[0], "at_s": round(time.monotonic() - recorder.start, 1),
                                   "actor": _running_trial_nodes().get(seen[0], "")}
-                if tracking_outage and not outage and time.monotonic() - sweep_started > tracking_outage[0]:
-                    _stop(server)
+                if tracking_outage and not outage and _trial_runs(work, uri) >= 1:
+                    _stop(server)  # mid-sweep: the first trial is logged, the others are still running
                     outage["down_at_s"] = round(time.monotonic() - recorder.start, 1)
-                    time.sleep(tracking_outage[1])
+                    time.sleep(tracking_outage)
                     server = tracking_server()
                     _wait_http(f"{uri}/health", 120)
                     outage["up_at_s"] = round(time.monotonic() - recorder.start, 1)
@@ -241,8 +272,16 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
         summary = _summarise(work, uri, samples, head, at_start, killed, sweep.returncode, sweep_seconds,
                              time.monotonic() - started)
         summary["tracking_outage"] = outage
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
     finally:
         _stop(server)
+        if ray.is_initialized():
+            ray.shutdown()
         down()
     (work / "cluster-run.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -286,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     go = sub.add_parser("run", help="fake autoscaling head + mlflow server + the sweep; then stop everything")
     go.add_argument("--work", default="local-cluster", help="folder for the run (default: ./local-cluster)")
     go.add_argument("--kill", action="store_true", help="kill the worker node of the first running trial (a lost node)")
-    go.add_argument("--tracking-outage", type=float, nargs=2, metavar=("AFTER", "FOR"), default=None,
-                    help="stop the tracking server AFTER seconds into the sweep, for FOR seconds")
+    go.add_argument("--tracking-outage", type=float, metavar="SECONDS", default=None,
+                    help="once the first trial is logged, stop the tracking server for SECONDS")
     go.add_argument("sweep_args", nargs="*", help="after --: arguments for raytasks/sweep.py")
     sub.add_parser("down", help="stop the local cluster (ray stop --force)")
     args = parser.parse_args(argv)

@@ -4,6 +4,7 @@ verdict, and the method's best so far by the sweep's one definition of "best" (`
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pandas as pd
 from ray import tune
@@ -47,6 +48,15 @@ def trial_line(trials: list, trial, trials_per_method: int, confirm_seeds: int, 
             f"{_figures(result, objectives)} {verdict}; {best_text}")
 
 
+def _last_error_line(trial) -> str:
+    """The exception line of the trial's error file (an ActorDiedError when its node was lost)."""
+    try:
+        lines = [line for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
+    except (OSError, TypeError):
+        return "no error file"
+    return next((line.strip()[:160] for line in reversed(lines) if "Error" in line or "Exception" in line), lines[-1][:160] if lines else "")
+
+
 class ProgressCallback(tune.Callback):
     """Prints a line per finished trial and counts the most trials in flight at once (`peak_in_flight`)."""
 
@@ -57,7 +67,7 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         self.retried[trial.trial_id] = self.retried.get(trial.trial_id, 0) + 1
-        print(f"[sweep] {trial.config.get('method')} trial {trial.trial_id} lost ({type(info.get('exception')).__name__}): "
+        print(f"[sweep] {trial.config.get('method')} trial {trial.trial_id} failed ({_last_error_line(trial)}): "
               f"rerun {self.retried[trial.trial_id]}/{self.config.sweep.trial_retries} from scratch", file=sys.stderr, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:

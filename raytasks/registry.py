@@ -69,7 +69,9 @@ def register(client: MlflowClient, tracking_uri: str, name: str, model_uri: str,
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags).version
+        # a tracking server checks a models:/ source against its logged model (sqlite stores do not): name it
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        version = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id).version
     client.set_registered_model_alias(name, ALIAS, version)
     return str(version)
 
