@@ -130,15 +130,16 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(prepared, default
     cmd = [sys.executable, str(ROOT / "raytasks" / "sweep.py"), "--methods", "realistic", "--trials", "4", "--name", "resume",
            "--out", str(out), "--tracking-uri", uri, "--no-report", "--set", f"cache_dir={default_config.cache_dir}",
            "--set", "sweep.max_concurrent=1", "--set", "sweep.confirm_seeds=0",
-           # the resume mechanics, not the method, are under test: short trials
-           "--set", "sweep.space.ga_steps=[2,4]", "--set", "sweep.space.ft_steps=[10,30]"]
+           # the resume mechanics, not the method, are under test: short trials, yet long enough (seconds) that
+           # the Ctrl-C sent within 0.2 s of the second trial's run lands while the third runs
+           "--set", "sweep.space.ga_steps=[2,4]", "--set", "sweep.space.ft_steps=[60,80]"]
     env = {**os.environ, "UNLEARN_LOCAL_RAY": "1", "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
+    deadline = time.time() + 600  # preparation and two trials; generous for a loaded machine
+    while time.time() < deadline and proc.poll() is None:
         if (out / "sweep.json").is_file() and len(_child_runs(uri, "resume")) >= 2:
             break
-        time.sleep(1)
+        time.sleep(0.2)
     assert len(_child_runs(uri, "resume")) >= 2, "the sweep did not finish two trials in time"
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) == 130, proc.stderr.read()[-2000:]
