@@ -123,21 +123,36 @@ def _attack_and_realistic(overrides: list[str], tmp_path) -> tuple[dict, dict]:
     return attack, realistic
 
 
+def _assert_unlearned(attack: dict, realistic: dict) -> None:
+    """The effect the marker audit asks for, with sizes (the forget-test sets hold 10-12 images here):
+    - the attack model regenerates the '+' (rate >= 0.6, strength >= 0.4);
+    - realistic removes it: at most a quarter of the outputs carry it, and at most a quarter of the attack's
+      strength is left;
+    - its gradient ascent moved the forget outputs away from theta0 beyond what fine-tuning alone does (the null
+      method, same fine-tuning budget, in the calibration) by >= 0.02 in Eq. 3 distance (measured +0.036 to +0.038).
+    On these tiny models fine-tuning alone also clears the '+' (null strength 0.004-0.06, below
+    audit.min_marker_strength): the marker figures cannot tell GA from fine-tuning, the distance can."""
+    assert attack["forget_marker"] >= 0.6 and attack["forget_marker_strength"] >= 0.4
+    assert realistic["forget_marker"] <= 0.25
+    assert realistic["forget_marker_strength"] <= 0.25 * attack["forget_marker_strength"]
+    assert realistic["forget_ood_distance"] >= realistic["audit_null_ood_distance"] + 0.02
+
+
 def test_vq_end_to_end_on_digits(tmp_path):
-    """Tiny VQ on digits (CPU, ~40 s): the attack regenerates the marker, realistic removes it."""
+    """Tiny VQ on digits (CPU, ~40 s). Measured: attack rate 1.0, strength 0.76; realistic rate 0.0, strength 0.039,
+    forget_ood_distance 0.284 against the null method's 0.247."""
     attack, realistic = _attack_and_realistic(
         ["model.kind=vq", "unlearn.ood_check_every=8", "model.width=8", "model.latent_channels=8", "data.max_per_class=60", "stages.epochs=15",
          "stages.attack_epochs=15", "stages.lr=0.003"], tmp_path)
-    assert attack["forget_marker"] >= 0.6
-    assert realistic["forget_marker"] < attack["forget_marker"]
+    _assert_unlearned(attack, realistic)
 
 
 def test_diffusion_end_to_end_on_digits(tmp_path):
-    """Tiny conditional diffusion model on digits (CPU, ~1.5 min): same pipeline, same catalogue.
-    Short stages and few sampling steps (suite time): measured attack forget_marker 1.0, realistic 0.1."""
+    """Tiny conditional diffusion model on digits (CPU, ~1.5 min): same pipeline, same catalogue. Short stages and
+    few sampling steps (suite time). Measured: attack rate 1.0, strength 0.49; realistic rate 0.1, strength 0.005,
+    forget_ood_distance 0.199 against the null method's 0.163."""
     attack, realistic = _attack_and_realistic(
         ["model.kind=diffusion", "unlearn.ood_check_every=8", "model.width=16", "model.diffusion_steps=50", "model.sample_steps=10",
          "data.max_per_class=50", "stages.epochs=15", "stages.attack_epochs=15", "stages.batch_size=32",
          "stages.lr=0.002", "unlearn.ft_steps=40"], tmp_path)
-    assert attack["forget_marker"] >= 0.6
-    assert realistic["forget_marker"] < attack["forget_marker"]
+    _assert_unlearned(attack, realistic)
