@@ -86,12 +86,15 @@ def _writer(root: str, worker: int, rounds: int) -> None:
 
 
 def test_concurrent_preparers_of_one_key_never_corrupt_it(tmp_path):
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork would copy the session's torch thread pools (a deadlock in the full suite)
     procs = [ctx.Process(target=_writer, args=(str(tmp_path), worker, 30)) for worker in range(3)]
     for proc in procs:
         proc.start()
     for proc in procs:
-        proc.join(120)
+        proc.join(180)
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
     assert [proc.exitcode for proc in procs] == [0, 0, 0]
     store, lines = _store(tmp_path)
     store.save("stages", "shared", {"w": torch.zeros(1)}, {"writer": -1})
@@ -106,16 +109,17 @@ def test_a_damaged_cached_stage_is_retrained_to_the_same_weights(tmp_path, capsy
 
     config = load_config("digits-ae", [f"cache_dir={tmp_path}", "stages.epochs=1", "stages.attack_epochs=1", "device=cpu"])
     data = load_data(config)
-    first = prepare_stages(config, data, torch.device("cpu"))
+    only = ("original", "retrain")  # the attack stage adds nothing here but training time
+    first = prepare_stages(config, data, torch.device("cpu"), only=only)
     folder = config.resolved_cache_dir() / "stages" / first["original"].key
     _truncate(folder / "tensors.pt")
     _truncate(config.resolved_cache_dir() / "stages" / first["retrain"].key / "meta.json")
     capsys.readouterr()
-    again = prepare_stages(config, load_data(config), torch.device("cpu"))
+    again = prepare_stages(config, load_data(config), torch.device("cpu"), only=only)
     err = capsys.readouterr().err.splitlines()
     damaged = [line for line in err if "damaged entry" in line]
     assert len(damaged) == 2 and any(str(folder) in line for line in damaged), err
-    assert not again["original"].reused and not again["retrain"].reused and again["attack"].reused
+    assert not again["original"].reused and not again["retrain"].reused
     for name in ("original", "retrain"):
         for key, value in first[name].model.state_dict().items():
             assert torch.equal(value, again[name].model.state_dict()[key]), (name, key)

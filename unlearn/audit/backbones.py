@@ -104,12 +104,32 @@ def _centroid_logits(features: Callable[[torch.Tensor], torch.Tensor], data: Unl
     return lambda f: 100.0 * F.normalize(f.float(), dim=1) @ centroids.T
 
 
+def _file_key(path: str) -> str:
+    """The weights file's content digest: reference features cached for one file are never reused for another
+    file at the same path."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).expanduser().open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def _inception(config: Config, device: torch.device) -> Backbone:
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     weights = config.audit.backbone_weights
     if weights and not Path(weights).expanduser().is_file():
         raise ConfigError(f"inception weights not found: {weights} (audit.backbone_weights)")
+    if weights:
+        # torch-fidelity unpickles the file in full (weights_only=False): load it weights-only first, so a file that
+        # would run code is refused here, and the full load that follows can only build what this one accepted
+        try:
+            torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - refused or unreadable: either way not a weights file
+            raise ConfigError(f"inception weights {weights} do not load weights-only ({type(exc).__name__}); "
+                              "give a state dict (audit.backbone_weights)") from None
     try:
         net = NoTrainInceptionV3(
             name="inception-v3-compat",
@@ -121,10 +141,11 @@ def _inception(config: Config, device: torch.device) -> Backbone:
     net.to(device).eval()
 
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, logits = net((x.clamp(0, 1) * 255).to(torch.uint8).to(device))
-        return feats, logits
+        # the public forward returns only the first feature of features_list: both come from the inner forward
+        feats, logits = net._torch_fidelity_forward((x.clamp(0, 1) * 255).to(torch.uint8).to(device))
+        return feats.reshape(len(x), -1), logits.reshape(len(x), -1)
 
-    return Backbone("inception", forward, f"inception-{weights or 'download'}")
+    return Backbone("inception", forward, f"inception-{_file_key(weights) if weights else 'download'}")
 
 
 def _clip(config: Config, data: UnlearningData, device: torch.device) -> Backbone:
@@ -148,7 +169,8 @@ def _clip(config: Config, data: UnlearningData, device: torch.device) -> Backbon
         return model.encode_image((x - mean) / std)
 
     logits = _centroid_logits(embed, data, device)
-    return Backbone("clip", lambda x: (f := embed(x), logits(f)), f"clip-{config.audit.clip_model}-{weights or 'openai'}")
+    return Backbone("clip", lambda x: (f := embed(x), logits(f)),
+                    f"clip-{config.audit.clip_model}-{_file_key(weights) if weights else 'openai'}")
 
 
 def load_backbone(config: Config, data: UnlearningData, device: torch.device, log: Callable[[str], None] = lambda _: None) -> Backbone:
