@@ -187,7 +187,8 @@ def _stop(process: subprocess.Popen) -> None:
 
 def _raylet_pid(node_id: str) -> int | None:
     """The pid of the raylet of fake node `node_id` (what dies when a cloud node is lost)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    # -ww: whole command lines (without it ps cuts them to the terminal's or $COLUMNS' width, losing the node id)
+    out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
     for line in out.splitlines():
         if "raylet" in line and node_id in line:
             return int(line.split()[0])
