@@ -26,7 +26,7 @@ from raytasks.search import CONFIRMS_KEY, METHOD_KEY, SweepSearch, confirmation_
 from unlearn.audit.verdict import violations
 from unlearn.config import Config
 from unlearn.export import weights_digest, write_certificate
-from unlearn.methods import METHODS
+from unlearn.methods import METHODS, REFERENCE_MODELS
 from unlearn.pipeline import load_data, stderr_log
 
 CALIBRATION = ("audit_valid", "audit_attack_strength", "audit_null_strength", "audit_null_ood_distance", "ood_delta",
@@ -86,14 +86,20 @@ class SweepDriver:
         self.storage = storage  # a local folder, or shared storage (a mount, s3://...) on a cluster
         self.report_path: Path | None = None
 
-    def _log_references(self, prep: Preparation) -> dict[str, dict[str, float]]:
-        refs = {}
+    def _logged_references(self) -> dict[str, str]:
+        """Reference model -> its finished MLflow run (a resumed sweep): read back, not evaluated again."""
+        found = {}
+        for ref in REFERENCE_MODELS:
+            run_id = tracking.find_run(self.client, self.experiment, {"sweep": self.name, "reference": ref, "method": ref})
+            if run_id is not None and self.client.get_run(run_id).info.status == "FINISHED":
+                found[ref] = run_id
+        return found
+
+    def _log_references(self, prep: Preparation, logged: dict[str, str]) -> dict[str, dict[str, float]]:
+        refs = {ref: dict(self.client.get_run(run_id).data.metrics) for ref, run_id in logged.items()
+                if ref in prep.stage_keys}
         for ref, metrics in prep.references.items():
             tags = {"sweep": self.name, "reference": ref, "method": ref}
-            logged = tracking.find_run(self.client, self.experiment, tags)
-            if logged is not None and self.client.get_run(logged).info.status == "FINISHED":  # --resume: read back
-                refs[ref] = dict(self.client.get_run(logged).data.metrics)
-                continue
             refs[ref] = metrics
             with tempfile.TemporaryDirectory() as folder:
                 for name, payload in prep.reference_files[ref].items():
@@ -152,9 +158,10 @@ class SweepDriver:
         state_path.write_text(json.dumps(state, indent=2))
         self.trial_logger = tracking.MLflowTrialLogger(self.uri, self.experiment, self.parent, self.name, self.workers)
 
-        prep = self._prepare()
+        logged = self._logged_references()
+        prep = self._prepare(frozenset(logged))
         self._log_calibration(prep)
-        refs = self._log_references(prep)
+        refs = self._log_references(prep, logged)
         # What `unlearn purge --forget-digest` looks for: the sweep holds forget images (grids, trial strips).
         self.client.set_tag(self.parent, "forget_digest", prep.forget_digest)
         self.client.set_tag(self.parent, "ray_storage", self.storage)
@@ -171,7 +178,7 @@ class SweepDriver:
     def concurrency(self) -> int:
         return min(self.plan.concurrency, self.config.sweep.max_concurrent or self.plan.concurrency)
 
-    def _prepare(self) -> Preparation:
+    def _prepare(self, logged: frozenset[str]) -> Preparation:
         """Stages, backbone, references and calibration, prepared once as Ray work on a worker with one trial's CPUs
         (and a whole GPU when trials use GPUs); the driver, maybe a CPU-only head, trains nothing. With
         `sweep.gpus_per_trial` unset on GPUs, that worker also measures one short trial of each method, and as many
@@ -179,7 +186,8 @@ class SweepDriver:
         measure = (self.use_gpu and self.workers == 1 and self.config.sweep.gpus_per_trial is None
                    and self.replan is not None)
         stderr_log(f"sweep {self.name}: preparing stages and reference features once, on a worker ...")
-        prep = prepare_on_worker(self.config, self.methods, self.use_gpu, self.config.sweep.cpus_per_trial, measure, stderr_log)
+        prep = prepare_on_worker(self.config, self.methods, self.use_gpu, self.config.sweep.cpus_per_trial, measure, stderr_log,
+                                 logged)
         stderr_log(f"sweep {self.name}: prepared on node {prep.node_id[:12]}")
         if measure and prep.peak_gpu_bytes and self.replan is not None:
             self.plan = self.replan(prep.peak_gpu_bytes, prep.free_gpu_bytes)

@@ -104,18 +104,14 @@ def _sweep_env(config_path: Path) -> dict[str, str]:
     return {**_env(), "UNLEARN_AUTOSCALER_CONFIG": str(config_path)}
 
 
-def _wait_http(url: str, seconds: float) -> None:
-    import urllib.request
+def _wait_http(uri: str, seconds: float) -> None:
+    from raytasks.tracking import reachable
 
     deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not answer within {seconds:.0f} s") from None
-            time.sleep(1)
+    while not reachable(uri):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{uri} did not answer within {seconds:.0f} s")
+        time.sleep(1)
 
 
 def _free_port() -> int:
@@ -233,7 +229,7 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
     killed: dict[str, Any] = {}
     outage: dict[str, Any] = {}
     try:
-        _wait_http(f"{uri}/health", 120)
+        _wait_http(uri, 120)
         os.environ.update(RAY_AUTH_MODE="disabled")
         ray.init(address="auto", log_to_driver=False, configure_logging=False)
         with Recorder() as recorder:
@@ -260,7 +256,7 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
                     outage["down_at_s"] = round(time.monotonic() - recorder.start, 1)
                     time.sleep(tracking_outage)
                     server = tracking_server()
-                    _wait_http(f"{uri}/health", 120)
+                    _wait_http(uri, 120)
                     outage["up_at_s"] = round(time.monotonic() - recorder.start, 1)
                 time.sleep(1)
             sweep_seconds = time.monotonic() - sweep_started

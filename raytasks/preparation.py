@@ -31,8 +31,9 @@ class Preparation:
 
 
 def prepare_here(config_dump: dict[str, Any], methods: list[str], measure_gpu: bool, node_id: str = "",
-                 log: Callable[[str], None] | None = None) -> Preparation:
-    """Prepare (or load from the cache) and evaluate the reference models in this process."""
+                 log: Callable[[str], None] | None = None, logged: frozenset[str] = frozenset()) -> Preparation:
+    """Prepare (or load from the cache) and evaluate the reference models in this process, except those in `logged`
+    (a resumed sweep reads their figures back from MLflow)."""
     import torch
 
     from raytasks.resources import measure_trial_peak
@@ -44,7 +45,7 @@ def prepare_here(config_dump: dict[str, Any], methods: list[str], measure_gpu: b
     config = validate_config(config_dump)
     prepared = prepare(config, **({"log": log} if log else {}))
     references, files = {}, {}
-    for ref in (r for r in REFERENCE_MODELS if r in prepared.stages):  # no retrain with audit.retrain = false
+    for ref in (r for r in REFERENCE_MODELS if r in prepared.stages and r not in logged):  # no retrain w/o audit.retrain
         references[ref] = evaluate_reference(prepared, ref)
         with tempfile.TemporaryDirectory() as folder:
             save_png(prepared.auditor.output_row(prepared.stages[ref].model), Path(folder) / "outputs.png")
@@ -64,7 +65,8 @@ def prepare_here(config_dump: dict[str, Any], methods: list[str], measure_gpu: b
                        references, files, rows, peak, free)
 
 
-def _prepare_task(config_dump: dict[str, Any], methods: list[str], measure_gpu: bool, lines) -> Preparation:
+def _prepare_task(config_dump: dict[str, Any], methods: list[str], measure_gpu: bool, lines,
+                  logged: frozenset[str]) -> Preparation:
     import os
 
     import ray
@@ -77,13 +79,13 @@ def _prepare_task(config_dump: dict[str, Any], methods: list[str], measure_gpu: 
         lines.put(line)
 
     try:
-        return prepare_here(config_dump, methods, measure_gpu, ray.get_runtime_context().get_node_id(), log)
+        return prepare_here(config_dump, methods, measure_gpu, ray.get_runtime_context().get_node_id(), log, logged)
     finally:
         lines.put(None)  # done: the driver stops reading
 
 
 def prepare_on_worker(config: Config, methods: list[str], use_gpu: bool, cpus: float, measure_gpu: bool,
-                      log: Callable[[str], None]) -> Preparation:
+                      log: Callable[[str], None], logged: frozenset[str] = frozenset()) -> Preparation:
     """Run the preparation as a Ray task with one trial's CPUs and a whole GPU (when trials use GPUs): the autoscaler
     launches a worker for it like for any trial, and what it builds lands in the shared cache. Its log lines
     (stage training, ...) come back through a queue while it runs."""
@@ -94,7 +96,7 @@ def prepare_on_worker(config: Config, methods: list[str], use_gpu: bool, cpus: f
     try:
         # max_retries: a worker node lost while preparing (a reclaimed spot node) is retried on another
         task = ray.remote(_prepare_task).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_retries=2)
-        result = task.remote(config.model_dump(mode="json", by_alias=True), methods, measure_gpu, lines)
+        result = task.remote(config.model_dump(mode="json", by_alias=True), methods, measure_gpu, lines, logged)
         while True:
             try:
                 line = lines.get(timeout=2.0)

@@ -58,13 +58,8 @@ def connect(uri: str) -> MlflowClient:
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
             raise ConfigError(f"MLflow tracking URI {uri}: folder {folder} does not exist")
-    if uri.startswith(("http://", "https://")):
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
-        except Exception as exc:
-            raise ConfigError(f"MLflow tracking URI {uri} is unreachable ({type(exc).__name__})") from None
+    if not reachable(uri):
+        raise ConfigError(f"MLflow tracking URI {uri} is unreachable (no answer at {uri.rstrip('/')}/health)")
     client = MlflowClient(tracking_uri=uri)
     try:
         client.search_experiments(max_results=1)
