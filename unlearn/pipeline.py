@@ -273,7 +273,8 @@ def unlearn(
                          ood, on_step, phase_end, history=state["history"], theta0=theta0_params)
     seconds = state["seconds"] + time.perf_counter() - started - (0.0 if u.stop_at_ood else ood.seconds)
 
-    metrics: dict[str, float] = {"diverged": float(history.diverged), "unlearn_samples": float(history.samples)}
+    metrics: dict[str, float] = {"diverged": float(history.diverged), "unlearn_samples": float(history.samples),
+                                 "resumed_from_phase": float(resume["next_phase"]) if resume is not None else 0.0}
     ga = history.phase("ga")
     after_ga = state["after_ga"]
     if ga is not None and "loss" in after_ga:
