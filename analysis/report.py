@@ -97,9 +97,12 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
     rows = [(label, runs.image(runs.parent_id, f"grid/{label}.png")) for label in ("masked_input", "ground_truth")]
     rows += [(name, runs.image(refs.loc[name, "run_id"], "outputs.png")) for name in REFERENCE_ORDER if name in refs.index]
     rows += [(row["method"], runs.image(row["run_id"], "outputs.png")) for _, row in best.iterrows()]
-    image_grid([(label, img) for label, img in rows if img is not None], SAMPLES_PER_SPLIT, out / "grid.png")
     grid_rows = [label for label, img in rows if img is not None]
     grid_missing = [label for label, img in rows if img is None]  # e.g. removed by `unlearn purge`
+    if grid_rows:
+        image_grid([(label, img) for label, img in rows if img is not None], SAMPLES_PER_SPLIT, out / "grid.png")
+    else:  # every strip was purged: no grid, and an old one must not stand in for it
+        (out / "grid.png").unlink(missing_ok=True)
 
     embeddings = {}
     sources = [(f"{row['method']} (unlearned)", row["run_id"]) for _, row in best.iterrows() if row["method"] == "realistic"]
@@ -109,7 +112,7 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
         if local is not None:
             with np.load(local) as npz:
                 embeddings[label] = {k: npz[k] for k in npz.files}
-    figures = ["grid.png", "pareto.png", "distance.png"]
+    figures = ["grid.png"] * bool(grid_rows) + ["pareto.png", "distance.png"]
     if embeddings:
         tsne_plot(embeddings, seed, out / "tsne.png")
         figures.append("tsne.png")
@@ -164,8 +167,8 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
     if samples is not None:
         lines += ["## Sample-level unlearning (forget_marker_strength)", "", samples.to_markdown(index=False, floatfmt=".3g"), ""]
     lines += [
-        "## Outputs", "", "![image grid](grid.png)", "",
-        f"Grid rows: {', '.join(grid_rows)}" + (f" (no image logged: {', '.join(grid_missing)})" if grid_missing else "") + ".", "",
+        "## Outputs", "", *(["![image grid](grid.png)", ""] if grid_rows else []),
+        f"Grid rows: {', '.join(grid_rows) or 'none'}" + (f" (no image logged: {', '.join(grid_missing)})" if grid_missing else "") + ".", "",
         "## Trade-off", "", "![Pareto front](pareto.png)", "",
         "## Decoupling: distance to theta0 and loss against GA step", "", "![distance](distance.png)", "",
     ]
