@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,28 @@ PROVIDER = {"type": "external", "module": "raytasks.local_cluster.LosableNodePro
 class LosableNodeProvider(FakeMultiNodeProvider):
     """Ray's FakeMultiNodeProvider, where a worker node whose raylet was killed counts as lost (terminated)."""
 
+    def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+        # A real machine has its own temp folder (sockets, logs, spilled objects, runtime envs): so does each fake
+        # node, so that a node-local path handed to another node fails here as it would on the cluster. Ray's fake
+        # provider gives every node the head's; its RayParams get a `temp_dir` of their own for this one call.
+        import ray._private.parameter as parameter
+
+        root = Path(self.provider_config.get("node_temp_root") or tempfile.gettempdir())
+        root.mkdir(parents=True, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix="node-", dir=root)  # short: Ray's socket paths must fit in 107 bytes
+        real = parameter.RayParams
+        parameter.RayParams = lambda **kwargs: real(**kwargs, temp_dir=folder)
+        try:
+            with self.lock:
+                before = set(self._nodes)
+                super()._create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
+                created = set(self._nodes) - before
+        finally:
+            parameter.RayParams = real
+        index = root / "nodes.json"  # node id -> its temp folder, for the run's summary
+        known = json.loads(index.read_text()) if index.is_file() else {}
+        index.write_text(json.dumps({**known, **{node: folder for node in created}}, indent=2))
+
     def non_terminated_nodes(self, tag_filters):
         # What a cloud reports for a reclaimed instance: a node whose raylet died is terminated (Ray's fake provider
         # keeps listing it, and the autoscaler would wait for it to come up instead of replacing it).
@@ -59,8 +83,10 @@ def local_resources(resources: dict[str, float]) -> dict[str, float]:
     return {(FAKE_GPU if name == "GPU" else name): amount for name, amount in resources.items()}
 
 
-def local_config(cluster: dict[str, Any], max_workers: int = LOCAL_MAX_WORKERS) -> dict[str, Any]:
-    """The fake autoscaling cluster of `cluster` (cluster.yaml): same node types and resources."""
+def local_config(cluster: dict[str, Any], max_workers: int = LOCAL_MAX_WORKERS,
+                 node_temp_root: str | None = None) -> dict[str, Any]:
+    """The fake autoscaling cluster of `cluster` (cluster.yaml): same node types and resources; each worker node's
+    temp folder under `node_temp_root` (default: the system's temp folder)."""
     head = cluster["head_node_type"]
     types = {}
     for name, node in cluster["available_node_types"].items():
@@ -75,7 +101,7 @@ def local_config(cluster: dict[str, Any], max_workers: int = LOCAL_MAX_WORKERS) 
         "max_workers": min(cluster.get("max_workers", max_workers), max_workers),
         "upscaling_speed": cluster.get("upscaling_speed", 1.0),
         "idle_timeout_minutes": 0.5,
-        "provider": dict(PROVIDER),
+        "provider": {**PROVIDER, **({"node_temp_root": node_temp_root} if node_temp_root else {})},
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": types,
         "head_node_type": FAKE_HEAD,
@@ -89,8 +115,9 @@ HEADER = ("# Generated from cluster.yaml by raytasks/local_cluster.py: the same 
           f"# fake provider, GPUs as the custom resource {FAKE_GPU}.\n")
 
 
-def render(cluster_yaml: Path = ROOT / "cluster.yaml") -> str:
-    return HEADER + yaml.safe_dump(local_config(yaml.safe_load(cluster_yaml.read_text())), sort_keys=False)
+def render(cluster_yaml: Path = ROOT / "cluster.yaml", node_temp_root: str | None = None) -> str:
+    config = local_config(yaml.safe_load(cluster_yaml.read_text()), node_temp_root=node_temp_root)
+    return HEADER + yaml.safe_dump(config, sort_keys=False)
 
 
 def _env() -> dict[str, str]:
@@ -196,8 +223,16 @@ def _running_trial_nodes() -> dict[str, str]:
     without a dashboard, which Ray's state API needs."""
     from ray._private.state import actors
 
-    alive = [a for a in actors().values() if a.get("State") == "ALIVE"]
-    return {a["Address"]["NodeID"]: a.get("ActorClassName", "") for a in alive if "Queue" not in a.get("ActorClassName", "")}
+    nodes: dict[str, str] = {}
+    for actor in actors().values():
+        name = actor.get("ActorClassName", "")
+        if actor.get("State") != "ALIVE" or "Queue" in name:
+            continue
+        node = actor["Address"]["NodeID"]
+        if node not in nodes or "RayTrainWorker" in name:
+            nodes[node] = name
+    # nodes of a multi-worker trial's Ray Train workers first: losing one is what its phase checkpoints are for
+    return dict(sorted(nodes.items(), key=lambda item: "RayTrainWorker" not in item[1]))
 
 
 def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float = 3.0,
@@ -211,7 +246,8 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
     work.mkdir(parents=True, exist_ok=True)
     shared = work / "shared"  # what a bucket mount is on the real cluster: every fake node sees it
     config_path = work / "cluster-local.yaml"
-    config_path.write_text(render())
+    nodes_root = Path(tempfile.mkdtemp(prefix="unlearn-nodes-"))  # the worker nodes' own temp folders
+    config_path.write_text(render(node_temp_root=str(nodes_root)))
     down()
     started = time.monotonic()
     subprocess.run(["ray", "start", "--head", f"--autoscaling-config={config_path}", "--num-cpus=0", "--port=6379",
@@ -269,6 +305,7 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
         summary = _summarise(work, uri, samples, head, at_start, killed, sweep.returncode, sweep_seconds,
                              time.monotonic() - started)
         summary["tracking_outage"] = outage
+        summary["node_temp_dirs"] = _node_temp_dirs(nodes_root)
     except BaseException:
         import traceback
 
@@ -280,8 +317,17 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
         if ray.is_initialized():
             ray.shutdown()
         down()
+        shutil.rmtree(nodes_root, ignore_errors=True)
     (work / "cluster-run.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _node_temp_dirs(root: Path) -> dict[str, dict[str, Any]]:
+    """Worker node id -> its temp folder and whether that node's raylet wrote its logs there."""
+    index = root / "nodes.json"
+    folders = json.loads(index.read_text()) if index.is_file() else {}
+    return {node: {"folder": folder, "raylet_logs_there": any(Path(folder).glob("session_*/logs/raylet.out"))}
+            for node, folder in folders.items()}
 
 
 def _summarise(work: Path, uri: str, samples: list, head: str, at_start: list[str], killed: dict, code: int,
@@ -311,6 +357,9 @@ def _summarise(work: Path, uri: str, samples: list, head: str, at_start: list[st
         "prepared_on_node": parent.data.tags.get("prepared_on_node") if parent else None,
         "trials_per_node": per_node, "mlflow_trial_runs": len(trial_runs), "mlflow_runs_per_trial": per_trial,
         "killed": killed, "retried_trials": state.get("retried_trials", {}),
+        # multi-worker trials whose Ray Train group restarted from a phase checkpoint: trial id -> that phase
+        "resumed_from_phase": {r.data.tags["ray.trial_id"]: r.data.metrics["resumed_from_phase"] for r in trial_runs
+                               if r.data.metrics.get("resumed_from_phase", 0.0) > 0},
     }
 
 
@@ -322,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     go = sub.add_parser("run", help="fake autoscaling head + mlflow server + the sweep; then stop everything")
     go.add_argument("--work", default="local-cluster", help="folder for the run (default: ./local-cluster)")
     go.add_argument("--kill", action="store_true", help="kill the worker node of the first running trial (a lost node)")
+    go.add_argument("--kill-delay", type=float, metavar="SECONDS", default=3.0,
+                    help="with --kill: how long after the trial is first seen on its node (default 3)")
     go.add_argument("--tracking-outage", type=float, metavar="SECONDS", default=None,
                     help="once the first trial is logged, stop the tracking server for SECONDS")
     go.add_argument("sweep_args", nargs="*", help="after --: arguments for raytasks/sweep.py")
@@ -336,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "down":
         down()
         return 0
-    summary = run(Path(args.work).resolve(), args.sweep_args, args.kill, tracking_outage=args.tracking_outage)
+    summary = run(Path(args.work).resolve(), args.sweep_args, args.kill, args.kill_delay, args.tracking_outage)
     print(json.dumps(summary, indent=2))
     return 0 if summary["sweep_exit_code"] == 0 else 1
 

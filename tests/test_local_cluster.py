@@ -28,4 +28,8 @@ def test_sweep_on_an_autoscaling_cluster_survives_a_lost_node_and_a_tracking_out
     assert out["killed"], "no worker node was running a trial to kill"
     assert sum(out["retried_trials"].values()) >= 1
     assert out["tracking_outage"].get("up_at_s")
+    # each worker node had a temp folder of its own (as a machine has), and its raylet used it
+    temps = out["node_temp_dirs"]
+    assert set(out["worker_nodes"]) <= set(temps)
+    assert len({t["folder"] for t in temps.values()}) == len(temps) and all(t["raylet_logs_there"] for t in temps.values())
     assert out["mlflow_trial_runs"] == 4 and set(out["mlflow_runs_per_trial"].values()) == {1}  # 3 + 1 confirmation
