@@ -12,7 +12,8 @@ warnings.filterwarnings("ignore", message=".*will save all extracted features.*"
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("unlearn-cache")
+    # UNLEARN_TEST_CACHE: a warm cache kept between runs while developing (the session's stages take ~3 min)
+    path = os.environ.get("UNLEARN_TEST_CACHE") or tmp_path_factory.mktemp("unlearn-cache")
     os.environ["UNLEARN_CACHE"] = str(path)  # subprocesses (the CLI) share the session's cache
     return str(path)
 
@@ -58,13 +59,13 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def small_sweep(ray_session, prepared, default_config, tmp_path_factory):
-    """A 3 x 3 sweep with its report: realistic, finetune, and max_loss searched at diverging rates."""
+    """A 3 x 2 sweep with its report: realistic, finetune, and max_loss searched at diverging rates."""
     from raytasks.sweep import parse_args, run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp}/mlflow.db"
     args = parse_args([
-        "--methods", "realistic,finetune,max_loss", "--trials", "3", "--name", "t-sweep", "--out", str(tmp / "out"),
+        "--methods", "realistic,finetune,max_loss", "--trials", "2", "--name", "t-sweep", "--out", str(tmp / "out"),
         "--tracking-uri", uri, "--set", f"cache_dir={default_config.cache_dir}", "--set", "sweep.max_concurrent=2",
         # max_loss searches absurd learning rates: its trials diverge to NaN and must be failed-infeasible
         "--set", "sweep.method_space.max_loss.ga_lr=[1e29,1e30]",

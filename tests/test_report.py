@@ -98,25 +98,6 @@ def test_report_for_missing_experiment_or_no_finished_trial(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_an_invalid_audit_is_said_on_the_parent_run_and_in_the_report(small_sweep, default_config, tmp_path):
-    """A weak backdoor (2 attack epochs) that plain fine-tuning removes: the sweep still runs, and says so."""
-    from mlflow.tracking import MlflowClient
-
-    from raytasks.sweep import parse_args, run_sweep
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = parse_args(["--methods", "finetune", "--trials", "1", "--name", "weak", "--out", str(tmp_path / "out"),
-                       "--tracking-uri", uri, "--set", f"cache_dir={default_config.cache_dir}",
-                       "--set", "stages.attack_epochs=2", "--set", "sweep.confirm_seeds=0"])
-    driver = run_sweep(args)
-    client = MlflowClient(tracking_uri=uri)
-    parent = client.get_run(driver.parent)
-    assert parent.data.tags["audit_valid"] == "0" and parent.data.metrics["audit_valid"] == 0.0
-    assert "audit not valid" in parent.data.tags["audit_notes"]
-    text = driver.report_path.read_text()
-    assert "**marker audit: NOT VALID: this audit cannot decide" in text and "audit not valid" in text
-
-
 def test_distance_plot_has_the_curves_of_the_best_trials(small_sweep):
     """The distance-vs-step figure reads each best trial's curves.json back from MLflow: it must be there."""
     from analysis.report import _curves
@@ -130,3 +111,26 @@ def test_distance_plot_has_the_curves_of_the_best_trials(small_sweep):
     curves = _curves(runs, realistic["run_id"].iloc[0])
     assert len(curves["ga_param_distance"]) == int(float(realistic["params.ga_steps"].iloc[0]))
     assert curves["finetune_loss"]
+
+
+def _pixels_near(img, rgb: tuple[int, int, int], box: tuple[int, int, int, int], tolerance: int = 40) -> int:
+    import numpy as np
+
+    region = np.asarray(img.convert("RGB").crop(box), dtype=int)
+    return int((np.abs(region - np.array(rgb)).max(axis=2) <= tolerance).sum())
+
+
+def test_distance_plot_draws_the_best_trials_ga_curves_and_the_threshold(small_sweep):
+    """Not only a canvas: the Eq. 3 and parameter-distance panels hold the best realistic trial's GA curve (the
+    first colour of matplotlib's cycle, a line across the panel, not just a legend swatch) and the red OOD threshold."""
+    import matplotlib
+
+    _, _, out = small_sweep
+    first = matplotlib.colors.to_rgb(matplotlib.rcParams["axes.prop_cycle"].by_key()["color"][0])
+    first = tuple(int(255 * c) for c in first)
+    with Image.open(out / "report" / "distance.png") as img:
+        third = img.width // 3
+        eq3, params = (0, 0, third, img.height), (third, 0, 2 * third, img.height)
+        assert _pixels_near(img, first, eq3) >= 150  # measured 1113 (919 and 526 below); an empty panel has 0
+        assert _pixels_near(img, first, params) >= 150
+        assert _pixels_near(img, (255, 0, 0), eq3, tolerance=60) >= 150  # the dashed threshold across the panel

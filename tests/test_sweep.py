@@ -40,7 +40,7 @@ def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
     refs = {r.data.tags["reference"] for r in children if "reference" in r.data.tags}
     assert refs == {"original", "attack", "retrain"}
     trials = [r for r in children if "ray.trial_id" in r.data.tags]
-    assert len(trials) == 9 and len({r.data.tags["ray.trial_id"] for r in trials}) == 9
+    assert len(trials) == 6 and len({r.data.tags["ray.trial_id"] for r in trials}) == 6
     realistic = [r for r in trials if r.data.tags["method"] == "realistic"]
     for run in realistic:
         assert {"ga_lr", "ga_steps", "ft_lr", "ft_steps"} <= set(run.data.params)
@@ -57,7 +57,7 @@ def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
     for method, searcher in driver.searchers.items():
         study = searcher._ot_study
         assert [t.state for t in study.trials].count(optuna.trial.TrialState.RUNNING) == 0, method
-        assert len(study.trials) == 3
+        assert len(study.trials) == 2
     # every Optuna trial carries the feasibility constraint the trial reported, and it agrees with `feasible`
     for method, searcher in driver.searchers.items():
         logged = {r.data.params.get("ga_lr", r.data.params.get("ft_lr")): r for r in trials if r.data.tags["method"] == method}
@@ -101,57 +101,118 @@ def test_bad_sweep_input_exits_2_before_any_trial(ray_session, extra, needle, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert needle in err[-1] and err[-1].startswith("sweep: error:")
-    assert not (tmp_path / "out" / "ray").exists()  # no trial started
+    # refused before any work: nothing prepared (no cache written), no sweep state, no MLflow run, no Ray storage
+    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "out" / "sweep.json").exists() and not (tmp_path / "out" / "ray").exists()
+    if (tmp_path / "m.db").exists():
+        client = _client(f"sqlite:///{tmp_path}/m.db")
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=5)
 
 
-def test_two_workers_match_one_worker(ray_session, prepared, default_config, tmp_path):
-    """One global batch semantics: a 2-worker Ray Train run matches the in-process run (tolerance 1e-4)."""
-    from raytasks.distributed import run_data_parallel
+def _kill_a_train_worker_after_the_first_phase(storage: Path, stop, killed: list) -> None:
+    """Watches the sweep's Ray storage until Ray Train has committed the GA phase's checkpoint (its checkpoint
+    manager's snapshot is written once every rank reported it), then SIGKILLs one Ray Train worker."""
+    from ray._private.state import actors
+
+    deadline = time.time() + 600
+    while time.time() < deadline and not stop.is_set():
+        if storage.exists() and any(storage.glob("*-train/checkpoint_manager_snapshot.json")):
+            workers = [a for a in actors().values()
+                       if a.get("State") == "ALIVE" and "RayTrainWorker" in a.get("ActorClassName", "")]
+            if len(workers) == 2:
+                pid = int(workers[-1]["Pid"])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+        time.sleep(0.05)
+
+
+def test_two_worker_trial_through_tune_resumes_from_its_phase_checkpoint_and_matches_one_worker(
+        ray_session, prepared, default_config, tmp_path):
+    """A `--workers 2` sweep trial (Tune -> Ray Train, gloo): one worker is killed once GA's phase checkpoint is
+    stored; the worker group restarts from that checkpoint (resumed_from_phase 1, fine-tuning only), the trial
+    finishes once, is logged once, and its figures equal the in-process one-worker run of the same
+    hyperparameters (one global batch semantics, tolerance 1e-4).
+    The same sweep runs on a weak backdoor (2 attack epochs) that plain fine-tuning removes: it still runs, and its
+    parent run and report say that this audit cannot decide (one sweep for both: each costs ~30 s of Ray start-up)."""
+    import threading
+
     from raytasks.outcome import finish_trial
+    from raytasks.sweep import parse_args, run_sweep
     from unlearn.config import with_overrides
     from unlearn.pipeline import prepare, unlearn
 
-    config = with_overrides(default_config, {"unlearn.ga_steps": 4, "unlearn.ga_lr": 0.1, "unlearn.ft_steps": 6})
+    uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "out"
+    stop, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_a_train_worker_after_the_first_phase, args=(out / "ray", stop, killed))
+    watcher.start()
+    try:
+        driver = run_sweep(parse_args([
+            "--methods", "realistic", "--trials", "1", "--workers", "2", "--name", "two", "--out", str(out),
+            "--tracking-uri", uri, "--set", f"cache_dir={default_config.cache_dir}",
+            "--set", "sweep.confirm_seeds=0", "--set", "stages.attack_epochs=2",
+            # fine-tuning lasts seconds, so that the kill lands after GA's checkpoint and before the trial ends
+            "--set", "sweep.method_space.realistic={ga_steps: [3, 5], ga_lr: [0.08, 0.1], ft_steps: [80, 90]}"]))
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed, "no Ray Train worker was killed: the trial ended before GA's checkpoint was seen"
+    runs = _child_runs(uri, "two")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    double = runs[0].data.metrics
+    assert double["resumed_from_phase"] == 1.0  # restarted from the GA checkpoint, not from scratch
+
+    parent = _client(uri).get_run(driver.parent)
+    assert parent.data.tags["audit_valid"] == "0" and parent.data.metrics["audit_valid"] == 0.0
+    assert "audit not valid" in parent.data.tags["audit_notes"]
+    text = driver.report_path.read_text()
+    assert "**marker audit: NOT VALID: this audit cannot decide" in text and "audit not valid" in text
+
+    params = {k: float(v) for k, v in runs[0].data.params.items() if k in ("ga_steps", "ga_lr", "ft_steps", "ft_lr")}
+    config = with_overrides(default_config, {"stages.attack_epochs": 2,
+                                             **{f"unlearn.{k}": int(v) if k.endswith("steps") else v for k, v in params.items()}})
     local = prepare(config, log=lambda _: None)
     single, _ = finish_trial(local, unlearn(local, "realistic"), "realistic")
-    double, folder = run_data_parallel(config, "realistic", 2, str(tmp_path / "ray"), "two-workers")
-    assert (folder / "curves.json").is_file()
+    assert single["resumed_from_phase"] == 0.0
     for key in ("ga_param_distance", "ga_loss_increase", "ga_grad_max", "retain_mse", "forget_mse", "forget_ood_distance",
-                "forget_marker_strength", "forget_gap_vs_retrain"):
+                "forget_marker_strength", "forget_gap_vs_retrain", "mia_auc"):
         assert double[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
     assert double["forget_marker"] == single["forget_marker"]
     assert double["unlearn_samples"] == single["unlearn_samples"]
 
 
-def test_interrupted_sweep_resumes_without_rerun_or_duplicates(prepared, default_config, tmp_path):
-    """Ctrl-C a sweep (its own Ray) after two trials, then --resume: four trials, each logged once."""
+def test_interrupted_sweep_resumes_without_rerun_or_duplicates(ray_session, prepared, default_config, tmp_path):
+    """Ctrl-C a sweep (a driver process on the session's Ray) after its first trial, then --resume: three trials,
+    each logged once."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "raytasks" / "sweep.py"), "--methods", "realistic", "--trials", "4", "--name", "resume",
+    address = ray_session.get_runtime_context().gcs_address  # no second Ray instance: the driver joins the session's
+    cmd = [sys.executable, str(ROOT / "raytasks" / "sweep.py"), "--address", address,
+           "--methods", "realistic", "--trials", "3", "--name", "resume",
            "--out", str(out), "--tracking-uri", uri, "--no-report", "--set", f"cache_dir={default_config.cache_dir}",
            "--set", "sweep.max_concurrent=1", "--set", "sweep.confirm_seeds=0",
            # the resume mechanics, not the method, are under test: short trials, yet long enough (seconds) that
-           # the Ctrl-C sent within 0.2 s of the second trial's run lands while the third runs
+           # the Ctrl-C sent within 0.2 s of the first trial's run lands while the second runs
            "--set", "sweep.space.ga_steps=[2,4]", "--set", "sweep.space.ft_steps=[60,80]"]
-    env = {**os.environ, "UNLEARN_LOCAL_RAY": "1", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 600  # preparation and two trials; generous for a loaded machine
+    deadline = time.time() + 600  # preparation and a trial; generous for a loaded machine
     while time.time() < deadline and proc.poll() is None:
-        if (out / "sweep.json").is_file() and len(_child_runs(uri, "resume")) >= 2:
+        if (out / "sweep.json").is_file() and len(_child_runs(uri, "resume")) >= 1:
             break
         time.sleep(0.2)
-    assert len(_child_runs(uri, "resume")) >= 2, "the sweep did not finish two trials in time"
+    assert len(_child_runs(uri, "resume")) >= 1, "the sweep did not finish a trial in time"
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) == 130, proc.stderr.read()[-2000:]
     finished = {r.data.tags["ray.trial_id"]: r.info.run_id for r in _child_runs(uri, "resume")}
-    assert 2 <= len(finished) < 4
+    assert 1 <= len(finished) < 3
     result_files = {p: p.stat().st_mtime_ns for p in (out / "ray" / "trials").glob("run_trial_*/result.json")}
 
     resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     runs = _child_runs(uri, "resume")
     ids = [r.data.tags["ray.trial_id"] for r in runs]
-    assert len(ids) == 4 and len(set(ids)) == 4  # every trial once, no duplicates
+    assert len(ids) == 3 and len(set(ids)) == 3  # every trial once, no duplicates
     for trial_id, run_id in finished.items():  # finished trials were not re-run or re-logged
         assert {r.info.run_id for r in runs if r.data.tags["ray.trial_id"] == trial_id} == {run_id}
     for path, mtime in result_files.items():
@@ -205,7 +266,7 @@ def test_resumed_finished_sweep_registers_and_logs_nothing_twice(small_sweep, de
     client = _client(uri)
     before = {r.info.run_id for r in _child_runs(uri, "t-sweep")}
     run_sweep(parse_args(["--name", "t-sweep", "--out", str(out), "--tracking-uri", uri, "--resume", "--no-report",
-                          "--methods", "realistic,finetune,max_loss", "--trials", "3",
+                          "--methods", "realistic,finetune,max_loss", "--trials", "2",
                           "--set", f"cache_dir={default_config.cache_dir}"]))
     assert {r.info.run_id for r in _child_runs(uri, "t-sweep")} == before
     assert len(client.search_model_versions("name='t-sweep'")) == 1
@@ -246,6 +307,11 @@ def test_purge_removes_the_sweeps_forget_images_and_keeps_the_certified_model(sm
     assert not [p for name in ("grid.png", "tsne.png") for p in (out / "report").glob(name)]
     assert not [p for name in ("outputs.png", "embeddings.npz") for p in (out / "ray").rglob(name)]
     assert client.get_model_version_by_alias("t-sweep", "unlearned").run_id  # the registered model stays
+    from analysis.report import render_report  # a report of the purged sweep renders, without any image strip
+
+    text = render_report("t-sweep", tmp_path / "after", tracking_uri=uri).read_text()
+    assert "Grid rows: none (no image logged: masked_input, ground_truth" in text and "grid.png" not in text
+    assert not (tmp_path / "after" / "grid.png").exists()
 
 
 def test_resume_with_other_methods_or_trials_exits_2(small_sweep, default_config, capsys):
@@ -254,4 +320,4 @@ def test_resume_with_other_methods_or_trials_exits_2(small_sweep, default_config
     code = main(["--name", "t-sweep", "--out", str(out), "--tracking-uri", uri, "--resume", "--no-report",
                  "--trials", "5", "--set", f"cache_dir={default_config.cache_dir}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "was started with --methods realistic,finetune,max_loss --trials 3" in err[-1]
+    assert code == 2 and "was started with --methods realistic,finetune,max_loss --trials 2" in err[-1]
