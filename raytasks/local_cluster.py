@@ -236,10 +236,12 @@ def _running_trial_nodes() -> dict[str, str]:
 
 
 def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float = 3.0,
-        tracking_outage: float | None = None, scale_down_wait: float = 150.0) -> dict[str, Any]:
+        tracking_outage: float | None = None, scale_down_wait: float = 150.0,
+        kill_after_checkpoint: bool = False) -> dict[str, Any]:
     """Head + mlflow server + the sweep against them; returns (and writes to <work>/cluster-run.json) what happened.
     `kill`: `kill_delay` seconds after a trial is first seen running on a worker node, that node's raylet is killed
-    (SIGKILL: what a reclaimed spot node looks like to Ray). `tracking_outage`: once the first trial is logged, the
+    (SIGKILL: what a reclaimed spot node looks like to Ray); with `kill_after_checkpoint` the clock starts only once
+    a multi-worker trial's Ray Train run has committed a phase checkpoint to the shared storage. `tracking_outage`: once the first trial is logged, the
     tracking server is stopped for that many seconds and started again on the same port and store."""
     import ray
 
@@ -281,7 +283,8 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
             while sweep.poll() is None:
                 if kill and not killed:
                     running = [n for n in _running_trial_nodes() if n != recorder.head]
-                    if running and seen is None:
+                    committed = any((shared / "ray").glob("*/*-train/checkpoint_manager_snapshot.json"))
+                    if running and seen is None and (committed or not kill_after_checkpoint):
                         seen = (running[0], time.monotonic())
                     if seen and time.monotonic() - seen[1] >= kill_delay and (pid := _raylet_pid(seen[0])):
                         os.kill(pid, signal.SIGKILL)
@@ -373,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     go.add_argument("--kill", action="store_true", help="kill the worker node of the first running trial (a lost node)")
     go.add_argument("--kill-delay", type=float, metavar="SECONDS", default=3.0,
                     help="with --kill: how long after the trial is first seen on its node (default 3)")
+    go.add_argument("--kill-after-checkpoint", action="store_true",
+                    help="with --kill: start the delay once a multi-worker trial committed a phase checkpoint")
     go.add_argument("--tracking-outage", type=float, metavar="SECONDS", default=None,
                     help="once the first trial is logged, stop the tracking server for SECONDS")
     go.add_argument("sweep_args", nargs="*", help="after --: arguments for raytasks/sweep.py")
@@ -387,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "down":
         down()
         return 0
-    summary = run(Path(args.work).resolve(), args.sweep_args, args.kill, args.kill_delay, args.tracking_outage)
+    summary = run(Path(args.work).resolve(), args.sweep_args, args.kill, args.kill_delay, args.tracking_outage,
+                  kill_after_checkpoint=args.kill_after_checkpoint)
     print(json.dumps(summary, indent=2))
     return 0 if summary["sweep_exit_code"] == 0 else 1
 
