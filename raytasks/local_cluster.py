@@ -241,8 +241,9 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
     """Head + mlflow server + the sweep against them; returns (and writes to <work>/cluster-run.json) what happened.
     `kill`: `kill_delay` seconds after a trial is first seen running on a worker node, that node's raylet is killed
     (SIGKILL: what a reclaimed spot node looks like to Ray); with `kill_after_checkpoint` the clock starts only once
-    a multi-worker trial's Ray Train run has committed a phase checkpoint to the shared storage. `tracking_outage`: once the first trial is logged, the
-    tracking server is stopped for that many seconds and started again on the same port and store."""
+    a multi-worker trial's Ray Train run has committed a phase checkpoint to the shared storage. `tracking_outage`:
+    once the first trial is logged, the tracking server is stopped for that many seconds and started again on the
+    same port and store."""
     import ray
 
     work.mkdir(parents=True, exist_ok=True)
