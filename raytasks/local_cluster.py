@@ -53,19 +53,21 @@ class LosableNodeProvider(FakeMultiNodeProvider):
 
         root = Path(self.provider_config.get("node_temp_root") or tempfile.gettempdir())
         root.mkdir(parents=True, exist_ok=True)
-        folder = tempfile.mkdtemp(prefix="node-", dir=root)  # short: Ray's socket paths must fit in 107 bytes
-        real = parameter.RayParams
-        parameter.RayParams = lambda **kwargs: real(**kwargs, temp_dir=folder)
-        try:
-            with self.lock:
+        # Everything under the provider's (re-entrant) lock: the autoscaler launches nodes from several threads, and
+        # the patch must neither be seen by another launch nor outlive this one.
+        with self.lock:
+            folder = tempfile.mkdtemp(prefix="n", dir=root)  # short: Ray's socket paths must fit in 107 bytes
+            real = parameter.RayParams
+            parameter.RayParams = lambda **kwargs: real(**kwargs, temp_dir=folder)
+            try:
                 before = set(self._nodes)
                 super()._create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
                 created = set(self._nodes) - before
-        finally:
-            parameter.RayParams = real
-        index = root / "nodes.json"  # node id -> its temp folder, for the run's summary
-        known = json.loads(index.read_text()) if index.is_file() else {}
-        index.write_text(json.dumps({**known, **{node: folder for node in created}}, indent=2))
+            finally:
+                parameter.RayParams = real
+            index = root / "nodes.json"  # node id -> its temp folder, for the run's summary
+            known = json.loads(index.read_text()) if index.is_file() else {}
+            index.write_text(json.dumps({**known, **{node: folder for node in created}}, indent=2))
 
     def non_terminated_nodes(self, tag_filters):
         # What a cloud reports for a reclaimed instance: a node whose raylet died is terminated (Ray's fake provider
@@ -249,7 +251,7 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
     work.mkdir(parents=True, exist_ok=True)
     shared = work / "shared"  # what a bucket mount is on the real cluster: every fake node sees it
     config_path = work / "cluster-local.yaml"
-    nodes_root = Path(tempfile.mkdtemp(prefix="unlearn-nodes-"))  # the worker nodes' own temp folders
+    nodes_root = Path(tempfile.mkdtemp(prefix="un-", dir="/tmp"))  # the worker nodes' own temp folders (short paths)
     config_path.write_text(render(node_temp_root=str(nodes_root)))
     down()
     started = time.monotonic()
@@ -284,6 +286,7 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
             while sweep.poll() is None:
                 if kill and not killed:
                     running = [n for n in _running_trial_nodes() if n != recorder.head]
+                    # any multi-worker trial's committed checkpoint: the sweeps this is for run one such trial at a time
                     committed = any((shared / "ray").glob("*/*-train/checkpoint_manager_snapshot.json"))
                     if running and seen is None and (committed or not kill_after_checkpoint):
                         seen = (running[0], time.monotonic())

@@ -110,19 +110,24 @@ def test_bad_sweep_input_exits_2_before_any_trial(ray_session, extra, needle, tm
 
 
 def _kill_a_train_worker_after_the_first_phase(storage: Path, stop, killed: list) -> None:
-    """Watches the sweep's Ray storage until Ray Train has committed the GA phase's checkpoint (its checkpoint
-    manager's snapshot is written once every rank reported it), then SIGKILLs one Ray Train worker."""
+    """Watches the sweep's Ray storage until Ray Train has committed a phase checkpoint (its checkpoint manager's
+    snapshot is written once every rank reported it), then SIGKILLs one Ray Train worker; records the committed
+    phase (`phase_done`, 1 = GA) it killed after."""
     from ray._private.state import actors
 
     deadline = time.time() + 600
     while time.time() < deadline and not stop.is_set():
-        if storage.exists() and any(storage.glob("*-train/checkpoint_manager_snapshot.json")):
+        snapshots = list(storage.glob("*-train/checkpoint_manager_snapshot.json")) if storage.exists() else []
+        if snapshots:
+            latest = json.loads(snapshots[0].read_text())["latest_checkpoint_result"]
+            phase = (latest or {}).get("metrics", {}).get("phase_done")
+            if phase is None:  # the final result (no phase checkpoint): too late to kill
+                return
             workers = [a for a in actors().values()
                        if a.get("State") == "ALIVE" and "RayTrainWorker" in a.get("ActorClassName", "")]
             if len(workers) == 2:
-                pid = int(workers[-1]["Pid"])
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+                os.kill(int(workers[-1]["Pid"]), signal.SIGKILL)
+                killed.append(phase)
                 return
         time.sleep(0.05)
 
@@ -156,11 +161,13 @@ def test_two_worker_trial_through_tune_resumes_from_its_phase_checkpoint_and_mat
     finally:
         stop.set()
         watcher.join()
-    assert killed, "no Ray Train worker was killed: the trial ended before GA's checkpoint was seen"
+    assert killed, "no Ray Train worker was killed: the trial ended before a phase checkpoint was seen"
     runs = _child_runs(uri, "two")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     double = runs[0].data.metrics
-    assert double["resumed_from_phase"] == 1.0  # restarted from the GA checkpoint, not from scratch
+    # restarted from the checkpoint committed before the kill (GA's, unless the machine was slow to notice), not
+    # from scratch
+    assert double["resumed_from_phase"] == killed[0] >= 1
 
     parent = _client(uri).get_run(driver.parent)
     assert parent.data.tags["audit_valid"] == "0" and parent.data.metrics["audit_valid"] == 0.0

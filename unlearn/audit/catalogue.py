@@ -61,7 +61,7 @@ GLOBAL = {
     "sample_ratio": "unlearn_samples / retrain_samples",
     "retrain_samples_estimated": "1 when there is no retrain reference: retrain_samples = stages.epochs x |D_r|",
     "diverged": "1 if a loss or gradient became non-finite",
-    "resumed_from_phase": "the phase checkpoint a restarted data-parallel worker group resumed from (0: ran in one go)",
+    "resumed_from_phase": "the phase checkpoint a restarted data-parallel worker group resumed from (0: started from the beginning)",
     "seeds": "unlearning seeds averaged (`--seeds K`); `<figure>_std` is the spread across them",
     "unlearn_seed": "the unlearning seed of this run (unlearn.seed; batch order and noise)",
 }
