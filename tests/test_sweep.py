@@ -109,7 +109,7 @@ def test_bad_sweep_input_exits_2_before_any_trial(ray_session, extra, needle, tm
         assert not client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=5)
 
 
-def _kill_a_train_worker_after_the_first_phase(storage: Path, stop, killed: list) -> None:
+def _kill_a_train_worker_after_a_committed_phase(storage: Path, stop, killed: list) -> None:
     """Watches the sweep's Ray storage until Ray Train has committed a phase checkpoint (its checkpoint manager's
     snapshot is written once every rank reported it), then SIGKILLs one Ray Train worker; records the committed
     phase (`phase_done`, 1 = GA) it killed after."""
@@ -118,9 +118,12 @@ def _kill_a_train_worker_after_the_first_phase(storage: Path, stop, killed: list
     deadline = time.time() + 600
     while time.time() < deadline and not stop.is_set():
         snapshots = list(storage.glob("*-train/checkpoint_manager_snapshot.json")) if storage.exists() else []
-        if snapshots:
-            latest = json.loads(snapshots[0].read_text())["latest_checkpoint_result"]
-            phase = (latest or {}).get("metrics", {}).get("phase_done")
+        try:
+            latest = json.loads(snapshots[0].read_text())["latest_checkpoint_result"] if snapshots else None
+        except ValueError:  # caught while Ray Train writes it
+            latest = None
+        if latest is not None:
+            phase = latest.get("metrics", {}).get("phase_done")
             if phase is None:  # the final result (no phase checkpoint): too late to kill
                 return
             workers = [a for a in actors().values()
@@ -149,7 +152,7 @@ def test_two_worker_trial_through_tune_resumes_from_its_phase_checkpoint_and_mat
 
     uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "out"
     stop, killed = threading.Event(), []
-    watcher = threading.Thread(target=_kill_a_train_worker_after_the_first_phase, args=(out / "ray", stop, killed))
+    watcher = threading.Thread(target=_kill_a_train_worker_after_a_committed_phase, args=(out / "ray", stop, killed))
     watcher.start()
     try:
         driver = run_sweep(parse_args([
