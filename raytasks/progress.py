@@ -67,8 +67,10 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         self.retried[trial.trial_id] = self.retried.get(trial.trial_id, 0) + 1
+        # a multi-worker trial's Ray Train run restores its last committed phase checkpoint (same name and storage)
+        start = "from its last phase checkpoint" if self.config.unlearn.workers > 1 else "from scratch"
         print(f"[sweep] {trial.config.get('method')} trial {trial.trial_id} failed ({_last_error_line(trial)}): "
-              f"rerun {self.retried[trial.trial_id]}/{self.config.sweep.trial_retries} from scratch", file=sys.stderr, flush=True)
+              f"rerun {self.retried[trial.trial_id]}/{self.config.sweep.trial_retries} {start}", file=sys.stderr, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         running = sum(1 for t in trials if t.status == "RUNNING" or t is trial)

@@ -131,6 +131,21 @@ def test_progress_line_names_method_count_verdict_and_best_so_far(config):
     assert "failed-infeasible" in trial_line([done, now], now, 8, 3, list(config.objectives), failed=True)
 
 
+@pytest.mark.parametrize(("workers", "start"), [(1, "from scratch"), (2, "from its last phase checkpoint")])
+def test_a_rerun_after_a_lost_process_is_counted_and_says_where_it_starts(config, workers, start, tmp_path, capsys):
+    from raytasks.progress import ProgressCallback
+
+    (tmp_path / "error.txt").write_text("Traceback ...\nray.exceptions.ActorDiedError: The actor died unexpectedly\n")
+    trial = SimpleNamespace(trial_id="t1", config={"method": "realistic"}, error_file=str(tmp_path / "error.txt"))
+    progress = ProgressCallback(with_overrides(config, {"unlearn.workers": workers}))
+    progress.on_trial_recover(0, [trial], trial)
+    progress.on_trial_recover(0, [trial], trial)
+    assert progress.retried == {"t1": 2}
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"[sweep] realistic trial t1 failed (ray.exceptions.ActorDiedError: The actor died unexpectedly): "
+                    f"rerun 2/{config.sweep.trial_retries} {start}")
+
+
 def test_searcher_state_pickles(config):
     search = _search(config, ["realistic"], trials=1, seeds=0)
     search.suggest("t0")
