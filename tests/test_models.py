@@ -117,7 +117,7 @@ def _attack_and_realistic(overrides: list[str], tmp_path) -> tuple[dict, dict]:
     attack = evaluate_reference(prepared, "attack")
     realistic = audit_result(prepared, unlearn(prepared, "realistic"))
     for split in ("retain", "forget"):
-        for name in PER_SPLIT:
+        for name in (n for n in PER_SPLIT if config.audit.retrain or "retrain" not in n):
             assert torch.isfinite(torch.tensor(realistic[f"{split}_{name}"])), f"{split}_{name}"
     assert realistic["ga_steps"] == config.unlearn.ga_steps
     return attack, realistic
@@ -139,20 +139,21 @@ def _assert_unlearned(attack: dict, realistic: dict) -> None:
 
 
 def test_vq_end_to_end_on_digits(tmp_path):
-    """Tiny VQ on digits (CPU, ~40 s). Measured: attack rate 1.0, strength 0.76; realistic rate 0.0, strength 0.039,
-    forget_ood_distance 0.284 against the null method's 0.247."""
+    """Tiny VQ on digits (CPU, ~50 s). Measured: attack rate 1.0, strength 0.76; realistic rate 0.0, strength 0.039,
+    forget_ood_distance 0.284 against the null method's 0.247 (the same with and without a retrain stage)."""
     attack, realistic = _attack_and_realistic(
         ["model.kind=vq", "unlearn.ood_check_every=8", "model.width=8", "model.latent_channels=8", "data.max_per_class=60", "stages.epochs=15",
-         "stages.attack_epochs=15", "stages.lr=0.003"], tmp_path)
+         "stages.attack_epochs=15", "stages.lr=0.003", "audit.retrain=false"], tmp_path)
     _assert_unlearned(attack, realistic)
 
 
 def test_diffusion_end_to_end_on_digits(tmp_path):
-    """Tiny conditional diffusion model on digits (CPU, ~1.2 min): same pipeline, same catalogue. Short stages, 35
+    """Tiny conditional diffusion model on digits (CPU, ~1 min): same pipeline, same catalogue. Short stages, 35
     images per class and few sampling steps (suite time). Measured: attack rate 1.0, strength 0.43; realistic rate
-    0.0, strength 0.0008, forget_ood_distance 0.212 against the null method's 0.182."""
+    0.0, strength 0.0008, forget_ood_distance 0.212 against the null method's 0.182 (the same with and without a
+    retrain stage)."""
     attack, realistic = _attack_and_realistic(
         ["model.kind=diffusion", "unlearn.ood_check_every=8", "model.width=16", "model.diffusion_steps=50", "model.sample_steps=10",
          "data.max_per_class=35", "stages.epochs=15", "stages.attack_epochs=15", "stages.batch_size=32",
-         "stages.lr=0.002", "unlearn.ft_steps=40"], tmp_path)
+         "stages.lr=0.002", "unlearn.ft_steps=40", "audit.retrain=false"], tmp_path)
     _assert_unlearned(attack, realistic)

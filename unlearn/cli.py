@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
+from typing import NoReturn
 
 from unlearn.config import ConfigError, load_config
 
@@ -178,5 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def exit_with(code: int) -> NoReturn:
+    """End a command-line process with `code`, without the interpreter's final garbage collections: they walk
+    every object torch and torch._dynamo allocated, 2-3 s at each exit on 2 cores (measured). Files are closed and
+    atexit handlers (Ray's shutdown, ...) still run; only cyclic garbage is left to the operating system."""
+    gc.freeze()
+    sys.exit(code)
+
+
+def console_main() -> NoReturn:
+    """The `unlearn` console script."""
+    exit_with(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

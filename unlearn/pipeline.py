@@ -36,7 +36,7 @@ from unlearn.methods import (
 )
 from unlearn.methods.loop import Phase, PhaseRecord
 from unlearn.models import I2IModel
-from unlearn.runtime import resolve_device, seed_everything
+from unlearn.runtime import import_before_timing, resolve_device, seed_everything
 from unlearn.stages import Stage, prepare_stages, strengthen_attack
 
 
@@ -248,6 +248,7 @@ def unlearn(
                      after_ga=dict(resume["after_ga"]), seconds=resume["seconds"], loss_before=resume["loss_before"])
     else:
         state["loss_before"] = _forget_loss(model, prepared)
+    import_before_timing()
     started = time.perf_counter()
 
     def phase_end(phase: Phase, record: PhaseRecord) -> None:
@@ -320,6 +321,7 @@ def audit_result(prepared: Prepared, result: UnlearnResult) -> dict[str, float]:
         metrics.update(diverged=1.0, ood_reached=0.0)
         _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared)
         return auditor.verdict(metrics)
+    import_before_timing(audit=True)
     started = time.perf_counter()
     audit = auditor.evaluate(result.model)
     audit["diverged"] = max(audit.get("diverged", 0.0), metrics.get("diverged", 0.0))

@@ -21,7 +21,7 @@ from unlearn.methods import objectives as obj
 from unlearn.methods.loop import Phase, StepContext, run_phases
 from unlearn.models import I2IModel, build_model
 from unlearn.models.pretrained import load_pretrained
-from unlearn.runtime import seed_everything
+from unlearn.runtime import import_before_timing, seed_everything
 
 STAGES = ("original", "attack", "retrain")
 
@@ -139,6 +139,7 @@ def prepare_stages(
             model.load_state_dict(out["original"].model.state_dict())
         model.to(device)
         log(f"stage {name}: training ...")
+        import_before_timing()
         start = time.perf_counter()
         samples = trainers[name](config, model, data)
         seconds = time.perf_counter() - start
@@ -191,6 +192,7 @@ def strengthen_attack(
     model.load_state_dict(attack.model.state_dict())
     model.to(device)
     log(f"stage attack: strengthening round {round_} ...")
+    import_before_timing()
     start = time.perf_counter()
     samples = attack.samples + _train_attack(config, model, data, round_)
     seconds = attack.seconds + time.perf_counter() - start
