@@ -76,3 +76,9 @@ def small_sweep(ray_session, prepared, default_config, tmp_path_factory):
         "--set", "sweep.method_space.realistic={ga_lr: [0.08, 0.1], ft_lr: [0.008, 0.0105], ft_steps: [130, 160]}",
     ])
     return run_sweep(args), uri, tmp / "out"
+
+
+def pytest_unconfigure(config) -> None:
+    import gc
+
+    gc.freeze()  # the interpreter's final collections would walk the session's whole heap (seconds) after the summary
