@@ -403,6 +403,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from unlearn.cli import exit_with
-
-    exit_with(main())
+    sys.exit(main())
