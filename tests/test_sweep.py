@@ -192,13 +192,14 @@ def test_two_worker_trial_through_tune_resumes_from_its_phase_checkpoint_and_mat
 
 
 def test_interrupted_sweep_resumes_without_rerun_or_duplicates(ray_session, prepared, default_config, tmp_path):
-    """Ctrl-C a sweep (a driver process on the session's Ray) after its first trial, then --resume: two trials,
-    each logged once, the first not run again."""
+    """Ctrl-C a sweep (a driver process on the session's Ray) after its first trial, then --resume: three trials,
+    each logged once, none finished before the Ctrl-C run again. Three, not two: in a full-suite run on a loaded
+    machine, a two-trial sweep finished before its Ctrl-C landed (the driver exited 0)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "out"
     address = ray_session.get_runtime_context().gcs_address  # no second Ray instance: the driver joins the session's
     cmd = [sys.executable, str(ROOT / "raytasks" / "sweep.py"), "--address", address,
-           "--methods", "realistic", "--trials", "2", "--name", "resume",
+           "--methods", "realistic", "--trials", "3", "--name", "resume",
            "--out", str(out), "--tracking-uri", uri, "--no-report", "--set", f"cache_dir={default_config.cache_dir}",
            "--set", "sweep.max_concurrent=1", "--set", "sweep.confirm_seeds=0",
            # the resume mechanics, not the method, are under test: short trials, yet long enough (seconds) that
@@ -215,14 +216,14 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(ray_session, prep
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) == 130, proc.stderr.read()[-2000:]
     finished = {r.data.tags["ray.trial_id"]: r.info.run_id for r in _child_runs(uri, "resume")}
-    assert len(finished) == 1  # the second trial was running
+    assert 1 <= len(finished) < 3
     result_files = {p: p.stat().st_mtime_ns for p in (out / "ray" / "trials").glob("run_trial_*/result.json")}
 
     resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     runs = _child_runs(uri, "resume")
     ids = [r.data.tags["ray.trial_id"] for r in runs]
-    assert len(ids) == 2 and len(set(ids)) == 2  # every trial once, no duplicates
+    assert len(ids) == 3 and len(set(ids)) == 3  # every trial once, no duplicates
     for trial_id, run_id in finished.items():  # finished trials were not re-run or re-logged
         assert {r.info.run_id for r in runs if r.data.tags["ray.trial_id"] == trial_id} == {run_id}
     for path, mtime in result_files.items():
