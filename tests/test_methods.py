@@ -215,6 +215,15 @@ def test_timed_unlearning_and_audit_import_nothing(prepared, default_config):
     assert "torch._dynamo" in loaded[0] and "torchmetrics" in loaded[0]
 
 
+def test_console_exit_code_is_the_commands():
+    """`python -m unlearn.cli` ends through `exit_with` (as the console script does): the command's exit code and
+    its one error line survive the fast exit."""
+    out = subprocess.run([sys.executable, "-m", "unlearn.cli", "run", "--method", "no_such_method"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().startswith("unlearn: error: unknown method 'no_such_method'")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
 def test_resume_from_phase_checkpoint_matches_uninterrupted_run(prepared):
     """What a restarted Ray Train worker group does: continue after the last finished phase."""
     import torch
