@@ -16,8 +16,8 @@ def test_report_has_every_method_and_reference(small_sweep):
         assert row in text
     # a swept method is a table row exactly when it has a feasible trial; otherwise the report names it with the
     # constraints its trials violated (or, with no finished trial at all, as such)
-    trials = pd.read_csv(out / "trials.csv")
-    table = pd.read_csv(out / "report" / "comparison.csv")
+    trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
+    table = pd.read_csv(out / "report" / "comparison.csv", dtype={"trial_id": str})
     without_line = next(line for line in text.splitlines() if line.startswith("Methods without a feasible trial")) \
         if "Methods without a feasible trial" in text else ""
     for method in ("realistic", "finetune"):
@@ -50,9 +50,9 @@ def test_report_table_numbers_equal_mlflow_metrics(small_sweep):
     from mlflow.tracking import MlflowClient
 
     _, uri, out = small_sweep
-    table = pd.read_csv(out / "report" / "comparison.csv")
+    table = pd.read_csv(out / "report" / "comparison.csv", dtype={"trial_id": str})
     client = MlflowClient(tracking_uri=uri)
-    trials = pd.read_csv(out / "trials.csv")
+    trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
     experiment = client.get_experiment_by_name("t-sweep").experiment_id
     confirmed_rows = 0
     for _, row in table.iterrows():

@@ -73,8 +73,8 @@ def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
     # the Pareto front holds exactly the non-dominated feasible trials
     import pandas as pd
 
-    trials_csv = pd.read_csv(out / "trials.csv")
-    front = pd.read_csv(out / "pareto.csv")
+    trials_csv = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
+    front = pd.read_csv(out / "pareto.csv", dtype={"trial_id": str})
     feasible = trials_csv[trials_csv["feasible"] == 1.0]
     objectives = ["forget_marker_strength", "retain_degradation"]
     for _, row in feasible.iterrows():
@@ -243,7 +243,7 @@ def test_sweep_registers_the_best_feasible_realistic_model_that_audits_to_its_fi
     versions = client.search_model_versions("name='t-sweep'")
     assert len(versions) == 1
     version = client.get_model_version_by_alias("t-sweep", "unlearned")
-    best = pd.read_csv(out / "best.csv")
+    best = pd.read_csv(out / "best.csv", dtype={"trial_id": str})
     realistic = best[best["method"] == "realistic"]
     assert len(realistic) == 1, "the small sweep's realistic range should hold a feasible trial"
     assert version.tags["trial_id"] == str(realistic["trial_id"].iloc[0])
