@@ -14,6 +14,13 @@ import pandas as pd
 DEFAULT_OBJECTIVES = ("forget_marker_strength", "retain_degradation")
 
 
+def reported(result: dict | None) -> bool:
+    """Whether a Tune result is one the trial reported (Tune fills in `training_iteration` on each report). At the
+    end of an interrupted experiment (Ctrl-C) Tune ends the trials still running, and those not yet started, with
+    their default result (pid, timestamp) or none: they are unfinished, not results, and `--resume` runs them."""
+    return bool(result) and "training_iteration" in result
+
+
 def feasible_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["feasible"] == 1.0] if "feasible" in frame else frame.iloc[0:0]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
-from raytasks.pareto import best_per_method
+from raytasks.pareto import best_per_method, reported
 from unlearn.audit.verdict import violations
 from unlearn.config import Config
 
@@ -82,7 +82,8 @@ class ProgressCallback(tune.Callback):
               file=sys.stderr, flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._print(trials, trial, failed=False)
+        if reported(trial.last_result):  # not a trial an interrupted experiment ended unfinished
+            self._print(trials, trial, failed=False)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._print(trials, trial, failed=True)

@@ -14,7 +14,7 @@ import pandas as pd
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from raytasks.pareto import best_per_method
+from raytasks.pareto import best_per_method, reported
 from unlearn.config import Config
 from unlearn.methods import METHODS
 
@@ -111,8 +111,8 @@ class SweepSearch(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         point = self.points.get(trial_id)
-        if point is None or trial_id not in self.open:
-            return
+        if point is None or trial_id not in self.open or not (error or reported(result)):
+            return  # an unfinished trial that an interrupted experiment ended stays open: --resume runs it
         self.open.discard(trial_id)
         if CONFIRMS_KEY in point:
             return

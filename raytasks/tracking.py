@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from raytasks.pareto import reported
 from unlearn.config import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -233,6 +234,8 @@ class TrialLoggingCallback(tune.Callback):
         self.pending: dict[str, tuple] = {}  # trial id -> the arguments of its logger.log call
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        if not reported(trial.last_result):  # ended unfinished by an interrupted experiment: --resume runs it
+            return
         ckpt = trial.checkpoint
         self._log(trial.trial_id, trial.config, trial.last_result or {}, ckpt.path if ckpt else None)
 

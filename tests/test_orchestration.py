@@ -26,7 +26,7 @@ def _search(config, methods, trials, seeds):
 
 def _result(feasible: float, strength: float, degradation: float) -> dict:
     return {"feasible": feasible, "forget_marker_strength": strength, "retain_degradation": degradation,
-            "constraint": -0.1 if feasible else 0.5, "failed": 0.0}
+            "constraint": -0.1 if feasible else 0.5, "failed": 0.0, "training_iteration": 1}  # as Tune fills it in
 
 
 def test_one_stream_interleaves_methods_then_confirms_each_best_and_finishes(config):
@@ -59,6 +59,36 @@ def test_one_stream_interleaves_methods_then_confirms_each_best_and_finishes(con
     study = restored.searchers["realistic"]._ot_study
     assert len(study.trials) == 2 and all("constraints:feasibility" in t.system_attrs for t in study.trials)
     assert len(restored.searchers["finetune"]._ot_study.trials) == 2
+
+
+def test_trials_an_interrupted_experiment_ends_unfinished_stay_open_for_resume(config, tmp_path, capsys):
+    """Ctrl-C: Tune ends the trials still running with their default result (no `training_iteration`) and the ones
+    not started with none, through the same on_trial_complete hooks. Neither is a result: the searcher keeps them
+    open (--resume runs them), Optuna is not told, nothing is logged or printed."""
+    from raytasks.progress import ProgressCallback
+    from raytasks.tracking import TrialLoggingCallback
+
+    search = _search(config, ["realistic"], trials=2, seeds=0)
+    search.suggest("t0"), search.suggest("t1")
+    default_result = {"trial_id": "t0", "pid": 6637, "timestamp": 1795850106, "date": "2026-11-28_07-15-06"}
+    search.on_trial_complete("t0", default_result)
+    search.on_trial_complete("t1", None)
+    assert search.open == {"t0", "t1"} and search.rows["realistic"] == []
+    assert search.suggest("x") is None  # not finished: both still count as running
+    assert [t.state.name for t in search.searchers["realistic"]._ot_study.trials] == ["RUNNING", "RUNNING"]
+    search.on_trial_complete("t0", _result(1.0, 0.05, 0.1))  # the resumed run reports
+    assert search.open == {"t1"} and len(search.rows["realistic"]) == 1
+
+    logged: list[str] = []
+    logger = SimpleNamespace(uri="sqlite:///unused", log=lambda trial_id, *args: logged.append(trial_id))
+    stopped = SimpleNamespace(trial_id="t0", status="RUNNING", config={"method": "realistic"}, checkpoint=None,
+                              last_result=default_result)
+    TrialLoggingCallback(logger).on_trial_complete(0, [stopped], stopped)
+    ProgressCallback(config).on_trial_complete(0, [stopped], stopped)
+    assert logged == [] and capsys.readouterr().err == ""
+    stopped.last_result = _result(1.0, 0.05, 0.1)
+    TrialLoggingCallback(logger).on_trial_complete(0, [stopped], stopped)
+    assert logged == ["t0"]
 
 
 def test_a_failed_search_trial_counts_and_is_never_confirmed(config):

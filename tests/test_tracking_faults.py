@@ -49,7 +49,8 @@ def store(empty_store, tmp_path, monkeypatch):
 
 def _trial(trial_id: str) -> SimpleNamespace:
     return SimpleNamespace(trial_id=trial_id, config={"method": "realistic", "ga_lr": 0.05}, checkpoint=None,
-                           last_result={"feasible": 1.0, "forget_marker_strength": 0.1}, error_file=None)
+                           last_result={"feasible": 1.0, "forget_marker_strength": 0.1, "training_iteration": 1},
+                           error_file=None)
 
 
 def _runs(store) -> list[str]:
