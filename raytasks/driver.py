@@ -18,7 +18,7 @@ from ray import tune
 
 from raytasks import tracking
 from raytasks.outcome import WEIGHTS_FOLDER
-from raytasks.pareto import best_per_method, confirmed, mean_pm_std, pareto_front
+from raytasks.pareto import best_per_method, confirmed, mean_pm_std, pareto_front, reported
 from raytasks.preparation import Preparation, prepare_on_worker
 from raytasks.progress import ProgressCallback
 from raytasks.resources import TrialPlan
@@ -81,7 +81,7 @@ class SweepDriver:
         self.methods, self.trials, self.workers, self.use_gpu = methods, trials, workers, use_gpu
         self.plan = plan  # one trial's resources and the concurrency (raytasks.resources)
         self.replan = replan  # (peak GPU bytes of one trial, free GPU bytes) -> plan, when the share is measured
-        self.searchers: dict[str, Any] = {}  # method -> its Optuna searcher (a fresh sweep; tests inspect the studies)
+        self.searchers: dict[str, Any] = {}  # method -> its Optuna searcher, after the run (tests inspect the studies)
         self.progress: ProgressCallback | None = None
         self.storage = storage  # a local folder, or shared storage (a mount, s3://...) on a cluster
         self.report_path: Path | None = None
@@ -169,7 +169,13 @@ class SweepDriver:
         stderr_log(f"sweep {self.name}: {', '.join(self.methods)}: {self.trials} trials each "
                    f"(+ {self.config.sweep.confirm_seeds} confirmation seed(s) of each best), {self.concurrency} at a time, "
                    f"each with {self.plan.resources}")
-        rows, confirmations, checkpoints = self._collect(self._tuner(resume).fit())
+        grid = self._tuner(resume).fit()
+        if resume and "://" not in self.storage:  # the studies as the restored experiment left them
+            restored = SweepSearch({m: make_searcher(self.config, m, self.trials) for m in self.methods}, self.trials,
+                                   self.config.sweep.confirm_seeds, list(self.config.objectives))
+            restored.restore_from_dir(f"{self.storage}/{EXPERIMENT}")  # Tune's searcher checkpoint, latest
+            self.searchers = restored.searchers
+        rows, confirmations, checkpoints = self._collect(grid)
         if self.progress is not None and self.progress.retried:  # trials rerun after their process or node died
             state_path.write_text(json.dumps({**state, "retried_trials": self.progress.retried}, indent=2))
         return self._summarise(rows, refs, checkpoints, prep, confirmations)
@@ -202,8 +208,8 @@ class SweepDriver:
         unfinished = 0
         for result in grid:
             metrics, config = dict(result.metrics or {}), dict(result.config or {})
-            if not metrics and result.error is None:
-                unfinished += 1  # interrupted before it reported: --resume runs it
+            if not reported(metrics) and result.error is None:
+                unfinished += 1  # interrupted before it reported (Tune's default result at most): --resume runs it
                 continue
             trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
             folder = result.path if result.error is not None else (result.checkpoint.path if result.checkpoint else None)
