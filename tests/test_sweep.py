@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,9 +22,9 @@ def _client(uri):
 
 
 def _child_runs(uri, experiment_name):
-    client = _client(uri)
-    exp = client.get_experiment_by_name(experiment_name)
-    return client.search_runs([exp.experiment_id], filter_string="tags.`ray.trial_id` != ''", max_results=1000)
+    from conftest import child_runs
+
+    return child_runs(uri, experiment_name)
 
 
 def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
@@ -191,44 +189,27 @@ def test_two_worker_trial_through_tune_resumes_from_its_phase_checkpoint_and_mat
     assert double["unlearn_samples"] == single["unlearn_samples"]
 
 
-def test_interrupted_sweep_resumes_without_rerun_or_duplicates(ray_session, prepared, default_config, tmp_path):
-    """Ctrl-C a sweep (a driver process on the session's Ray) after its first trial, then --resume: three trials,
-    each logged once, none finished before the Ctrl-C run again. Three, not two: in a full-suite run on a loaded
-    machine, a two-trial sweep finished before its Ctrl-C landed (the driver exited 0)."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = tmp_path / "out"
-    address = ray_session.get_runtime_context().gcs_address  # no second Ray instance: the driver joins the session's
-    cmd = [sys.executable, str(ROOT / "raytasks" / "sweep.py"), "--address", address,
-           "--methods", "realistic", "--trials", "3", "--name", "resume",
-           "--out", str(out), "--tracking-uri", uri, "--no-report", "--set", f"cache_dir={default_config.cache_dir}",
-           "--set", "sweep.max_concurrent=1", "--set", "sweep.confirm_seeds=0",
-           # the resume mechanics, not the method, are under test: short trials, yet long enough (seconds) that
-           # the Ctrl-C sent within 0.2 s of the first trial's run lands while the second runs
-           "--set", "sweep.space.ga_steps=[2,4]", "--set", "sweep.space.ft_steps=[60,80]"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 600  # preparation and a trial; generous for a loaded machine
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "sweep.json").is_file() and len(_child_runs(uri, "resume")) >= 1:
-            break
-        time.sleep(0.2)
-    assert len(_child_runs(uri, "resume")) >= 1, "the sweep did not finish a trial in time"
-    os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=120) == 130, proc.stderr.read()[-2000:]
-    finished = {r.data.tags["ray.trial_id"]: r.info.run_id for r in _child_runs(uri, "resume")}
-    assert 1 <= len(finished) < 3
-    result_files = {p: p.stat().st_mtime_ns for p in (out / "ray" / "trials").glob("run_trial_*/result.json")}
-
-    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    runs = _child_runs(uri, "resume")
-    ids = [r.data.tags["ray.trial_id"] for r in runs]
-    assert len(ids) == 3 and len(set(ids)) == 3  # every trial once, no duplicates
-    for trial_id, run_id in finished.items():  # finished trials were not re-run or re-logged
+def test_interrupted_sweep_resumes_without_rerun_or_duplicates(small_sweep_interruption, small_sweep):
+    """The small sweep was Ctrl-C'd (a driver process on the session's Ray) after its first trial, then resumed:
+    it stopped with exit 130 while trials were left, and the resume ran every trial once (no duplicate run), never
+    re-ran or re-logged one that had finished, and logged the reference models once."""
+    first = small_sweep_interruption
+    driver, uri, out = small_sweep
+    assert first["exit_code"] == 130, first["stderr"][-2000:]
+    assert 1 <= len(first["finished"]) < 6, "the Ctrl-C should land after the first trial and before the last"
+    runs = _child_runs(uri, "t-sweep")
+    searched = [r for r in runs if "confirm" not in r.data.tags]
+    ids = [r.data.tags["ray.trial_id"] for r in searched]
+    assert len(ids) == 6 and len(set(ids)) == 6  # every trial once, no duplicates
+    for trial_id, run_id in first["finished"].items():  # finished trials were not re-run or re-logged
         assert {r.info.run_id for r in runs if r.data.tags["ray.trial_id"] == trial_id} == {run_id}
-    for path, mtime in result_files.items():
+    for path, mtime in first["result_files"].items():
         if path.stat().st_size and '"done": true' in path.read_text():
             assert path.stat().st_mtime_ns == mtime
+    client = _client(uri)
+    exp = client.get_experiment_by_name("t-sweep")
+    references = client.search_runs([exp.experiment_id], filter_string="tags.reference != ''", max_results=100)
+    assert sorted(r.data.tags["reference"] for r in references) == ["attack", "original", "retrain"]
 
 
 def test_sweep_registers_the_best_feasible_realistic_model_that_audits_to_its_figures(small_sweep, capsys, tmp_path):
