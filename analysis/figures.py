@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from raytasks.pareto import pareto_front  # noqa: E402
 
@@ -44,25 +45,38 @@ def pareto_plot(trials: pd.DataFrame, objectives: list[str], path: Path, confirm
     return path
 
 
-def distance_plot(curves: dict[str, dict[str, list[tuple[int, float]]]], ood_delta: float, path: Path) -> Path:
-    """Per method: Eq. 3 distance to theta0 and GA loss against GA step, with the OOD threshold."""
+INFEASIBLE_GREY = "0.6"  # the GA curves of methods without a feasible trial: context, not a result
+
+
+def distance_plot(curves: dict[str, dict[str, list[tuple[int, float]]]], ood_delta: float, path: Path,
+                  infeasible: dict[str, list[dict[str, list[tuple[int, float]]]]] | None = None) -> Path:
+    """Per method: Eq. 3 distance to theta0 and GA loss against GA step, with the OOD threshold. `curves` are the
+    best trials'; `infeasible` holds, for each method without a feasible trial, all its trials' curves, drawn in
+    grey, so that a sweep in which GA never reached the threshold shows why instead of empty panels."""
     fig, (ax_d, ax_p, ax_l) = plt.subplots(1, 3, figsize=(14, 4))
+
+    def draw(series: dict[str, list[tuple[int, float]]], label: str | None, **style) -> None:
+        for ax, name, sign in ((ax_d, "ga_ood_distance", 1), (ax_p, "ga_param_distance", 1), (ax_l, "ga_loss", -1)):
+            if series.get(name):  # the objective is -L: the loss panel plots L(theta; D_f)
+                steps, values = zip(*series[name], strict=True)
+                ax.plot(steps, [sign * v for v in values], label=label, **style)
+
     for label, series in curves.items():
-        if series.get("ga_ood_distance"):
-            steps, values = zip(*series["ga_ood_distance"], strict=True)
-            ax_d.plot(steps, values, marker="o", ms=3, label=label)
-        if series.get("ga_param_distance"):
-            steps, values = zip(*series["ga_param_distance"], strict=True)
-            ax_p.plot(steps, values, label=label)
-        if series.get("ga_loss"):
-            steps, values = zip(*series["ga_loss"], strict=True)
-            ax_l.plot(steps, [-v for v in values], label=label)  # the objective is -L; plot L(theta; D_f)
+        draw(series, label)
+    for method, trials in (infeasible or {}).items():
+        for i, series in enumerate(trials):
+            draw(series, f"{method}: {len(trials)} trial(s), none feasible" if i == 0 else None,
+                 color=INFEASIBLE_GREY, lw=1)
     ax_d.axhline(ood_delta, color="red", ls="--", lw=1, label=f"OOD threshold delta={ood_delta:g}")
     ax_d.set(xlabel="GA step", ylabel="d(f_theta, f_theta0) on D_f", title="Output distance to theta0 (Eq. 3)")
     ax_p.set(xlabel="GA step", ylabel="||theta - theta0||", title="Parameter distance to theta0")
     ax_l.set(xlabel="GA step", ylabel="L(theta; D_f) (batch)", title="Forget loss during ascent")
     for ax in (ax_d, ax_p, ax_l):
-        ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:  # no method ran gradient ascent (or none finished): say so instead of an empty frame
+            ax.text(0.5, 0.5, "no GA curve", transform=ax.transAxes, ha="center", va="center", color="0.4")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -91,8 +91,10 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
     attack = refs.loc["attack"] if "attack" in refs.index else pd.Series(dtype=object)
     ood_delta = float(attack.get("metrics.ood_delta", math.nan))
     curves = {row["method"]: _curves(runs, row["run_id"]) for _, row in best.iterrows()}
-    distance_plot({m: c for m, c in curves.items() if c.get("ga_ood_distance") or c.get("ga_param_distance")} or curves,
-                  ood_delta, out / "distance.png")
+    frame = runs.metric_frame()
+    without_feasible = {method: [_curves(runs, run_id) for run_id in frame.loc[frame["method"] == method, "run_id"]]
+                        for method in runs.infeasible_methods()}
+    distance_plot(curves, ood_delta, out / "distance.png", without_feasible)
 
     rows = [(label, runs.image(runs.parent_id, f"grid/{label}.png")) for label in ("masked_input", "ground_truth")]
     rows += [(name, runs.image(refs.loc[name, "run_id"], "outputs.png")) for name in REFERENCE_ORDER if name in refs.index]
@@ -170,7 +172,9 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
         "## Outputs", "", *(["![image grid](grid.png)", ""] if grid_rows else []),
         f"Grid rows: {', '.join(grid_rows) or 'none'}" + (f" (no image logged: {', '.join(grid_missing)})" if grid_missing else "") + ".", "",
         "## Trade-off", "", "![Pareto front](pareto.png)", "",
-        "## Decoupling: distance to theta0 and loss against GA step", "", "![distance](distance.png)", "",
+        "## Decoupling: distance to theta0 and loss against GA step", "",
+        "Each method's best feasible trial; in grey, every trial of a method without a feasible one (the OOD verdict "
+        "judges the final model, after fine-tuning, not the end of GA).", "", "![distance](distance.png)", "",
     ]
     if "tsne.png" in figures:
         lines += ["## Embeddings", "", "![t-SNE](tsne.png)", ""]

@@ -8,7 +8,9 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from raytasks.sweep import main
 
@@ -175,6 +177,16 @@ def test_two_worker_trial_through_tune_resumes_from_its_phase_checkpoint_and_mat
     assert "audit not valid" in parent.data.tags["audit_notes"]
     text = driver.report_path.read_text()
     assert "**marker audit: NOT VALID: this audit cannot decide" in text and "audit not valid" in text
+    # realistic had no feasible trial: the distance plot shows its GA curves in grey instead of empty panels (a
+    # grey line crosses most pixel columns of each panel: measured 283/281/310 of 513; empty panels 85/47/53,
+    # from anti-aliased text)
+    from analysis.figures import INFEASIBLE_GREY
+
+    grey = tuple([round(255 * float(INFEASIBLE_GREY))] * 3)
+    with Image.open(driver.report_path.parent / "distance.png") as img:
+        pixels = np.abs(np.asarray(img.convert("RGB"), dtype=int) - np.array(grey)).max(axis=2) <= 2
+    for panel in np.array_split(pixels, 3, axis=1):
+        assert panel.any(axis=0).sum() >= 200
 
     params = {k: float(v) for k, v in runs[0].data.params.items() if k in ("ga_steps", "ga_lr", "ft_steps", "ft_lr")}
     config = with_overrides(default_config, {"stages.attack_epochs": 2,
