@@ -97,16 +97,19 @@ def small_sweep_interruption(ray_session, prepared, default_config, tmp_path_fac
     args = [*SMALL_SWEEP_ARGS, "--out", str(out), "--tracking-uri", uri, "--set", f"cache_dir={default_config.cache_dir}"]
     address = ray_session.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "raytasks" / "sweep.py"), "--address", address, *args],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 600  # preparation (cached) and a trial; generous for a loaded machine
-    while time.time() < deadline and proc.poll() is None and not child_runs(uri, "t-sweep"):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal's Ctrl-C
-    code = proc.wait(timeout=120)
+    stderr = tmp / "driver.stderr"  # a file, not a pipe: an unread pipe that fills up would block the driver
+    with stderr.open("w") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "raytasks" / "sweep.py"), "--address", address, *args],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.time() + 600  # preparation (cached) and a trial; generous for a loaded machine
+        while time.time() < deadline and proc.poll() is None and not child_runs(uri, "t-sweep"):
+            time.sleep(0.2)
+        if proc.poll() is None:  # still running (a driver that already exited is reported by its exit code)
+            os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal's Ctrl-C
+        code = proc.wait(timeout=120)
     finished = {r.data.tags["ray.trial_id"]: r.info.run_id for r in child_runs(uri, "t-sweep")}
     result_files = {p: p.stat().st_mtime_ns for p in (out / "ray").glob("*/run_trial_*/result.json")}
-    return {"args": args, "uri": uri, "out": out, "exit_code": code, "stderr": proc.stderr.read(),
+    return {"args": args, "uri": uri, "out": out, "exit_code": code, "stderr": stderr.read_text(),
             "finished": finished, "result_files": result_files}
 
 
