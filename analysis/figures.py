@@ -55,14 +55,14 @@ def distance_plot(curves: dict[str, dict[str, list[tuple[int, float]]]], ood_del
     grey, so that a sweep in which GA never reached the threshold shows why instead of empty panels."""
     fig, (ax_d, ax_p, ax_l) = plt.subplots(1, 3, figsize=(14, 4))
 
-    def draw(series: dict[str, list[tuple[int, float]]], label: str | None, **style) -> None:
+    def draw(series: dict[str, list[tuple[int, float]]], label: str | None, eq3_points: dict | None = None, **style) -> None:
         for ax, name, sign in ((ax_d, "ga_ood_distance", 1), (ax_p, "ga_param_distance", 1), (ax_l, "ga_loss", -1)):
             if series.get(name):  # the objective is -L: the loss panel plots L(theta; D_f)
                 steps, values = zip(*series[name], strict=True)
-                ax.plot(steps, [sign * v for v in values], label=label, **style)
+                ax.plot(steps, [sign * v for v in values], label=label, **style, **((eq3_points or {}) if ax is ax_d else {}))
 
     for label, series in curves.items():
-        draw(series, label)
+        draw(series, label, eq3_points={"marker": "o", "ms": 3})  # Eq. 3 is measured every ood_check_every steps
     for method, trials in (infeasible or {}).items():
         for i, series in enumerate(trials):
             draw(series, f"{method}: {len(trials)} trial(s), none feasible" if i == 0 else None,

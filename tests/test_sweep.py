@@ -10,23 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import child_runs as _child_runs
 from PIL import Image
 
 from raytasks.sweep import main
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _client(uri):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
-
-
-def _child_runs(uri, experiment_name):
-    from conftest import child_runs
-
-    return child_runs(uri, experiment_name)
 
 
 def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
