@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -65,8 +66,8 @@ def _count(value: object) -> str:
 
 
 def _curves(runs: SweepRuns, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    local = runs.artifact(run_id, "curves.json")
-    return {} if local is None else {k: [tuple(p) for p in v] for k, v in json.loads(local.read_text()).items()}
+    content = runs.artifact_bytes(run_id, "curves.json")
+    return {} if content is None else {k: [tuple(p) for p in v] for k, v in json.loads(content).items()}
 
 
 def render_report(experiment: str, out: str | Path | None = None, tracking_uri: str | None = None) -> Path:
@@ -110,9 +111,9 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
     sources = [(f"{row['method']} (unlearned)", row["run_id"]) for _, row in best.iterrows() if row["method"] == "realistic"]
     sources += [(name, refs.loc[name, "run_id"]) for name in ("retrain", "attack") if name in refs.index]
     for label, run_id in sources:
-        local = runs.artifact(run_id, "embeddings.npz")
-        if local is not None:
-            with np.load(local) as npz:
+        content = runs.artifact_bytes(run_id, "embeddings.npz")
+        if content is not None:
+            with np.load(io.BytesIO(content)) as npz:
                 embeddings[label] = {k: npz[k] for k in npz.files}
     figures = ["grid.png"] * bool(grid_rows) + ["pareto.png", "distance.png"]
     if embeddings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -38,21 +39,22 @@ class SweepRuns:
     def param(self, name: str, default: str = "?") -> str:
         return str(self.parent.get(f"params.{name}", default))
 
-    def artifact(self, run_id: str, path: str) -> Path | None:
-        """Download one artifact: None if the run has none at that path; a failing download raises (a report that
-        silently drops a row would look complete)."""
+    def artifact_bytes(self, run_id: str, path: str) -> bytes | None:
+        """One artifact's content: None if the run has none at that path; a failing download raises (a report that
+        silently drops a row would look complete). Downloaded into a temporary folder that is removed again."""
         parent = str(Path(path).parent) if Path(path).parent != Path(".") else None
         if path not in {a.path for a in self.client.list_artifacts(run_id, parent)}:
             return None
-        folder = tempfile.mkdtemp(prefix="artifact-")
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=folder,
-                                                        tracking_uri=self.client.tracking_uri))
+        with tempfile.TemporaryDirectory(prefix="artifact-") as folder:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=folder,
+                                                        tracking_uri=self.client.tracking_uri)
+            return Path(local).read_bytes()
 
     def image(self, run_id: str, path: str) -> np.ndarray | None:
         from PIL import Image
 
-        local = self.artifact(run_id, path)
-        return None if local is None else np.asarray(Image.open(local).convert("RGB"))
+        content = self.artifact_bytes(run_id, path)
+        return None if content is None else np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
 
     def config(self) -> Config:
         """The sweep's resolved config, as logged on the parent run."""
@@ -60,10 +62,10 @@ class SweepRuns:
 
         if self._config is not None:
             return self._config
-        local = self.artifact(self.parent_id, "config.json")
-        if local is None:
+        content = self.artifact_bytes(self.parent_id, "config.json")
+        if content is None:
             raise ConfigError(f"sweep {self.experiment!r}: the parent run has no config.json")
-        self._config = validate_config(json.loads(local.read_text()))
+        self._config = validate_config(json.loads(content))
         return self._config
 
     def metric_frame(self) -> pd.DataFrame:

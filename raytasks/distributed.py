@@ -100,10 +100,12 @@ def run_data_parallel(
     workers: int,
     storage_path: str,
     name: str,
+    folder: Path,
     use_gpu: bool = False,
     max_failures: int = 2,
-) -> tuple[dict[str, Any], Path]:
-    """Run one unlearning method on `workers` Ray Train workers; return (metrics, artifact folder)."""
+) -> dict[str, Any]:
+    """Run one unlearning method on `workers` Ray Train workers; return its metrics, its artifacts copied into
+    `folder`."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -115,7 +117,6 @@ def run_data_parallel(
         run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()
-    folder = Path(tempfile.mkdtemp(prefix="trial-"))
     if result.checkpoint is not None:
         result.checkpoint.to_directory(str(folder))
-    return dict(result.metrics), folder
+    return dict(result.metrics)

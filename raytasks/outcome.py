@@ -44,9 +44,9 @@ def _outputs_finite(prepared: Prepared, result: UnlearnResult) -> bool:
     return bool(torch.isfinite(outputs).all())
 
 
-def failed_trial(prepared: Prepared, reason: str) -> tuple[dict, Path]:
+def failed_trial(prepared: Prepared, reason: str, folder: Path | None = None) -> tuple[dict, Path]:
     """A trial that could not run to its audit (e.g. out of GPU memory): failed-infeasible, the reason in error.txt."""
-    folder = Path(tempfile.mkdtemp(prefix="trial-"))
+    folder = Path(folder or tempfile.mkdtemp(prefix="trial-"))
     (folder / "error.txt").write_text(reason.rstrip() + "\n")
     return sanitise({}, prepared.config.objectives), folder
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,25 +28,28 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
     torch.set_num_threads(spec["threads"])
     method = params[METHOD_KEY]
     config = trial_config(spec, {k: v for k, v in params.items() if k not in (METHOD_KEY, CONFIRMS_KEY)})
-    if spec["workers"] > 1:
-        from raytasks.distributed import run_data_parallel
+    # the trial's artifacts: tune.report copies them into the run's storage before it returns, so the folder goes
+    with tempfile.TemporaryDirectory(prefix="trial-") as scratch:
+        folder = Path(scratch)
+        if spec["workers"] > 1:
+            from raytasks.distributed import run_data_parallel
 
-        context = tune.get_context()
-        metrics, folder = run_data_parallel(
-            config, method, spec["workers"], spec["storage_path"], f"{context.get_trial_name()}-train",
-            use_gpu=spec["use_gpu"],
-        )
-    else:
-        from unlearn.pipeline import prepare_warm, unlearn
+            context = tune.get_context()
+            metrics = run_data_parallel(
+                config, method, spec["workers"], spec["storage_path"], f"{context.get_trial_name()}-train", folder,
+                use_gpu=spec["use_gpu"],
+            )
+        else:
+            from unlearn.pipeline import prepare_warm, unlearn
 
-        prepared = prepare_warm(config)  # from this process's memo or the cache: nothing is trained here
-        try:
-            metrics, folder = finish_trial(prepared, unlearn(prepared, method), method)
-        except torch.cuda.OutOfMemoryError as exc:  # trials share the GPU: this one did not fit beside the others
-            torch.cuda.empty_cache()
-            metrics, folder = failed_trial(prepared, f"out of GPU memory while sharing the GPU: {exc}")
-    import ray
+            prepared = prepare_warm(config)  # from this process's memo or the cache: nothing is trained here
+            try:
+                metrics, _ = finish_trial(prepared, unlearn(prepared, method), method, folder)
+            except torch.cuda.OutOfMemoryError as exc:  # trials share the GPU: this one did not fit beside the others
+                torch.cuda.empty_cache()
+                metrics, _ = failed_trial(prepared, f"out of GPU memory while sharing the GPU: {exc}", folder)
+        import ray
 
-    # where it ran (MLflow tag `node_id`): on a cluster, which node each trial used
-    tune.report({**metrics, "node_id": ray.get_runtime_context().get_node_id()},
-                checkpoint=Checkpoint.from_directory(str(folder)))
+        # where it ran (MLflow tag `node_id`): on a cluster, which node each trial used
+        tune.report({**metrics, "node_id": ray.get_runtime_context().get_node_id()},
+                    checkpoint=Checkpoint.from_directory(str(folder)))

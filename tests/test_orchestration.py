@@ -203,6 +203,37 @@ def test_an_audit_bug_surfaces_and_only_a_diverged_model_is_failed_infeasible(pr
     assert "a bug in a metric" in (folder / "error.txt").read_text()
 
 
+def test_a_trial_reports_its_artifacts_and_leaves_no_folder_behind(prepared, monkeypatch):
+    """run_trial hands its artifacts to tune.report (which copies them into the run's storage) and removes its
+    folder: a sweep's trials used to leave ~0.6 MB each in /tmp for good."""
+    import dataclasses
+    from pathlib import Path
+
+    import ray
+    import torch
+    from ray import tune
+
+    import unlearn.pipeline
+    from raytasks.search import METHOD_KEY
+    from raytasks.trial import run_trial
+
+    reported = {}
+
+    def report(metrics, checkpoint):
+        folder = Path(checkpoint.path)
+        reported.update(metrics=metrics, folder=folder, files={p.name for p in folder.iterdir()})
+
+    monkeypatch.setattr(tune, "report", report)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node-1"))
+    monkeypatch.setattr(unlearn.pipeline, "prepare_warm", lambda config: dataclasses.replace(prepared, config=config))
+    spec = {"config": prepared.config.model_dump(mode="json", by_alias=True), "threads": torch.get_num_threads(),
+            "workers": 1}
+    run_trial({METHOD_KEY: "finetune", "ft_steps": 2}, spec)
+    assert {"outputs.png", "curves.json"} <= reported["files"]
+    assert reported["metrics"]["node_id"] == "node-1" and "feasible" in reported["metrics"]
+    assert not reported["folder"].exists()
+
+
 def test_best_per_method_is_the_feasible_trial_with_the_smallest_rounded_first_objective():
     """The one definition of "best": only feasible trials, the first objective rounded to 0.01 (noise does not
     decide), ties broken by the next objective; a method without a feasible trial has no best."""

@@ -98,19 +98,25 @@ def test_report_for_missing_experiment_or_no_finished_trial(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_distance_plot_has_the_curves_of_the_best_trials(small_sweep):
-    """The distance-vs-step figure reads each best trial's curves.json back from MLflow: it must be there."""
+def test_distance_plot_has_the_curves_of_the_best_trials(small_sweep, tmp_path, monkeypatch):
+    """The distance-vs-step figure reads each best trial's curves.json back from MLflow: it must be there. Reading
+    artifacts back leaves nothing in the temporary folder (it used to keep one folder per artifact, for good)."""
+    import tempfile
+
     from analysis.report import _curves
     from analysis.runs import load_sweep
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     _, uri, _ = small_sweep
     runs = load_sweep("t-sweep", uri)
+    assert runs.config().name == "digits-ae" and runs.image(runs.parent_id, "no-such.png") is None
     best = runs.best_trials()
     realistic = best[best["method"] == "realistic"]
     assert len(realistic) == 1
     curves = _curves(runs, realistic["run_id"].iloc[0])
     assert len(curves["ga_param_distance"]) == int(float(realistic["params.ga_steps"].iloc[0]))
     assert curves["finetune_loss"]
+    assert not list(tmp_path.iterdir())
 
 
 def _pixels_near(img, rgb: tuple[int, int, int], box: tuple[int, int, int, int], tolerance: int = 40) -> int:
