@@ -1,5 +1,5 @@
-"""Benchmarks, measured side by side in one run: unlearning vs retraining, orchestration and sweep overhead,
-evaluation throughput. Prints small tables and writes DIR/bench.json.
+"""Benchmarks, measured side by side in one run: unlearning vs retraining, orchestration and sweep overhead, CPU
+threads vs processes, evaluation throughput. Prints small tables and writes DIR/bench.json.
 
     python analysis/bench.py --out bench-out                 # CPU, default preset (a few minutes)
     python analysis/bench.py --out bench-out --device cuda   # the same on a GPU machine
@@ -105,6 +105,30 @@ def orchestration(config: Config, steps: int, storage: str) -> dict[str, Any]:
         table[name] = {"startup_seconds": r["first_step"] - r["launched"],
                        "steady_steps_per_second": r["steady_steps_per_second"]}
     return {**table, **skipped}
+
+
+def _loop_with_threads(config_dict: dict, steps: int, threads: int) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    return timed_loop(config_dict, steps)
+
+
+def cpu_threads(config: Config, steps: int) -> dict[str, Any]:
+    """The fine-tuning loop on this machine's cores, two ways: one process with a torch thread per core, and one
+    1-thread process per core at once (what 1-CPU sweep trials and the test suite's workers do). Summed steady
+    steps per second; the ratio says which way uses the cores better."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cores = os.cpu_count() or 1
+    cfg = config.model_dump(mode="json", by_alias=True)
+    spawn = multiprocessing.get_context("spawn")  # fresh processes: no thread pool inherited from this one
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        alone = pool.submit(_loop_with_threads, cfg, steps, cores).result()["steady_steps_per_second"]
+    with ProcessPoolExecutor(cores, mp_context=spawn) as pool:
+        each = [f.result()["steady_steps_per_second"]
+                for f in [pool.submit(_loop_with_threads, cfg, steps, 1) for _ in range(cores)]]
+    return {"cores": cores, "one_process_steps_per_second": alone, "one_thread_processes_steps_per_second": sum(each),
+            "processes_over_threads": sum(each) / alone}
 
 
 def unlearning_vs_retraining(config: Config, prepared, best: dict[str, Any]) -> dict[str, Any]:
@@ -273,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-trials", type=int, default=None, help="its trials per method (default: sweep.trials)")
     p.add_argument("--experiment", default=None, help="take realistic's best feasible configuration from this sweep")
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--only", default="cost,orchestration,sweep,cli,eval", help="comma-separated subset to run")
+    p.add_argument("--only", default="cost,orchestration,threads,sweep,cli,eval", help="comma-separated subset to run")
     args = p.parse_args(argv)
+    if args.steps < WARMUP_STEPS + 2:  # the steady rate is measured after the warm-up steps
+        print(f"bench: error: --steps must be at least {WARMUP_STEPS + 2} ({WARMUP_STEPS} warm-up steps)", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config, [*args.set, f"device={args.device}"])
     except ConfigError as exc:
@@ -309,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         _print_table(f"Orchestration overhead ({args.steps} fine-tuning steps, steady state after {WARMUP_STEPS})", table)
         results["orchestration"] = table
         results["train_overhead_ratio"] = table["bare"]["steady_steps_per_second"] / table["ray_train_1"]["steady_steps_per_second"]
+    if "threads" in only and args.device == "cpu":
+        results["cpu_threads"] = cpu_threads(config, args.steps)
+        _print_table(f"CPU threads: one process on every core vs one 1-thread process per core ({args.steps} fine-tuning "
+                     "steps each)", {"fine-tuning": results["cpu_threads"]})
+        results["processes_over_threads"] = results["cpu_threads"]["processes_over_threads"]
     if "sweep" in only:
         results["sweep"] = sweep_efficiency(config, prepared, out, args.sweep_methods, args.sweep_trials)
         _print_table("Sweep (as users run it) and its trials re-run alone", {"sweep": results["sweep"]})

@@ -1,4 +1,11 @@
-"""Shared fixtures. The default preset's stages are trained once per test session in a temporary cache."""
+"""Shared fixtures. The default preset's stages are trained once per test session in a temporary cache.
+
+The suite runs in two pytest-xdist workers (pyproject: `-n 2 --dist loadgroup`), one torch thread each: on these
+2 cores two 1-thread processes do 1.25-1.3x the fine-tuning work of one 2-thread process (`analysis/bench.py --only
+threads`), and much of the suite (imports, Ray start-up, Python) runs on one core anyway. The workers share the session's
+stage cache (the first to need it trains it, the other waits); tests that share an expensive session or module
+fixture run in one worker (see `pytest_collection_modifyitems`). `pytest -n 0` runs everything in one process.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +20,46 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1" in a pytest-xdist worker, None in one process
 
 warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
 
 
+def pytest_configure(config) -> None:
+    if WORKER:  # one torch thread per worker; subprocesses (the CLI, the sweep's driver) inherit it
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items) -> None:
+    """Group and order the tests for the two xdist workers.
+
+    Groups: every test on the session's Ray instance ("ray": one Ray instance, and the small sweep is a session
+    fixture), every test of `method_metrics` (a minute of compute, once), else the test's module (module fixtures
+    are built once). Order: the Ray group first (its worker trains the session's stages straight away), then the
+    groups that need no session stages (the other worker runs them meanwhile), then the rest."""
+    def group(item) -> str:
+        if "ray_session" in item.fixturenames:
+            return "ray"
+        return "method_metrics" if "method_metrics" in item.fixturenames else item.module.__name__
+
+    groups = {item.nodeid: group(item) for item in items}
+    needs_stages = {groups[item.nodeid] for item in items if "prepared" in item.fixturenames}
+    items.sort(key=lambda item: 0 if groups[item.nodeid] == "ray" else 1 + (groups[item.nodeid] in needs_stages))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> str:
-    # UNLEARN_TEST_CACHE: a warm cache kept between runs while developing (the session's stages take ~3 min)
-    path = os.environ.get("UNLEARN_TEST_CACHE") or tmp_path_factory.mktemp("unlearn-cache")
+    # UNLEARN_TEST_CACHE: a warm cache kept between runs while developing (the session's stages take ~3 min).
+    # Otherwise one cache for the whole run: xdist workers' temporary folders are siblings under the run's.
+    base = tmp_path_factory.getbasetemp()
+    path = os.environ.get("UNLEARN_TEST_CACHE") or (base.parent if WORKER else base) / "unlearn-cache"
+    Path(path).mkdir(parents=True, exist_ok=True)
     os.environ["UNLEARN_CACHE"] = str(path)  # subprocesses (the CLI) share the session's cache
     return str(path)
 
@@ -34,10 +73,28 @@ def default_config(cache_dir):
 
 @pytest.fixture(scope="session")
 def prepared(default_config):
-    """The digits-ae stages, backbone and reference features (about 1.5 minutes on 2 cores, once)."""
+    """The digits-ae stages, backbone and reference features (about 3 minutes, once per run: the worker that comes
+    second waits for the first and loads them from the cache)."""
+    from filelock import FileLock
+
     from unlearn.pipeline import prepare
 
-    return prepare(default_config, log=lambda _: None)
+    with FileLock(str(Path(default_config.cache_dir) / ".session-prepare.lock")):
+        return prepare(default_config, log=lambda _: None)
+
+
+@pytest.fixture
+def private_cache(prepared, default_config, tmp_path):
+    """The default config on a copy of the session's cache, for tests that check what a command writes into the
+    cache: the other xdist worker may add entries to the shared one at any time."""
+    import shutil
+
+    from unlearn.config import with_overrides
+
+    copy = tmp_path / "session-cache"
+    # entries being written or deleted elsewhere are dot-named folders (unlearn/cache.py): not copied
+    shutil.copytree(default_config.cache_dir, copy, ignore=shutil.ignore_patterns(".*"))
+    return with_overrides(default_config, {"cache_dir": str(copy)})
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from analysis.bench import main
 
 
@@ -14,6 +16,18 @@ def test_bench_eval_writes_json(prepared, default_config, tmp_path, capsys):
     assert "Evaluation throughput" in capsys.readouterr().out
 
 
-def test_bench_bad_config_exits_2(tmp_path, capsys):
-    assert main(["--out", str(tmp_path), "--set", "unlearn.ga_lr=0"]) == 2
-    assert capsys.readouterr().err.startswith("bench: error:")
+def test_bench_threads_runs_the_loop_both_ways(prepared, default_config, tmp_path, capsys):
+    """One process on every core and one 1-thread process per core, each running the fine-tuning loop (~25 s)."""
+    code = main(["--out", str(tmp_path), "--only", "threads", "--steps", "25", "--set", f"cache_dir={default_config.cache_dir}"])
+    assert code == 0
+    row = json.loads((tmp_path / "bench.json").read_text())["cpu_threads"]
+    assert row["cores"] >= 1 and row["one_process_steps_per_second"] > 0
+    assert row["processes_over_threads"] == row["one_thread_processes_steps_per_second"] / row["one_process_steps_per_second"]
+    assert "CPU threads" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "needle"), [(["--set", "unlearn.ga_lr=0"], "ga_lr"), (["--steps", "5"], "--steps")])
+def test_bench_bad_input_exits_2(argv, needle, tmp_path, capsys):
+    assert main(["--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bench: error:") and needle in err and "\n" not in err

@@ -54,13 +54,13 @@ def _snapshot(root):
     return {str(p): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_seeds_give_means_with_std_and_retrain_no_stage(prepared, default_config, capsys, tmp_path):
+def test_seeds_give_means_with_std_and_retrain_no_stage(private_cache, capsys, tmp_path):
     from unlearn.cli import main
 
-    common = ["--set", f"cache_dir={default_config.cache_dir}", "--set", "unlearn.ft_steps=40"]  # short: seeds are under test
+    common = ["--set", f"cache_dir={private_cache.cache_dir}", "--set", "unlearn.ft_steps=40"]  # short: seeds are under test
     main(["run", "--method", "finetune", "--json", *common])  # warms the calibration of this fine-tuning budget
     capsys.readouterr()
-    before = _snapshot(default_config.resolved_cache_dir())
+    before = _snapshot(private_cache.resolved_cache_dir())
     out = tmp_path / "seeds"
     code = main(["run", "--method", "realistic", "--seeds", "3", "--json", "--out", str(out), *common])
     captured = capsys.readouterr()
@@ -70,7 +70,7 @@ def test_seeds_give_means_with_std_and_retrain_no_stage(prepared, default_config
     for name in ("forget_marker_strength", "retain_mse", "forget_ood_distance", "mia_auc", "ga_param_distance"):
         assert f"{name}_std" in summary and summary[f"{name}_std"] > 0, name  # batch order differs per seed
     assert "ood_delta_std" not in summary  # calibration is shared, not seeded
-    assert _snapshot(default_config.resolved_cache_dir()) == before  # no stage, reference or calibration rewritten
+    assert _snapshot(private_cache.resolved_cache_dir()) == before  # no stage, reference or calibration rewritten
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["unlearn_seed"] in (0.0, 1.0, 2.0) and "unlearn_seed_std" not in summary
     from unlearn.config import load_config

@@ -10,8 +10,8 @@ def _snapshot(root):
     return {p: os.stat(p).st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-def test_second_prepare_trains_nothing_and_touches_no_file(prepared, default_config, monkeypatch):
-    root = default_config.resolved_cache_dir()
+def test_second_prepare_trains_nothing_and_touches_no_file(prepared, private_cache, monkeypatch):
+    root = private_cache.resolved_cache_dir()
     before = _snapshot(root)
     assert before, "the session fixture should have filled the cache"
 
@@ -20,7 +20,7 @@ def test_second_prepare_trains_nothing_and_touches_no_file(prepared, default_con
 
     for name in ("_train_original", "_train_attack", "_train_retrain"):
         monkeypatch.setattr(stages_module, name, fail)
-    again = prepare(default_config, log=lambda _: None)
+    again = prepare(private_cache, log=lambda _: None)
     assert all(stage.reused for stage in again.stages.values())
     assert {k: s.key for k, s in again.stages.items()} == {k: s.key for k, s in prepared.stages.items()}
     assert _snapshot(root) == before
@@ -46,13 +46,13 @@ def test_checkpoints_load_with_weights_only(prepared, default_config):
     assert set(state) == set(prepared.stages["attack"].model.state_dict())
 
 
-def test_invalid_run_leaves_cache_untouched(prepared, default_config, tmp_path, capsys):
+def test_invalid_run_leaves_cache_untouched(private_cache, tmp_path, capsys):
     """Errors found before any work write nothing: a bad value (config validation), and a missing theta0, which
     prepare() finds only after parsing the config, on an empty cache where the data split would be the first
     thing written."""
     from unlearn.cli import main
 
-    root = default_config.resolved_cache_dir()
+    root = private_cache.resolved_cache_dir()
     before = _snapshot(root)
     code = main(["run", "--method", "realistic", "--set", f"cache_dir={root}", "--set", "unlearn.ga_lr=-1"])
     assert code == 2
