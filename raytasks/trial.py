@@ -30,7 +30,8 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
     config = trial_config(spec, {k: v for k, v in params.items() if k not in (METHOD_KEY, CONFIRMS_KEY)})
     # the trial's artifacts: tune.report copies them into the run's storage before it returns, so the folder goes
     with tempfile.TemporaryDirectory(prefix="trial-") as scratch:
-        folder = Path(scratch)
+        folder = Path(scratch) / "artifacts"
+        folder.mkdir()
         if spec["workers"] > 1:
             from raytasks.distributed import run_data_parallel
 
@@ -47,6 +48,8 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
                 metrics, _ = finish_trial(prepared, unlearn(prepared, method), method, folder)
             except torch.cuda.OutOfMemoryError as exc:  # trials share the GPU: this one did not fit beside the others
                 torch.cuda.empty_cache()
+                folder = Path(scratch) / "failed"  # not beside what the audit wrote before it ran out (curves.json)
+                folder.mkdir()
                 metrics, _ = failed_trial(prepared, f"out of GPU memory while sharing the GPU: {exc}", folder)
         import ray
 

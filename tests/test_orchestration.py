@@ -233,6 +233,19 @@ def test_a_trial_reports_its_artifacts_and_leaves_no_folder_behind(prepared, mon
     assert reported["metrics"]["node_id"] == "node-1" and "feasible" in reported["metrics"]
     assert not reported["folder"].exists()
 
+    # out of GPU memory half-way through the audit: the failed trial reports its error alone, not the curves written
+    # before (the report would draw them as a finished trial's)
+    import raytasks.trial
+
+    def runs_out(prepared, result, method, folder):
+        (folder / "curves.json").write_text("{}")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(raytasks.trial, "finish_trial", runs_out)
+    run_trial({METHOD_KEY: "finetune", "ft_steps": 2}, spec)
+    assert reported["files"] == {"error.txt"} and reported["metrics"]["failed"] == 1.0
+    assert not reported["folder"].exists()
+
 
 def test_best_per_method_is_the_feasible_trial_with_the_smallest_rounded_first_objective():
     """The one definition of "best": only feasible trials, the first objective rounded to 0.01 (noise does not
