@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 
 import pytest
 import torch
@@ -124,3 +125,30 @@ def test_a_damaged_cached_stage_is_retrained_to_the_same_weights(tmp_path, capsy
         for key, value in first[name].model.state_dict().items():
             assert torch.equal(value, again[name].model.state_dict()[key]), (name, key)
     assert ArtifactCache(tmp_path).get("stages", first["original"].key) is not None
+
+
+def test_a_save_whose_key_was_taken_and_removed_meanwhile_retries_and_a_real_failure_raises(tmp_path, monkeypatch):
+    """The race the concurrent test above met once (in ~20 full runs): this writer's rename finds another writer's
+    entry in place (ENOTEMPTY), and a remover takes that entry away before this writer checks for it. The key is free
+    again: the save retries instead of failing. Any other rename error is a real failure."""
+    import errno
+
+    from unlearn import cache as cache_module
+
+    store, _ = _store(tmp_path)
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst, fail_with=errno.ENOTEMPTY):
+        calls.append(dst)
+        if len(calls) == 1:
+            raise OSError(fail_with, os.strerror(fail_with))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(cache_module.os, "rename", rename)
+    store.save("stages", "k", {"w": torch.ones(1)}, {})
+    assert len(calls) == 2 and store.get("stages", "k") is not None
+    calls.clear()
+    monkeypatch.setattr(cache_module.os, "rename", lambda src, dst: rename(src, dst, errno.EACCES))
+    with pytest.raises(PermissionError):
+        store.save("stages", "other", {"w": torch.ones(1)}, {})
+    assert not store.has("stages", "other") and [p.name for p in (tmp_path / "stages").iterdir()] == ["k"]

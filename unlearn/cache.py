@@ -10,6 +10,7 @@ load with `weights_only=True`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -116,11 +117,17 @@ class ArtifactCache:
             (tmp / TENSORS).write_bytes(payload)
             meta = {**meta, CHECKSUM: hashlib.sha256(payload).hexdigest()}
             (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))  # written last: marks complete
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not self.has(kind, key):  # not a lost race with another writer: a real failure
-                    raise
+            for attempt in range(10):
+                try:
+                    os.rename(tmp, target)
+                    break
+                except OSError as exc:
+                    # another writer put the key in place first: its entry is as good as this one, unless a remover
+                    # (purge, a damaged-entry clean-up) took it away in between: then the key is free again, retry
+                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or attempt == 9:
+                        raise
+                    if self.has(kind, key):
+                        break
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
