@@ -26,6 +26,26 @@ def test_second_prepare_trains_nothing_and_touches_no_file(prepared, private_cac
     assert _snapshot(root) == before
 
 
+def test_the_retrain_stage_never_sees_the_forget_set(default_config):
+    """The retrain reference is trained on D_r alone: its cache entry carries no forget digest (so `unlearn purge
+    --weights` keeps it, while it removes the original and attack stages), and it processed exactly
+    stages.epochs x ceil(|D_r| / batch) full batches. Runs first in the worker without the Ray tests (conftest),
+    so the session's retrain stage trains there while the other worker trains the original and attack stages."""
+    import math
+
+    from conftest import train_session_stages
+
+    from unlearn.cache import ArtifactCache
+    from unlearn.pipeline import load_data
+    from unlearn.stages import stage_keys
+
+    train_session_stages(default_config, ("retrain",))
+    _, meta = ArtifactCache(default_config.resolved_cache_dir()).get("stages", stage_keys(default_config)["retrain"])
+    assert meta["stage"] == "retrain" and "forget_digest" not in meta
+    stages, retain = default_config.stages, len(load_data(default_config).retain_train)
+    assert meta["samples"] == stages.epochs * math.ceil(retain / stages.batch_size) * stages.batch_size
+
+
 def test_stage_keys_follow_their_inputs(default_config):
     from unlearn.config import with_overrides
     from unlearn.stages import stage_keys
