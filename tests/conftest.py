@@ -3,8 +3,9 @@
 The suite runs in two pytest-xdist workers (pyproject: `-n 2 --dist loadgroup`), one torch thread each: on these
 2 cores two 1-thread processes do 1.25-1.3x the fine-tuning work of one 2-thread process (`analysis/bench.py --only
 threads`), and much of the suite (imports, Ray start-up, Python) runs on one core anyway. The workers share the session's
-stage cache (the first to need it trains it, the other waits); tests that share an expensive session or module
-fixture run in one worker (see `pytest_collection_modifyitems`). `pytest -n 0` runs everything in one process.
+stage cache and train it together (`train_session_stages`: one stage set per lock, so nothing is trained twice);
+tests that share an expensive session or module fixture run in one worker (see `pytest_collection_modifyitems`).
+`pytest -n 0` runs everything in one process.
 """
 
 from __future__ import annotations
