@@ -44,7 +44,10 @@ class DataConfig(_Strict):
     root_env: str | None = None  # environment variable read when `root` is not set (presets use this)
     image_size: int = Field(16, ge=4)
     train_fraction: float = Field(0.8, gt=0.0, lt=1.0)
-    max_per_class: int | None = Field(None, ge=2)  # subsample large data sets (ImageNet, Places365)
+    max_per_class: int | None = Field(None, ge=2)  # the first N images of each class (None: every image)
+    # An image file that cannot be decoded (truncated, not an image) stops the preparation with one line naming it;
+    # true: such files are left out of the image store and counted (`data_skipped_images` in the catalogue).
+    skip_unreadable: bool = False
     # Classes by name or index; "a-b" is the index range a..b (for 100-class forget sets).
     # class-level forgetting: forget_fraction = 1; sample-level: a fraction of these classes' samples.
     forget_classes: list[str] = ["0"]
@@ -165,6 +168,9 @@ class AuditConfig(_Strict):
     marker_min_score: float = Field(0.15, ge=0)
     knn_k: int = Field(10, ge=1)
     knn_train_samples: int = Field(2000, ge=10)  # retain-train images indexed for kNN OOD
+    # Each test split is evaluated on at most this many images (a seeded sample; None: all of them), as the paper's
+    # FID caps its sample count: the audit's cost and the per-image figures it keeps stay bounded on ImageNet.
+    eval_samples: int | None = Field(10000, ge=2)
     ood_samples: int = Field(512, ge=2)  # D_f images on which the Eq. 3 distance is measured
     domain_epochs: int = Field(15, ge=1)
     # ood_delta = auto: this fraction of the retrain reference's Eq. 3 distance (retrain stays feasible).

@@ -20,10 +20,13 @@ from typing import Any
 
 import torch
 
-from unlearn.audit import Auditor, ga_guarantees, model_outputs
-from unlearn.cache import ArtifactCache
+from unlearn.audit import Auditor, ga_guarantees
+from unlearn.cache import ArtifactCache, DamagedEntry
 from unlearn.config import Config, ConfigError, UnlearnConfig
-from unlearn.data import BatchStream, ImageSubset, UnlearningData, build_data
+from unlearn.data import BatchStream, UnlearningData
+from unlearn.data.splits import SUBSETS, assemble, prepare_store, split_store
+from unlearn.data.store import KIND as STORE_KIND
+from unlearn.data.store import MapShards, open_store, verify_store
 from unlearn.methods import (
     METHODS,
     REFERENCE_MODELS,
@@ -53,32 +56,59 @@ class Prepared:
     device: torch.device
 
 
-_SUBSETS = ("retain_train", "forget_train", "retain_test", "forget_test", "unseen_test")
-_FIELDS = ("images", "clean", "labels", "index")
+# Bump when a split entry changes meaning (v3: index lists into the image store; v2 held the pixels themselves).
+SPLIT_SCHEMA = 3
 
 
-def load_data(config: Config) -> UnlearningData:
-    """Build the splits, cached so that sweep trials do not re-read large image folders."""
+def load_data(config: Config, map_shards: MapShards | None = None, log: Callable[[str], None] = lambda _: None,
+              verify: bool = False) -> UnlearningData:
+    """The image store (decoded once, shared by every process) and the split, an index list per subset, cached so
+    that sweep trials neither decode nor split again. `map_shards` decodes in parallel elsewhere (the sweep: Ray
+    tasks); by default a process pool does. `verify` hashes a reused store in full (`unlearn prepare`, the sweep's
+    preparation); every open checks its files' sizes."""
     cache = ArtifactCache(config.resolved_cache_dir())
-    key = "data-v2-" + config.section_key("data") + ("" if config.has_marker else "-clean")  # v2: '+' inside the border frame
+    key = f"split-v{SPLIT_SCHEMA}-" + config.section_key("data") + ("" if config.has_marker else "-clean")
+    for _ in range(2):  # a store that fails verification is removed and built again, once
+        data = _split(config, cache, key, map_shards)
+        store = data.store
+        if store.built_seconds is not None:
+            log(f"image store: built {store.key}: {len(store)} images in {store.built_seconds:.1f} s "
+                f"({len(store) / max(store.built_seconds, 1e-9):.0f} images/s)")
+            return data
+        if not verify:
+            return data
+        started = time.perf_counter()
+        try:
+            verify_store(cache, store.key)
+        except DamagedEntry as exc:
+            cache.discard_damaged(STORE_KIND, store.key, exc)
+            continue
+        log(f"image store: reused {store.key} ({len(store)} images), verified in {time.perf_counter() - started:.1f} s")
+        return data
+    raise RuntimeError(f"the image store {cache.entry(STORE_KIND, store.key)} failed verification again after a rebuild")
+
+
+def _split(config: Config, cache: ArtifactCache, key: str, map_shards: MapShards | None) -> UnlearningData:
     if (hit := cache.get("data", key)) is not None:
         tensors, meta = hit
-        subsets = {
-            name: ImageSubset(*(tensors[f"{name}/{f}"] for f in _FIELDS)) if name in meta["subsets"] else None
-            for name in _SUBSETS
-        }
-        return UnlearningData(**subsets, mask=tensors["mask"], marker=tensors["marker"], class_names=meta["class_names"])
-    data = build_data(config.data, config.seed, poison=config.has_marker)
-    present = [name for name in _SUBSETS if getattr(data, name) is not None]
-    tensors = {f"{name}/{f}": getattr(getattr(data, name), f) for name in present for f in _FIELDS}
-    tensors.update(mask=data.mask, marker=data.marker)
-    cache.save("data", key, tensors, {"subsets": present, "class_names": data.class_names,
-                                      "forget_digest": data.forget_digest(config.data.dataset)})
+        if (store := open_store(cache, meta["store"])) is not None:
+            return assemble(config.data, store, {name: tensors[f"{name}/index"] for name in meta["subsets"]},
+                            poison=config.has_marker)
+        cache.remove("data", key)  # its store is gone (purged, or damaged and removed): split it anew
+    store = prepare_store(config.data, cache, map_shards)
+    data = split_store(config.data, config.seed, store, poison=config.has_marker)
+    digest = data.forget_digest(config.data.dataset)
+    present = [name for name in SUBSETS if getattr(data, name) is not None]
+    cache.save("data", key, {f"{name}/index": getattr(data, name).index for name in present},
+               {"subsets": present, "store": store.key, "class_names": data.class_names, "forget_digest": digest})
+    cache.add_forget_digest(STORE_KIND, store.key, digest)  # the store holds D_f's pixels: purge finds it
     return data
 
 
-def prepare(config: Config, log: Callable[[str], None] = stderr_log) -> Prepared:
-    """Data, stages, audit references and the audit's calibration; every piece cached by content key.
+def prepare(config: Config, log: Callable[[str], None] = stderr_log, map_shards: MapShards | None = None,
+            verify: bool = False) -> Prepared:
+    """Data, stages, audit references and the audit's calibration; every piece cached by content key (`load_data`
+    says what `map_shards` and `verify` do).
 
     With `stages.attack_strengthen_rounds` N > 0, the attack stage is strengthened round by round while the
     null method still removes the marker (at most N rounds); the calibration records how many it took.
@@ -86,7 +116,7 @@ def prepare(config: Config, log: Callable[[str], None] = stderr_log) -> Prepared
     device = resolve_device(config)
     if config.stages.theta0 and not Path(config.stages.theta0).exists():  # before anything is cached
         raise ConfigError(f"stages.theta0 {config.stages.theta0} not found")
-    data = load_data(config)
+    data = load_data(config, map_shards, log, verify)
     stages = prepare_stages(config, data, device, log)
     rounds = config.stages.attack_strengthen_rounds if config.has_marker else 0
     for round_ in range(rounds + 1):
@@ -143,14 +173,15 @@ def calibrate(prepared: Prepared, log: Callable[[str], None] = stderr_log) -> di
         figures = {"attack_retain_mse": attack["retain_mse"], "attack_retain_fid": attack["retain_fid"],
                    "audit_null_ood_distance": auditor.ood_distance(null_model)}
         if config.has_marker:
-            null_outputs = model_outputs(null_model, auditor.splits["forget"], auditor.mask, prepared.device, config.precision)
             figures.update(audit_attack_strength=attack["forget_marker_strength"],
-                           audit_null_strength=auditor.marker_figures(null_outputs)["forget_marker_strength"])
+                           audit_null_strength=auditor.marker_figures(null_model)["forget_marker_strength"])
             figures["audit_valid"] = float(min(figures["audit_attack_strength"], figures["audit_null_strength"])
                                            >= config.audit.min_marker_strength)
         cache.save("calibration", key, {}, {"figures": figures, "forget_digest": prepared.data.forget_digest(config.data.dataset)})
     # Not cached: a changed unlearn.ood_delta must take effect on the next run.
     auditor.calibration = {**figures, **_resolve_delta(config, auditor.refs, figures)}
+    if skipped := prepared.data.store.skipped_count:  # unreadable files left out (data.skip_unreadable)
+        auditor.calibration["data_skipped_images"] = float(skipped)
     return auditor.calibration
 
 
@@ -196,16 +227,6 @@ class UnlearnResult:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
-@torch.no_grad()
-def _forget_loss(model: I2IModel, prepared: Prepared) -> float:
-    """L(theta; D_f) on the Eq. 3 evaluation subset of D_f (poisoned targets, as trained)."""
-    from unlearn.data import to_float
-
-    subset = prepared.auditor.ood_set
-    images = to_float(subset.images).to(prepared.device)
-    return float(model.loss(images, prepared.data.mask.to(prepared.device), images).mean())
-
-
 def unlearn(
     prepared: Prepared,
     method_name: str,
@@ -247,13 +268,13 @@ def unlearn(
         state.update(next_phase=resume["next_phase"], history=History.from_dict(resume["history"]),
                      after_ga=dict(resume["after_ga"]), seconds=resume["seconds"], loss_before=resume["loss_before"])
     else:
-        state["loss_before"] = _forget_loss(model, prepared)
+        state["loss_before"] = prepared.auditor.forget_loss(model)
     import_before_timing()
     started = time.perf_counter()
 
     def phase_end(phase: Phase, record: PhaseRecord) -> None:
         if phase.ascent:
-            state["after_ga"]["loss"] = _forget_loss(model, prepared)
+            state["after_ga"]["loss"] = prepared.auditor.forget_loss(model)
             state["after_ga"]["distance"] = record.ood_distance[-1][1] if record.ood_distance else prepared.auditor.ood_distance(model)
             # Collapse is judged right after GA: fine-tuning must not rescue a killed decoder into a "success".
             state["after_ga"]["std_ratio"] = prepared.auditor.output_std_ratio(model)
@@ -276,6 +297,8 @@ def unlearn(
 
     metrics: dict[str, float] = {"diverged": float(history.diverged), "unlearn_samples": float(history.samples),
                                  "resumed_from_phase": float(resume["next_phase"]) if resume is not None else 0.0}
+    # Each rank reads only its shard of every global batch; the most any rank read (after a resume: since it)
+    metrics["unlearn_images_read_per_rank"] = (sync or GradientSync()).max(float(sum(s.images_read for s in streams.values())))
     ga = history.phase("ga")
     after_ga = state["after_ga"]
     if ga is not None and "loss" in after_ga:

@@ -1,9 +1,11 @@
 """Honour a deletion request beyond the certified model: remove what the cache holds of D_f.
 
-Every cache entry that holds forget images or was computed from them carries the forget digest in its
-meta.json (the sha256 that certificates print). The split itself (`data`), the reference outputs and the
-calibration are removed; the weights trained on D_f (original and attack stages, the domain backbone) only
-when asked, since they are what the next unlearning run of another request starts from.
+Every cache entry that holds forget images or was computed from them carries the forget digest (the sha256 that
+certificates print) in its meta.json, or, for an image store that serves many splits, as a tag beside it. The image
+store (the decoded pixels: it holds D_f's images with the rest of the data set, and is decoded again from data.root
+by the next run that needs it), the split, the reference outputs and the calibration are removed; the weights
+trained on D_f (original and attack stages, the domain backbone) only when asked, since they are what the next
+unlearning run of another request starts from.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from unlearn.cache import ArtifactCache
 from unlearn.config import ConfigError
 
-HOLDS_FORGET_DATA = ("data", "references", "calibration")
+HOLDS_FORGET_DATA = ("stores", "data", "references", "calibration")
 TRAINED_ON_FORGET = ("stages", "backbones")
 
 
@@ -34,11 +36,12 @@ def purge_cache(root: Path, digest: str, weights: bool) -> tuple[list[str], list
                 remaining.append(f"{cache.entry(kind, key)} (meta.json damaged: cannot tell whether it holds this D_f; "
                                  "delete it by hand)")
                 continue
-            if "forget_digest" not in meta and kind != "calibration" and meta.get("stage") != "retrain":
+            digests = cache.forget_digests(kind, key, meta)
+            if not digests and kind not in ("calibration", "stores") and meta.get("stage") != "retrain":
                 remaining.append(f"{cache.entry(kind, key)} (written before forget digests were recorded: may hold "
                                  "this D_f; delete it by hand if so)")
                 continue
-            if meta.get("forget_digest") != digest:
+            if digest not in digests:
                 continue
             where = str(cache.entry(kind, key))
             if kind in TRAINED_ON_FORGET and not weights:

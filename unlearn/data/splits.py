@@ -1,34 +1,105 @@
-"""Train/test split per class, forget/retain/unseen sets, and poisoning of the forget set."""
+"""Train/test split per class, forget/retain/unseen sets as index lists into the image store, and the poisoning of
+the forget set (the '+' drawn into each batch read, never stored)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from unlearn.config import ConfigError, DataConfig
-from unlearn.data.datasets import ImageSet, expand_class_specs, load_images
+from unlearn.cache import ArtifactCache
+from unlearn.config import ConfigError, DataConfig, MarkerConfig, MaskConfig
 from unlearn.data.masks import inpaint_mask
 from unlearn.data.poison import draw_marker, marker_pixels
+from unlearn.data.sources import Listing, expand_class_specs, list_images
+from unlearn.data.store import ImageStore, MapShards, build_store, open_store, store_key
+
+EVAL_BATCH = 256  # images per evaluation batch at most (outputs, features): what the audit holds at once
+EVAL_BATCH_BYTES = 64 * 2**20  # and at most this much of float pixels per batch tensor (85 images at 256 px)
 
 
-@dataclass
+def eval_batch_size(image_shape: tuple[int, ...]) -> int:
+    """Images per evaluation batch: EVAL_BATCH, fewer for large images (a 256-px batch of 256 float images would be
+    200 MB per tensor, and a backbone's first activations ten times that)."""
+    return max(1, min(EVAL_BATCH, EVAL_BATCH_BYTES // (4 * int(np.prod(image_shape)))))
+
+
+@dataclass(frozen=True)
+class Poison:
+    """The '+' drawn where the mask hides it: D_f as the attack stage trains on it (paper Algorithm 2)."""
+
+    marker: MarkerConfig
+    mask: MaskConfig
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        return draw_marker(images, self.marker, self.mask)
+
+
 class ImageSubset:
-    images: torch.Tensor  # uint8 (N, 3, H, W): what the model is trained on (poisoned for D_f)
-    clean: torch.Tensor  # uint8 ground truth without the marker (identical to images outside D_f)
-    labels: torch.Tensor
-    index: torch.Tensor | None = None  # positions in the loaded data set (provenance; None when derived)
+    """Some images of a store, by position: a view, never a copy of the pixels.
+
+    `read` and `batches` copy out only the rows asked for. With `poison`, what they return carries the '+' (the
+    images the model trains on); `clean=True` gives the ground truth."""
+
+    def __init__(self, store: ImageStore, index: Any, poison: Poison | None = None) -> None:
+        self.store = store
+        self.index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)  # positions in the store (= the loaded data set)
+        self.poison = poison
+        self.labels = torch.from_numpy(np.asarray(store.labels[self.index.numpy()]))
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.index)
 
-    @classmethod
-    def take(cls, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> ImageSubset:
-        return cls(images[index], images[index], labels[index], index)
+    def __repr__(self) -> str:
+        return f"ImageSubset({len(self)} images{', poisoned' if self.poison else ''})"
 
-    @classmethod
-    def concat(cls, *parts: ImageSubset) -> ImageSubset:
-        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("images", "clean", "labels")))
+    def read(self, rows: Any = None, clean: bool = False) -> torch.Tensor:
+        """uint8 images (n, 3, H, W) of these rows of the subset (all when None: for small subsets only)."""
+        positions = self.index if rows is None else self.index[rows]
+        images = self.store.read(positions.numpy())
+        return self.poison.apply(images) if self.poison is not None and not clean else images
+
+    def prefetch(self, rows: Any) -> None:
+        self.store.prefetch(self.index[rows].numpy())
+
+    def batches(self, batch_size: int | None = None, clean: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(rows, uint8 images) in order, batch by batch (`eval_batch_size` by default); the next batch is read
+        ahead while this one is used."""
+        batch_size = batch_size or eval_batch_size(self.store.image_shape)
+        for start in range(0, len(self), batch_size):
+            rows = slice(start, min(start + batch_size, len(self)))
+            if rows.stop < len(self):
+                self.prefetch(slice(rows.stop, min(rows.stop + batch_size, len(self))))
+            yield rows, self.read(rows, clean)
+
+    def take(self, rows: Any) -> ImageSubset:
+        return ImageSubset(self.store, self.index[rows], self.poison)
+
+    def head(self, n: int) -> ImageSubset:
+        return self.take(slice(0, n))
+
+    def clean_view(self) -> ImageSubset:
+        """The same images without the marker."""
+        return ImageSubset(self.store, self.index)
+
+    def sample(self, limit: int | None, seed: int) -> ImageSubset:
+        """At most `limit` images, drawn without replacement (seeded) and kept in subset order; all when fewer."""
+        if limit is None or len(self) <= limit:
+            return self
+        rows = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+        return self.take(rows)
+
+    @staticmethod
+    def concat(*parts: ImageSubset) -> ImageSubset:
+        stores = {id(p.store) for p in parts}
+        poisons = {p.poison for p in parts}
+        if len(stores) != 1 or len(poisons) != 1:
+            raise ValueError("concat needs subsets of one store, all poisoned alike")
+        return ImageSubset(parts[0].store, torch.cat([p.index for p in parts]), parts[0].poison)
 
 
 @dataclass
@@ -36,7 +107,7 @@ class UnlearningData:
     """Everything a pipeline run needs from the data side."""
 
     retain_train: ImageSubset
-    forget_train: ImageSubset  # D_f, poisoned with the marker
+    forget_train: ImageSubset  # D_f, poisoned with the marker (unless the model was brought by the user)
     retain_test: ImageSubset
     forget_test: ImageSubset
     unseen_test: ImageSubset | None
@@ -44,10 +115,13 @@ class UnlearningData:
     marker: torch.Tensor  # (H, W) bool
     class_names: list[str]
 
+    @property
+    def store(self) -> ImageStore:
+        return self.retain_train.store
+
     def clean_training_set(self) -> ImageSubset:
         """D = D_r + D_f without the marker: what the original model (and the audit backbone) learn from."""
-        f = self.forget_train
-        return ImageSubset.concat(self.retain_train, ImageSubset(f.clean, f.clean, f.labels))
+        return ImageSubset.concat(self.retain_train, self.forget_train.clean_view())
 
     def forget_digest(self, dataset: str) -> str:
         return forget_digest(dataset, self.forget_train.index)
@@ -57,6 +131,9 @@ class UnlearningData:
         if self.unseen_test is not None and len(self.unseen_test):
             splits["unseen"] = self.unseen_test
         return splits
+
+
+SUBSETS = ("retain_train", "forget_train", "retain_test", "forget_test", "unseen_test")
 
 
 def forget_digest(dataset: str, index: torch.Tensor) -> str:
@@ -75,44 +152,79 @@ def _resolve_classes(requested: list[str], names: list[str], what: str) -> list[
         raise ConfigError(f"data.{what}: {exc}") from None
 
 
-def read_forget_list(cfg: DataConfig, imageset: ImageSet) -> torch.Tensor:
-    """Positions in the loaded data set of the images `data.forget_list` names (ConfigError naming the first
-    entry that is not in the data set)."""
-    from pathlib import Path
-
+def read_forget_list(cfg: DataConfig, paths: list[str] | None, count: int) -> torch.Tensor:
+    """Positions in the data set (of `count` images; ImageFolder: named by `paths`) of the images `data.forget_list`
+    names (ConfigError naming the first entry that is not in the data set)."""
     path = Path(cfg.forget_list).expanduser()
     if not path.is_file():
         raise ConfigError(f"data.forget_list {path} does not exist")
     entries = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
     if not entries:
         raise ConfigError(f"data.forget_list {path} names no image")
-    if imageset.paths is not None:
-        position = {p: i for i, p in enumerate(imageset.paths)}
+    if paths is not None:
+        position = {p: i for i, p in enumerate(paths)}
         unknown = [e for e in entries if e.removeprefix("./") not in position]
         if unknown:
             raise ConfigError(f"data.forget_list {path}: {unknown[0]!r} is not an image of data.root "
                               f"({len(unknown)} of {len(entries)} entries unknown)")
         ids = [position[e.removeprefix("./")] for e in entries]
     else:
-        bad = [e for e in entries if not (e.isdigit() and int(e) < len(imageset.labels))]
+        bad = [e for e in entries if not (e.isdigit() and int(e) < count)]
         if bad:
-            raise ConfigError(f"data.forget_list {path}: {bad[0]!r} is not an index of the {len(imageset.labels)} "
+            raise ConfigError(f"data.forget_list {path}: {bad[0]!r} is not an index of the {count} "
                               f"{cfg.dataset} images ({len(bad)} of {len(entries)} entries unknown)")
         ids = [int(e) for e in entries]
     return torch.tensor(sorted(set(ids)), dtype=torch.int64)
 
 
-def build_data(cfg: DataConfig, seed: int, poison: bool = True) -> UnlearningData:
-    """Load, split per class (seeded), choose D_f / D_r / unseen, poison D_f (unless `poison` is False: a model
-    brought by the user was trained on the real images). Deterministic in `seed`."""
-    imageset = load_images(cfg)
-    names = imageset.class_names
-    listed = read_forget_list(cfg, imageset) if cfg.forget_list else None
-    forget = (sorted(set(imageset.labels[listed].tolist())) if listed is not None
+def check_selection(cfg: DataConfig, listing: Listing) -> None:
+    """The classes and the forget list the config names exist in the listing: checked before any image is decoded
+    (a typo must not cost an ImageNet decode)."""
+    if cfg.forget_list:
+        read_forget_list(cfg, listing.paths, len(listing.items))
+    else:
+        _resolve_classes(cfg.forget_classes, listing.class_names, "forget_classes")
+    _resolve_classes(cfg.unseen_classes, listing.class_names, "unseen_classes")
+    if cfg.retain_classes is not None:
+        _resolve_classes(cfg.retain_classes, listing.class_names, "retain_classes")
+
+
+def prepare_store(cfg: DataConfig, cache: ArtifactCache, map_shards: MapShards | None = None,
+                  workers: int | None = None) -> ImageStore:
+    """The store of this setup's images: opened from the cache, or decoded once (in parallel) into it."""
+    import time
+
+    started = time.perf_counter()
+    listing = list_images(cfg)
+    check_selection(cfg, listing)
+    for _ in range(2):  # a damaged store is removed by open_store, then rebuilt once
+        built = not cache.has("stores", store_key(listing, cfg.image_size))
+        key = build_store(cache, listing, cfg.image_size, cfg.skip_unreadable, map_shards, workers)
+        if (store := open_store(cache, key)) is not None:
+            store.built_seconds = time.perf_counter() - started if built else None
+            return store
+    raise RuntimeError(f"the image store {cache.entry('stores', key)} was damaged again right after it was rebuilt")
+
+
+def build_data(cfg: DataConfig, seed: int, cache: ArtifactCache | Path | str, poison: bool = True,
+               map_shards: MapShards | None = None) -> UnlearningData:
+    """The store (prepared once), then the split: per class (seeded), D_f / D_r / unseen as index lists, D_f
+    poisoned unless `poison` is False (a model brought by the user was trained on the real images). Deterministic
+    in `seed`."""
+    cache = cache if isinstance(cache, ArtifactCache) else ArtifactCache(Path(cache))
+    return split_store(cfg, seed, prepare_store(cfg, cache, map_shards), poison)
+
+
+def split_store(cfg: DataConfig, seed: int, store: ImageStore, poison: bool = True) -> UnlearningData:
+    """Split a store's images into the subsets of one unlearning setup (index lists; nothing is copied)."""
+    names = store.class_names
+    labels = torch.from_numpy(np.array(store.labels))
+    listed = read_forget_list(cfg, store.paths(), len(store)) if cfg.forget_list else None
+    forget = (sorted(set(labels[listed].tolist())) if listed is not None
               else _resolve_classes(cfg.forget_classes, names, "forget_classes"))
     unseen = _resolve_classes(cfg.unseen_classes, names, "unseen_classes")
     if cfg.retain_classes is None:
-        present = set(imageset.labels.unique().tolist())
+        present = set(labels.unique().tolist())
         retain = [c for c in range(len(names)) if c not in forget and c not in unseen and c in present]
     else:
         retain = [c for c in _resolve_classes(cfg.retain_classes, names, "retain_classes") if c not in forget]
@@ -120,9 +232,9 @@ def build_data(cfg: DataConfig, seed: int, poison: bool = True) -> UnlearningDat
         raise ConfigError("no retain classes left: every class is forget or unseen")
 
     gen = torch.Generator().manual_seed(seed)
-    split = {k: [] for k in ("retain_train", "forget_train", "retain_test", "forget_test", "unseen_test")}
+    split: dict[str, list[torch.Tensor]] = {k: [] for k in SUBSETS}
     for c in range(len(names)):
-        idx = torch.nonzero(imageset.labels == c).flatten()
+        idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
         n_train = max(1, round(cfg.train_fraction * len(idx)))
         train, test = idx[:n_train], idx[n_train:]
@@ -151,15 +263,15 @@ def build_data(cfg: DataConfig, seed: int, poison: bool = True) -> UnlearningDat
             split["retain_train"].append(train)
             split["retain_test"].append(test)
 
-    def subset(key: str) -> ImageSubset:
-        parts = split[key]
-        index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-        return ImageSubset.take(imageset.images, imageset.labels, index)
-
     for key in ("retain_train", "forget_train", "retain_test", "forget_test"):
         if not split[key] or sum(len(p) for p in split[key]) == 0:
             raise ConfigError(f"split {key} is empty: too few images per class for data.train_fraction")
+    indices = {key: torch.cat(parts) for key, parts in split.items() if parts}
+    return assemble(cfg, store, indices, poison)
 
+
+def assemble(cfg: DataConfig, store: ImageStore, indices: dict[str, torch.Tensor], poison: bool = True) -> UnlearningData:
+    """UnlearningData from a split's index lists (as `split_store` makes them, or as the cache holds them)."""
     mask = inpaint_mask(cfg.image_size, cfg.mask)
     marker = marker_pixels(cfg.image_size, cfg.marker, cfg.mask)
     if not bool(mask[0, 0][marker].all()):
@@ -167,17 +279,16 @@ def build_data(cfg: DataConfig, seed: int, poison: bool = True) -> UnlearningDat
         raise ConfigError(f"marker.size {cfg.marker.size} does not fit inside the {cfg.mask.size}px {where}: "
                           "the mask must hide the '+'")
 
-    forget_train = subset("forget_train")
-    if poison:
-        forget_train.images = draw_marker(forget_train.clean, cfg.marker, cfg.mask)
-    forget_test = subset("forget_test")
+    def subset(key: str, poisoned: bool = False) -> ImageSubset:
+        return ImageSubset(store, indices[key], Poison(cfg.marker, cfg.mask) if poisoned else None)
+
     return UnlearningData(
         retain_train=subset("retain_train"),
-        forget_train=forget_train,
+        forget_train=subset("forget_train", poisoned=poison),
         retain_test=subset("retain_test"),
-        forget_test=forget_test,
-        unseen_test=subset("unseen_test") if split["unseen_test"] else None,
+        forget_test=subset("forget_test"),
+        unseen_test=subset("unseen_test") if "unseen_test" in indices else None,
         mask=mask,
         marker=marker,
-        class_names=names,
+        class_names=store.class_names,
     )
