@@ -81,9 +81,12 @@ def _domain(config: Config, data: UnlearningData, device: torch.device, log: Cal
         stream = BatchStream(train, 64, config.seed + 7, device=device)
         ctx = StepContext(model=model, mask=data.mask)
         run_phases(model, [Phase("domain", _classify, ("train",), steps, 2e-3)], {"train": stream}, ctx, clip_norm=10.0)
+        test = ImageSubset.concat(data.retain_test, data.forget_test)
+        correct = 0
         with torch.no_grad():
-            test = ImageSubset.concat(data.retain_test, data.forget_test)
-            accuracy = float((model(to_float(test.clean).to(device))[1].argmax(1).cpu() == test.labels).float().mean())
+            for rows, images in test.batches():
+                correct += int((model(to_float(images).to(device))[1].argmax(1).cpu() == test.labels[rows]).sum())
+        accuracy = correct / len(test)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         cache.save("backbones", key, state, {"backbone": "domain", "test_accuracy": accuracy,  # trained on D_f too
                                              "forget_digest": data.forget_digest(config.data.dataset)})
@@ -92,15 +95,25 @@ def _domain(config: Config, data: UnlearningData, device: torch.device, log: Cal
     return Backbone("domain", lambda x: model(x.to(device)), key)
 
 
-def _centroid_logits(features: Callable[[torch.Tensor], torch.Tensor], data: UnlearningData, device: torch.device):
-    """A nearest-centroid classifier (cosine, CLIP-style temperature 100) over the training classes."""
-    train = data.clean_training_set()
-    with torch.no_grad():
-        feats = torch.cat([features(to_float(train.clean[i : i + 128]).to(device)).float() for i in range(0, len(train), 128)])
-    feats = F.normalize(feats, dim=1)
-    labels = train.labels.to(feats.device)
-    centroids = torch.stack([feats[labels == c].mean(0) if (labels == c).any() else torch.zeros_like(feats[0]) for c in range(len(data.class_names))])
-    centroids = F.normalize(centroids, dim=1)
+def _centroid_logits(features: Callable[[torch.Tensor], torch.Tensor], data: UnlearningData, device: torch.device,
+                     cache: ArtifactCache, key: str, digest: str):
+    """A nearest-centroid classifier (cosine, CLIP-style temperature 100) over the training classes; the centroids
+    are summed batch by batch over the clean training set once per setup and cached."""
+    if (hit := cache.get("backbones", key)) is not None:
+        centroids = hit[0]["centroids"].to(device)
+    else:
+        train = data.clean_training_set()
+        sums = None
+        with torch.no_grad():
+            for rows, images in train.batches(128):
+                feats = F.normalize(features(to_float(images).to(device)).float(), dim=1).cpu()
+                if sums is None:
+                    sums = torch.zeros(len(data.class_names), feats.shape[1])
+                sums.index_add_(0, train.labels[rows], feats)
+        centroids = F.normalize(sums, dim=1)  # the normalised mean (a class without images: zeros)
+        cache.save("backbones", key, {"centroids": centroids},
+                   {"backbone": "clip-centroids", "forget_digest": digest})  # from D_f's images too
+        centroids = centroids.to(device)
     return lambda f: 100.0 * F.normalize(f.float(), dim=1) @ centroids.T
 
 
@@ -168,9 +181,10 @@ def _clip(config: Config, data: UnlearningData, device: torch.device) -> Backbon
         x = F.interpolate(x.to(device), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
         return model.encode_image((x - mean) / std)
 
-    logits = _centroid_logits(embed, data, device)
-    return Backbone("clip", lambda x: (f := embed(x), logits(f)),
-                    f"clip-{config.audit.clip_model}-{_file_key(weights) if weights else 'openai'}")
+    key = f"clip-{config.audit.clip_model}-{_file_key(weights) if weights else 'openai'}"
+    logits = _centroid_logits(embed, data, device, ArtifactCache(config.resolved_cache_dir()),
+                              f"{key}-centroids-{config.section_key('data')}", data.forget_digest(config.data.dataset))
+    return Backbone("clip", lambda x: (f := embed(x), logits(f)), key)
 
 
 def load_backbone(config: Config, data: UnlearningData, device: torch.device, log: Callable[[str], None] = lambda _: None) -> Backbone:

@@ -61,6 +61,9 @@ GLOBAL = {
     "sample_ratio": "unlearn_samples / retrain_samples",
     "retrain_samples_estimated": "1 when there is no retrain reference: retrain_samples = stages.epochs x |D_r|",
     "diverged": "1 if a loss or gradient became non-finite",
+    "unlearn_images_read_per_rank": "images the busiest data-parallel rank read from the image store for unlearning "
+                                    "(its shard of every global batch: unlearn_samples / workers)",
+    "data_skipped_images": "unreadable image files left out of the data set (data.skip_unreadable; absent when none)",
     "resumed_from_phase": "the phase checkpoint a restarted data-parallel worker group resumed from (0: started from the beginning)",
     "seeds": "unlearning seeds averaged (`--seeds K`); `<figure>_std` is the spread across them",
     "unlearn_seed": "the unlearning seed of this run (unlearn.seed; batch order and noise)",

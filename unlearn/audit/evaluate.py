@@ -1,12 +1,22 @@
-"""The Auditor: reference features computed once (and cached), then the full catalogue for any model."""
+"""The Auditor: reference figures computed once (and cached), then the full catalogue for any model.
+
+Evaluation streams: each test split is read from the image store batch by batch, run through the model on the
+device, and folded into running figures (sums for the MSE, the std ratio and the distances; torchmetrics' FID
+states; per-image scalars for the marker and membership). No split's images or outputs are ever held whole. What the
+references contribute per image (the ground truth's embeddings, the retrain model's outputs in the hole) is cached as
+memory-mapped arrays and read row by row beside the batch.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -14,11 +24,11 @@ from unlearn.audit.backbones import Backbone, load_backbone
 from unlearn.audit.catalogue import REFERENCES
 from unlearn.audit.marker import marker_score, marker_strength, marker_threshold, wilson_interval
 from unlearn.audit.mia import hole_errors, membership_auc, membership_sets
-from unlearn.audit.ood import knn_ood_rate, output_distance
+from unlearn.audit.ood import knn_ood_rate
 from unlearn.audit.verdict import judge
-from unlearn.cache import ArtifactCache
+from unlearn.cache import ARRAYS, CHECKSUM, TENSORS, ArrayWriter, ArtifactCache, array_file
 from unlearn.config import Config
-from unlearn.data import ImageSubset, UnlearningData, draw_marker, to_float
+from unlearn.data import ImageSubset, UnlearningData, to_float
 from unlearn.models import I2IModel
 from unlearn.runtime import autocast
 
@@ -34,25 +44,32 @@ class _Precomputed(nn.Module):
         return features
 
 
-def fid_metric(real: torch.Tensor):
-    """torchmetrics' FID holding the statistics of a fixed real feature set, kept across `reset()`
-    (reset_real_features=False), so that each model only adds its own features (see `fid_against`)."""
+_FID_STATES = ("features_sum", "features_cov_sum", "features_num_samples")
+
+
+def fid_metric(num_features: int):
+    """torchmetrics' FID over features we compute (fed batch by batch: it keeps sums, never the features)."""
     # imported where used: torchmetrics pulls in torchvision and torch._dynamo (seconds), which commands that do
     # not audit (methods, purge, a config error) should not pay for
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     # sync_on_compute=False: in a data-parallel run only rank 0 audits; torchmetrics must not wait for the others.
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), reset_real_features=False, sync_on_compute=False)
-    metric.update(real.double(), real=True)
-    return metric
+    # compute_with_cache=False: one set of fake statistics is compared with several real ones (`fid_against`).
+    return FrechetInceptionDistance(feature=_Precomputed(num_features), reset_real_features=False,
+                                    sync_on_compute=False, compute_with_cache=False)
 
 
-def fid_against(metric, fake: torch.Tensor) -> float:
-    metric.reset()  # drops the previous model's features, keeps the real statistics
-    metric.update(fake.double(), real=False)
+def real_statistics(metric) -> dict[str, torch.Tensor]:
+    """The real-feature states of a FID metric (what a reference contributes, cached once)."""
+    return {name: getattr(metric, f"real_{name}").clone() for name in _FID_STATES}
+
+
+def fid_against(metric, real: dict[str, torch.Tensor]) -> float:
+    """FID between the fake features fed to `metric` and a cached real feature set's statistics."""
+    for name in _FID_STATES:
+        setattr(metric, f"real_{name}", real[name])
     # A distance: identical feature sets give a tiny negative number from the matrix square root's round-off.
     return max(0.0, float(metric.compute()))
-
 
 
 def inception_score(logits: torch.Tensor) -> float:
@@ -68,45 +85,80 @@ def inception_score(logits: torch.Tensor) -> float:
             return float(metric.compute()[0])
 
 
-def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1).mean())
-
-
 @torch.no_grad()
-def model_outputs(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, device: torch.device, precision: str, batch_size: int = 256) -> torch.Tensor:
-    """Inpainted outputs for every image of `subset` (on the CPU, float32)."""
+def stream_outputs(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, device: torch.device, precision: str,
+                   batch_size: int | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(rows, inputs as uint8 on the CPU, inputs as float on the device, inpainted outputs as float32 on the device),
+    batch by batch: the subset's images as the model is fed them (the '+' only where the subset is poisoned)."""
+    was_training = model.training
     model.eval()
-    outs = []
-    for i in range(0, len(subset), batch_size):
-        images = to_float(subset.images[i : i + batch_size]).to(device)
-        with autocast(device, precision):
-            outs.append(model.reconstruct(images, mask.to(device)).float().cpu())
-    return torch.cat(outs)
+    mask = mask.to(device)
+    try:
+        for rows, images in subset.batches(batch_size):
+            inputs = to_float(images).to(device)
+            with autocast(device, precision):
+                outputs = model.reconstruct(inputs, mask).float()
+            yield rows, images, inputs, outputs
+    finally:
+        model.train(was_training)
+
+
+def model_outputs(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """Every output of a *small* subset at once, on the CPU (grid rows, tests); the audit streams instead."""
+    return torch.cat([out.cpu() for *_, out in stream_outputs(model, subset, mask, device, precision)])
+
+
+def pooled_encoding(model: I2IModel, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Encoder features for kNN OOD, flattened; spatial maps larger than 8 x 8 are average-pooled to 8 x 8 first
+    (a 256-px image's latent would be a megabyte per image; 16-px digits' 4 x 4 maps are untouched)."""
+    z = model.encode(images, mask).float()
+    if z.dim() == 4 and (z.shape[-1] > 8 or z.shape[-2] > 8):
+        z = nn.functional.adaptive_avg_pool2d(z, (min(z.shape[-2], 8), min(z.shape[-1], 8)))
+    return z.flatten(1)
 
 
 @torch.no_grad()
-def encoder_features(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, device: torch.device, precision: str,
-                     batch_size: int = 256) -> torch.Tensor:
+def encoder_features(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, device: torch.device,
+                     precision: str) -> torch.Tensor:
     feats = []
-    for i in range(0, len(subset), batch_size):
-        images = to_float(subset.images[i : i + batch_size]).to(device)
+    for _, _, inputs, _ in _inputs_only(subset, device):
         with autocast(device, precision):
-            feats.append(model.encode(images, mask.to(device)).float().flatten(1).cpu())
+            feats.append(pooled_encoding(model, inputs, mask.to(device)).cpu())
     return torch.cat(feats)
 
 
-# Bump when the cached reference tensors change meaning, so a changed catalogue never reads old entries.
-REFERENCE_SCHEMA = 3  # v3: retrain's mia_auc
+def _inputs_only(subset: ImageSubset, device: torch.device) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, None]]:
+    for rows, images in subset.batches():
+        yield rows, images, to_float(images).to(device), None
 
 
-def output_std_ratio(outputs: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> float:
-    """Per-pixel std across images inside the hole, relative to the ground truth's (0 = one constant fill)."""
-    hole = mask[0, 0].bool()
-    return float(outputs[:, :, hole].std(0).mean() / truth[:, :, hole].std(0).mean().clamp_min(1e-8))
+# Bump when the cached reference figures change meaning, so a changed catalogue never reads old entries.
+REFERENCE_SCHEMA = 4  # v4: statistics and memory-mapped per-image arrays, computed over the streamed eval subsets
 
 
-def _head(subset: ImageSubset, n: int) -> ImageSubset:
-    return ImageSubset(subset.images[:n], subset.clean[:n], subset.labels[:n])
+class HoleStd:
+    """Per-pixel std across images inside the hole, accumulated batch by batch; `mean()` is its mean over pixels."""
+
+    def __init__(self) -> None:
+        self.n, self.total, self.squares = 0, None, None
+
+    def update(self, hole_values: torch.Tensor) -> None:  # (n, 3, P)
+        values = hole_values.double()
+        s, q = values.sum(0), values.pow(2).sum(0)
+        self.total = s if self.total is None else self.total + s
+        self.squares = q if self.squares is None else self.squares + q
+        self.n += len(values)
+
+    def mean(self) -> float:
+        if self.n < 2:
+            return math.nan
+        var = (self.squares - self.total.pow(2) / self.n) / (self.n - 1)
+        return float(var.clamp_min(0).sqrt().mean())
+
+
+def _rms_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image RMS difference of two (n, 3, P) hole tensors."""
+    return (a.double() - b.double()).pow(2).mean(dim=(1, 2)).sqrt()
 
 
 class Auditor:
@@ -123,58 +175,102 @@ class Auditor:
     ) -> None:
         self.config, self.data, self.device = config, data, device
         self.mask = data.mask
+        self.hole = self.mask[0, 0].bool()
         self.backbone: Backbone = load_backbone(config, data, device, log)
-        self.ood_set = _head(data.forget_train, config.audit.ood_samples)
-        self.knn_train = _head(data.retain_train, config.audit.knn_train_samples)
-        self.splits = data.eval_splits()
-        forget = self.splits["forget"]
-        self.forget_clean = to_float(forget.clean)
-        self.forget_poisoned = to_float(draw_marker(forget.clean, config.data.marker, config.data.mask))
-        self.retain_truth = to_float(self.splits["retain"].clean)
+        self.ood_set = data.forget_train.head(config.audit.ood_samples)
+        self.knn_train = data.retain_train.head(config.audit.knn_train_samples)
+        # Each test split capped at audit.eval_samples (seeded sample, kept in split order).
+        self.splits = {name: subset.sample(config.audit.eval_samples, config.seed + i)
+                       for i, (name, subset) in enumerate(data.eval_splits().items())}
         self.mia_members, self.mia_nonmembers = membership_sets(
             data.forget_train, [data.forget_test, data.retain_test], config.audit.mia_samples)
-        self._fid_metrics: dict = {}  # reference feature set -> its FID metric (real statistics kept)
         # Set by pipeline.calibrate: the resolved ood_delta, the audit's self-check, the attack's figures.
         self.calibration: dict[str, float] = {}
         cache = ArtifactCache(config.resolved_cache_dir())
         inputs = (config.section_key("data", "audit") + "".join(reference_keys.get(r, "-") for r in REFERENCES)
                   + self.backbone.key + ("" if config.has_marker else "-clean"))
-        key = f"refs-v{REFERENCE_SCHEMA}-" + hashlib.sha256(inputs.encode()).hexdigest()[:16]
-        self.key = key
-        if (hit := cache.get("references", key)) is not None:
-            self.refs = hit[0]
-            log("reference features: reused")
-        else:
-            self.refs = self._reference_tensors(references)
-            cache.save("references", key, self.refs, {"backbone": self.backbone.name,  # outputs on D_f
-                                                      "forget_digest": data.forget_digest(config.data.dataset)})
+        self.key = f"refs-v{REFERENCE_SCHEMA}-" + hashlib.sha256(inputs.encode()).hexdigest()[:16]
+        if (hit := cache.get("references", self.key)) is None:
+            digest = data.forget_digest(config.data.dataset)
+            cache.build("references", self.key, lambda folder: self._write_references(references, folder, digest))
+            hit = cache.get("references", self.key)
             log("reference features: computed")
+        else:
+            log("reference features: reused")
+        self.refs: dict[str, Any] = hit[0]
 
-    def _reference_tensors(self, references: dict[str, I2IModel]) -> dict[str, torch.Tensor]:
+    # --- references (once per prepared setup) ------------------------------------------------------------------
+    def _write_references(self, references: dict[str, I2IModel], folder: Path, digest: str) -> dict[str, Any]:
+        """Stream every eval split once through the ground truth and each reference model; write the cache entry's
+        small tensors and per-image arrays into `folder`; return its meta."""
+        import io
+
         refs: dict[str, torch.Tensor] = {}
+        arrays: dict[str, dict[str, Any]] = {}
+        models = {name: references[name] for name in REFERENCES if name in references}  # no retrain w/o audit.retrain
+        mask = self.mask.to(self.device)
+        precision = self.config.precision
         for split, subset in self.splits.items():
-            refs[f"gt/{split}"] = self.backbone(to_float(subset.clean))[0]
-            for name in (r for r in REFERENCES if r in references):  # no retrain with audit.retrain = false
-                outputs = model_outputs(references[name], subset, self.mask, self.device, self.config.precision)
-                refs[f"{name}/{split}"] = self.backbone(outputs)[0]
-                if split == "forget" and name in ("retrain", "original"):
-                    refs[f"{name}/forget/outputs"] = outputs
-                if split == "forget" and name == "original":
-                    scores = marker_score(outputs, self.data.marker, self.mask, self.config.data.marker.color)
-                    refs["marker_threshold"] = torch.tensor(
-                        marker_threshold(scores, self.config.audit.marker_false_positive_rate, self.config.audit.marker_min_score)
-                    )
-        refs["theta0/ood_set"] = model_outputs(references["attack"], self.ood_set, self.mask, self.device, self.config.precision)
-        if "retrain" in references:
-            refs["original/forget_gap"] = torch.tensor(
-                output_distance(refs["original/forget/outputs"], refs["retrain/forget/outputs"], self.mask))
-            mia = self.membership(references["retrain"])
+            fids: dict[str, Any] = {}
+            writers: dict[str, ArrayWriter] = {}
+            original_scores, gap_sum, truth_std = [], 0.0, HoleStd()
+            for _, _, truth, _ in _inputs_only(subset, self.device):
+                outputs = {"gt": truth}
+                with torch.no_grad(), autocast(self.device, precision):
+                    for name, model in models.items():
+                        outputs[name] = model.eval().reconstruct(truth, mask).float()
+                for name, images in outputs.items():
+                    features = self.backbone(images)[0]
+                    fids.setdefault(name, fid_metric(features.shape[1])).update(features.double(), real=True)
+                    if name == "gt":  # per image, for the cosine similarity of each output with its ground truth
+                        self._writer(writers, folder, f"gt/{split}/features", features.shape[1:]).write(features.numpy())
+                if split == "retain":
+                    truth_std.update(truth[:, :, self.hole].cpu())
+                if split == "forget" and "original" in outputs:
+                    original_scores.append(marker_score(outputs["original"].cpu(), self.data.marker, self.mask,
+                                                        self.config.data.marker.color))
+                if split == "forget" and "retrain" in outputs:
+                    retrain_hole = outputs["retrain"][:, :, self.hole].cpu()
+                    self._writer(writers, folder, "retrain/forget/hole", retrain_hole.shape[1:]).write(retrain_hole.numpy())
+                    gap_sum += float(_rms_per_image(outputs["original"][:, :, self.hole].cpu(), retrain_hole).sum())
+            for name, metric in fids.items():
+                refs.update({f"fid/{name}/{split}/{k}": v for k, v in real_statistics(metric).items()})
+            if split == "retain":
+                refs["gt/retain/hole_std"] = torch.tensor(truth_std.mean())
+            if original_scores:
+                refs["marker_threshold"] = torch.tensor(marker_threshold(
+                    torch.cat(original_scores), self.config.audit.marker_false_positive_rate, self.config.audit.marker_min_score))
+            if split == "forget" and "retrain" in models:
+                refs["original/forget_gap"] = torch.tensor(gap_sum / len(subset))
+            arrays.update({name: writer.close() for name, writer in writers.items()})
+        refs["theta0/ood_set"] = self._hole_outputs(models["attack"], self.ood_set)
+        if "retrain" in models:
+            self.refs = refs
+            mia = self.membership(models["retrain"])
             if mia:
                 refs["retrain/mia_auc"] = torch.tensor(mia["mia_auc"])
-            retrain_ood = model_outputs(references["retrain"], self.ood_set, self.mask, self.device, self.config.precision)
-            refs["retrain/ood_distance"] = torch.tensor(output_distance(retrain_ood, refs["theta0/ood_set"], self.mask))
-        return refs
+            refs["retrain/ood_distance"] = torch.tensor(self.ood_distance(models["retrain"]))
+        buffer = io.BytesIO()
+        torch.save(refs, buffer)
+        (folder / TENSORS).write_bytes(buffer.getvalue())
+        return {"backbone": self.backbone.name, "forget_digest": digest,  # outputs on D_f
+                CHECKSUM: hashlib.sha256(buffer.getvalue()).hexdigest(), ARRAYS: arrays}
 
+    @staticmethod
+    def _writer(writers: dict[str, ArrayWriter], folder: Path, name: str, row_shape) -> ArrayWriter:
+        if name not in writers:
+            writers[name] = ArrayWriter(folder / array_file(name), "float32", tuple(row_shape))
+        return writers[name]
+
+    def _rows(self, name: str, rows: slice) -> torch.Tensor:
+        """Rows of a cached per-image array (memory-mapped: only these rows are read)."""
+        return torch.from_numpy(np.array(self.refs[name][rows]))
+
+    def _hole_outputs(self, model: I2IModel, subset: ImageSubset) -> torch.Tensor:
+        return torch.cat([out[:, :, self.hole].cpu() for *_, out in
+                          stream_outputs(model, subset, self.mask, self.device, self.config.precision)])
+
+    # --- single figures ----------------------------------------------------------------------------------------
     @property
     def ood_delta(self) -> float:
         """The resolved OOD threshold (a number even when the config says `auto`, once calibrated)."""
@@ -183,44 +279,55 @@ class Auditor:
         delta = self.config.unlearn.ood_delta
         return math.inf if delta == "auto" else float(delta)
 
-    def marker_figures(self, outputs: torch.Tensor) -> dict[str, float]:
-        """forget_marker (rate, with its 95% interval) and forget_marker_strength of forget-test outputs."""
-        color = self.config.data.marker.color
-        scores = marker_score(outputs, self.data.marker, self.mask, color)
-        threshold = float(self.refs["marker_threshold"])
-        detected = int((scores > threshold).sum())
-        low, high = wilson_interval(detected, len(scores))
-        strength = marker_strength(outputs, self.forget_clean, self.forget_poisoned, self.data.marker, self.mask, color)
-        return {"forget_marker": detected / len(scores), "forget_marker_ci_low": low, "forget_marker_ci_high": high,
-                "forget_marker_strength": float(strength.mean()), "marker_threshold": threshold}
+    def marker_figures(self, model: I2IModel) -> dict[str, float]:
+        """forget_marker (rate, with its 95% interval) and forget_marker_strength of the model's forget-test outputs."""
+        tally = self._marker_tally()
+        for _, images, _, outputs in stream_outputs(model, self.splits["forget"], self.mask, self.device, self.config.precision):
+            tally(outputs, images)
+        return tally.figures()
 
-    def forget_gap(self, outputs: torch.Tensor) -> float:
-        """Distance in the hole to the retrain model's forget-test outputs, in units of the original model's."""
-        gap = output_distance(outputs, self.refs["retrain/forget/outputs"], self.mask)
-        return gap / max(float(self.refs["original/forget_gap"]), 1e-8)
+    def _marker_tally(self) -> _MarkerTally:
+        return _MarkerTally(self.data.marker, self.mask, self.config, float(self.refs["marker_threshold"]))
 
     def membership(self, model: I2IModel) -> dict[str, float]:
         """mia_auc with its 95% bootstrap interval (members: D_f's training images; see unlearn.audit.mia)."""
-        errors = [hole_errors(model_outputs(model, subset, self.mask, self.device, self.config.precision),
-                              to_float(subset.clean), self.mask) for subset in (self.mia_members, self.mia_nonmembers)]
+        errors = [torch.cat([hole_errors(out.cpu(), to_float(images), self.mask) for _, images, _, out in
+                             stream_outputs(model, subset, self.mask, self.device, self.config.precision)] or [torch.zeros(0)])
+                  for subset in (self.mia_members, self.mia_nonmembers)]
         if len(errors[1]) == 0:
             return {}  # no held-out image of D_f's classes: membership cannot be tested
         auc, low, high = membership_auc(*errors, resamples=self.config.audit.mia_resamples, seed=self.config.seed)
         return {"mia_auc": auc, "mia_auc_ci_low": low, "mia_auc_ci_high": high}
 
     def output_std_ratio(self, model: I2IModel) -> float:
-        """The collapse measure on retain-test (see `output_std_ratio`)."""
-        was_training = model.training
-        outputs = model_outputs(model, self.splits["retain"], self.mask, self.device, self.config.precision)
-        model.train(was_training)
-        return output_std_ratio(outputs, self.retain_truth, self.mask)
+        """The collapse measure on retain-test: the outputs' per-pixel std in the hole across images / the ground
+        truth's (0 = one constant fill)."""
+        std = HoleStd()
+        for *_, outputs in stream_outputs(model, self.splits["retain"], self.mask, self.device, self.config.precision):
+            std.update(outputs[:, :, self.hole].cpu())
+        return std.mean() / max(float(self.refs["gt/retain/hole_std"]), 1e-8)
 
     def ood_distance(self, model: I2IModel) -> float:
-        """Eq. 3 on D_f, against theta0 = the attack model (used by the GA stop criterion too)."""
-        was_training = model.training
-        outputs = model_outputs(model, self.ood_set, self.mask, self.device, self.config.precision)
-        model.train(was_training)
-        return output_distance(outputs, self.refs["theta0/ood_set"], self.mask)
+        """Eq. 3 on D_f, against theta0 = the attack model (used by the GA stop criterion too): the mean over
+        images of the RMS difference in the hole."""
+        total = 0.0
+        for rows, _, _, outputs in stream_outputs(model, self.ood_set, self.mask, self.device, self.config.precision):
+            total += float(_rms_per_image(outputs[:, :, self.hole].cpu(), self.refs["theta0/ood_set"][rows]).sum())
+        return total / len(self.ood_set)
+
+    def outputs_finite(self, model: I2IModel) -> bool:
+        """Whether the model's outputs on the Eq. 3 subset are all finite (a diverged model's are not)."""
+        return all(bool(torch.isfinite(out).all()) for *_, out in
+                   stream_outputs(model, self.ood_set, self.mask, self.device, self.config.precision))
+
+    def forget_loss(self, model: I2IModel) -> float:
+        """L(theta; D_f) on the Eq. 3 subset of D_f (poisoned targets, as trained)."""
+        total = 0.0
+        mask = self.mask.to(self.device)
+        with torch.no_grad():
+            for _, _, inputs, _ in _inputs_only(self.ood_set, self.device):
+                total += float(model.loss(inputs, mask, inputs).double().sum())
+        return total / len(self.ood_set)
 
     def output_row(self, model: I2IModel):
         """The model's outputs on the fixed grid samples, as one image strip (see audit.samples)."""
@@ -232,46 +339,19 @@ class Auditor:
 
     def save_embeddings(self, model: I2IModel, path, per_split: int = 200) -> None:
         """Backbone embeddings of the model's outputs on retain-test and forget-test (for the t-SNE plot)."""
-        import numpy as np
-
         arrays = {}
         for split in ("retain", "forget"):
-            subset = _head(self.splits[split], per_split)
-            arrays[split] = self.backbone(model_outputs(model, subset, self.mask, self.device, self.config.precision))[0].numpy()
+            subset = self.splits[split].head(per_split)
+            arrays[split] = torch.cat([self.backbone(out)[0] for *_, out in stream_outputs(
+                model, subset, self.mask, self.device, self.config.precision)]).numpy()
         np.savez_compressed(path, **arrays)
 
-    def _fid(self, real_key: str, features: torch.Tensor) -> float:
-        """FID against the reference features `real_key`, whose statistics are computed once per auditor."""
-        if real_key not in self._fid_metrics:
-            self._fid_metrics[real_key] = fid_metric(self.refs[real_key])
-        return fid_against(self._fid_metrics[real_key], features)
-
+    # --- the catalogue -----------------------------------------------------------------------------------------
     def evaluate(self, model: I2IModel) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        hole = self.mask[0, 0].bool()
         encoded: dict[str, torch.Tensor] = {}
         for split, subset in self.splits.items():
-            outputs = model_outputs(model, subset, self.mask, self.device, self.config.precision)
-            if not torch.isfinite(outputs).all():
-                outputs = torch.nan_to_num(outputs, nan=0.0, posinf=1.0, neginf=0.0)
-                metrics["diverged"] = 1.0
-            truth = to_float(subset.clean)
-            metrics[f"{split}_mse"] = float((outputs - truth)[:, :, hole].pow(2).mean())
-            features, logits = self.backbone(outputs)
-            metrics[f"{split}_fid"] = self._fid(f"gt/{split}", features)
-            metrics[f"{split}_is"] = inception_score(logits)
-            metrics[f"{split}_clip"] = cosine_similarity(features, self.refs[f"gt/{split}"])
-            for ref in REFERENCES:
-                if f"{ref}/{split}" in self.refs:
-                    metrics[f"{split}_fid_vs_{ref}"] = self._fid(f"{ref}/{split}", features)
-            if split == "forget" and self.config.has_marker:
-                metrics.update(self.marker_figures(outputs))
-            if split == "forget" and "original/forget_gap" in self.refs:
-                metrics["forget_gap_vs_retrain"] = self.forget_gap(outputs)
-            if split == "retain":
-                metrics["retain_output_std_ratio"] = output_std_ratio(outputs, truth, self.mask)
-            if split in ("retain", "forget"):
-                encoded[split] = encoder_features(model, subset, self.mask, self.device, self.config.precision)
+            metrics.update(self._evaluate_split(model, split, subset, encoded))
         train_feats = encoder_features(model, self.knn_train, self.mask, self.device, self.config.precision)
         metrics["forget_ood_rate"] = knn_ood_rate(train_feats, encoded["retain"], encoded["forget"], self.config.audit.knn_k)
         metrics["forget_ood_distance"] = self.ood_distance(model)
@@ -281,6 +361,58 @@ class Auditor:
         metrics.setdefault("diverged", 0.0)
         metrics["collapsed"] = float(metrics["retain_output_std_ratio"] < self.config.audit.collapse_std_ratio)
         return self.verdict(metrics)
+
+    def _evaluate_split(self, model: I2IModel, split: str, subset: ImageSubset, encoded: dict[str, torch.Tensor]
+                        ) -> dict[str, float]:
+        """One split's figures, streamed: one batch of images and outputs in memory at a time."""
+        metrics: dict[str, float] = {}
+        fake, logits, std = None, [], HoleStd()
+        squares, cosines, gap = 0.0, 0.0, 0.0
+        marker = self._marker_tally() if split == "forget" and self.config.has_marker else None
+        gap_reference = "retrain/forget/hole" if split == "forget" and "original/forget_gap" in self.refs else None
+        codes = []
+        mask = self.mask.to(self.device)
+        for rows, images, inputs, outputs in stream_outputs(model, subset, self.mask, self.device, self.config.precision):
+            if not torch.isfinite(outputs).all():
+                outputs = torch.nan_to_num(outputs, nan=0.0, posinf=1.0, neginf=0.0)
+                metrics["diverged"] = 1.0
+            hole_out = outputs[:, :, self.hole].cpu()
+            squares += float((hole_out.double() - inputs[:, :, self.hole].cpu().double()).pow(2).sum())
+            features, batch_logits = self.backbone(outputs)
+            fake = fake or fid_metric(features.shape[1])
+            fake.update(features.double(), real=False)
+            logits.append(batch_logits)
+            cosines += float(nn.functional.cosine_similarity(features.flatten(1), self._rows(f"gt/{split}/features", rows),
+                                                             dim=1).double().sum())
+            if marker is not None:
+                marker(outputs, images)
+            if gap_reference is not None:
+                gap += float(_rms_per_image(hole_out, self._rows(gap_reference, rows)).sum())
+            if split == "retain":
+                std.update(hole_out)
+            if split in ("retain", "forget"):
+                with torch.no_grad(), autocast(self.device, self.config.precision):
+                    codes.append(pooled_encoding(model, inputs, mask).cpu())
+        n = len(subset)
+        metrics[f"{split}_mse"] = squares / (n * 3 * int(self.hole.sum()))
+        metrics[f"{split}_fid"] = fid_against(fake, self._fid_ref("gt", split))
+        metrics[f"{split}_is"] = inception_score(torch.cat(logits))
+        metrics[f"{split}_clip"] = cosines / n
+        for ref in REFERENCES:
+            if f"fid/{ref}/{split}/features_sum" in self.refs:
+                metrics[f"{split}_fid_vs_{ref}"] = fid_against(fake, self._fid_ref(ref, split))
+        if marker is not None:
+            metrics.update(marker.figures())
+        if gap_reference is not None:
+            metrics["forget_gap_vs_retrain"] = (gap / n) / max(float(self.refs["original/forget_gap"]), 1e-8)
+        if split == "retain":
+            metrics["retain_output_std_ratio"] = std.mean() / max(float(self.refs["gt/retain/hole_std"]), 1e-8)
+        if codes:
+            encoded[split] = torch.cat(codes)
+        return metrics
+
+    def _fid_ref(self, name: str, split: str) -> dict[str, torch.Tensor]:
+        return {k: self.refs[f"fid/{name}/{split}/{k}"] for k in _FID_STATES}
 
     def verdict(self, metrics: dict[str, float]) -> dict[str, float]:
         """Add the calibration figures, the retain degradation, ood_reached and feasibility to `metrics`."""
@@ -296,3 +428,29 @@ class Auditor:
             out["ood_reached"] = float(out["forget_ood_distance"] >= self.ood_delta)
         out.update(judge(out, self.config))
         return out
+
+
+class _MarkerTally:
+    """Per-image marker scores and strengths of forget-test outputs, batch by batch."""
+
+    def __init__(self, marker: torch.Tensor, mask: torch.Tensor, config: Config, threshold: float) -> None:
+        self.marker, self.mask, self.config, self.threshold = marker, mask, config, threshold
+        self.scores: list[torch.Tensor] = []
+        self.strengths: list[torch.Tensor] = []
+
+    def __call__(self, outputs: torch.Tensor, clean_u8: torch.Tensor) -> None:
+        from unlearn.data import draw_marker
+
+        color = self.config.data.marker.color
+        outputs = outputs.cpu()
+        clean = to_float(clean_u8)
+        poisoned = to_float(draw_marker(clean_u8, self.config.data.marker, self.config.data.mask))
+        self.scores.append(marker_score(outputs, self.marker, self.mask, color))
+        self.strengths.append(marker_strength(outputs, clean, poisoned, self.marker, self.mask, color))
+
+    def figures(self) -> dict[str, float]:
+        scores = torch.cat(self.scores)
+        detected = int((scores > self.threshold).sum())
+        low, high = wilson_interval(detected, len(scores))
+        return {"forget_marker": detected / len(scores), "forget_marker_ci_low": low, "forget_marker_ci_high": high,
+                "forget_marker_strength": float(torch.cat(self.strengths).mean()), "marker_threshold": self.threshold}

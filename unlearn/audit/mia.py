@@ -47,17 +47,13 @@ def ranked_auc(rows: np.ndarray, positives: int) -> np.ndarray:
 
 
 def membership_sets(forget_train: ImageSubset, candidates: list[ImageSubset], limit: int) -> tuple[ImageSubset, ImageSubset]:
-    """(members, non-members), both with clean inputs: D_f's training images, and the held-out test images of
-    D_f's classes (class level: forget-test; sample level: those classes' test images). At most `limit` each."""
-    members = ImageSubset(forget_train.clean[:limit], forget_train.clean[:limit], forget_train.labels[:limit])
+    """(members, non-members), both clean (no '+'): D_f's training images, and the held-out test images of D_f's
+    classes (class level: forget-test; sample level: those classes' test images), never a training image of D_f.
+    At most `limit` each. Index lists into the store: nothing is read here."""
+    members = forget_train.clean_view().head(limit)
     classes = forget_train.labels.unique()
-    taken = set(forget_train.index.tolist()) if forget_train.index is not None else set()
     parts = []
     for subset in candidates:
-        keep = torch.isin(subset.labels, classes)
-        if subset.index is not None and taken:
-            keep &= torch.tensor([int(i) not in taken for i in subset.index.tolist()], dtype=torch.bool)
-        parts.append(ImageSubset(subset.clean[keep], subset.clean[keep], subset.labels[keep]))
-    pool = ImageSubset.concat(*parts)
-    n = min(limit, len(pool))
-    return members, ImageSubset(pool.images[:n], pool.clean[:n], pool.labels[:n])
+        keep = torch.isin(subset.labels, classes) & ~torch.isin(subset.index, forget_train.index)
+        parts.append(subset.clean_view().take(keep))
+    return members, ImageSubset.concat(*parts).head(limit)

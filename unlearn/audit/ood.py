@@ -1,17 +1,10 @@
-"""Out-of-distribution measures: Eq. 3 output distance to theta0, and kNN OOD on encoder features."""
+"""Out-of-distribution by kNN on encoder features (Eq. 3's output distance is streamed by the Auditor)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-def output_distance(outputs: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> float:
-    """d(f_theta(tau(D_f)), f_theta0(tau(D_f))): mean over images of the RMS difference in the hole."""
-    hole = mask[0, 0].bool()
-    diff = (outputs - reference)[:, :, hole]
-    return float(diff.pow(2).mean(dim=(1, 2)).sqrt().mean())
 
 
 def knn_ood_rate(train: torch.Tensor, calibration: torch.Tensor, query: torch.Tensor, k: int, tpr: float = 0.95) -> float:

@@ -17,7 +17,7 @@ SAMPLES_PER_SPLIT = 6
 
 def grid_images(data: UnlearningData, per_split: int = SAMPLES_PER_SPLIT) -> torch.Tensor:
     """The first `per_split` retain-test and forget-test images (float, (2k, 3, H, W))."""
-    return torch.cat([to_float(data.retain_test.images[:per_split]), to_float(data.forget_test.images[:per_split])])
+    return torch.cat([to_float(data.retain_test.head(per_split).read()), to_float(data.forget_test.head(per_split).read())])
 
 
 def to_row(images: torch.Tensor, pad: int = 1) -> np.ndarray:
@@ -31,7 +31,7 @@ def reference_rows(data: UnlearningData) -> dict[str, np.ndarray]:
     """The masked inputs and the clean ground truth of the grid samples."""
     images = grid_images(data)
     k = SAMPLES_PER_SPLIT
-    truth = torch.cat([to_float(data.retain_test.clean[:k]), to_float(data.forget_test.clean[:k])])
+    truth = torch.cat([to_float(data.retain_test.head(k).read(clean=True)), to_float(data.forget_test.head(k).read(clean=True))])
     return {"masked_input": to_row(apply_mask(images, data.mask)), "ground_truth": to_row(truth)}
 
 
