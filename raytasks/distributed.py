@@ -48,6 +48,13 @@ class AllReduceSync(GradientSync):
         dist.all_reduce(t)
         return float(t) / self.world_size
 
+    def max(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=_sync_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
 
 def _sync_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -92,6 +99,40 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
     else:
         ray.train.report({}, checkpoint=None)
+
+
+def stage_worker_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: train the stages the cache lacks on this rank's shard of each global batch
+    (gradients averaged every step: the one-worker run's steps); rank 0 writes them into the shared cache."""
+    import ray.train
+    import ray.train.torch
+
+    from unlearn.pipeline import load_data
+    from unlearn.stages import Shard, prepare_stages
+
+    torch.set_num_threads(loop_config.get("threads", 1))
+    context = ray.train.get_context()
+    config: Config = validate_config(loop_config["config"])
+    data = load_data(config)  # the store and split the sweep prepared before: nothing is decoded here
+    shard = Shard(context.get_world_rank(), context.get_world_size(), AllReduceSync())
+    prepare_stages(config, data, ray.train.torch.get_device(), shard=shard)
+    ray.train.report({}, checkpoint=None)
+
+
+def train_stages_data_parallel(config: Config, workers: int, storage_path: str, name: str, use_gpu: bool = False,
+                               max_failures: int = 2) -> None:
+    """Train the original, attack and retrain stages (those not cached) on `workers` Ray Train workers; a worker
+    group restarted after a failure retrains the stage it was in (the finished ones are in the cache)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    TorchTrainer(
+        stage_worker_loop,
+        train_loop_config={"config": config.model_dump(mode="json", by_alias=True), "threads": 1},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)),
+    ).fit()
 
 
 def run_data_parallel(

@@ -17,9 +17,10 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from raytasks import tracking
+from raytasks.distributed import train_stages_data_parallel
 from raytasks.outcome import WEIGHTS_FOLDER
 from raytasks.pareto import best_per_method, confirmed, mean_pm_std, pareto_front, reported
-from raytasks.preparation import Preparation, prepare_on_worker
+from raytasks.preparation import Preparation, prepare_data_on_worker, prepare_on_worker
 from raytasks.progress import ProgressCallback
 from raytasks.resources import TrialPlan
 from raytasks.search import CONFIRMS_KEY, METHOD_KEY, SweepSearch, confirmation_points, make_searcher
@@ -191,6 +192,11 @@ class SweepDriver:
         trials share each GPU as the largest peak allows."""
         measure = (self.use_gpu and self.workers == 1 and self.config.sweep.gpus_per_trial is None
                    and self.replan is not None)
+        stderr_log(f"sweep {self.name}: preparing the image store (Ray tasks) ...")
+        prepare_data_on_worker(self.config, stderr_log)
+        if self.workers > 1:  # the stages train data-parallel too, with the trials' worker count
+            stderr_log(f"sweep {self.name}: training the stages the cache lacks on {self.workers} Ray Train workers ...")
+            train_stages_data_parallel(self.config, self.workers, self.storage, "stages", self.use_gpu)
         stderr_log(f"sweep {self.name}: preparing stages and reference features once, on a worker ...")
         prep = prepare_on_worker(self.config, self.methods, self.use_gpu, self.config.sweep.cpus_per_trial, measure, stderr_log,
                                  logged)

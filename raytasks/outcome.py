@@ -13,9 +13,6 @@ import math
 import tempfile
 from pathlib import Path
 
-import torch
-
-from unlearn.audit import model_outputs
 from unlearn.audit.samples import save_png
 from unlearn.export import save_run
 from unlearn.pipeline import Prepared, UnlearnResult, audit_result
@@ -38,12 +35,6 @@ def sanitise(metrics: dict[str, float], objectives: list[str]) -> dict[str, floa
 WEIGHTS_FOLDER = "bundle"  # in the trial's checkpoint: weights, config.yaml, metrics.json (never uploaded per trial)
 
 
-def _outputs_finite(prepared: Prepared, result: UnlearnResult) -> bool:
-    outputs = model_outputs(result.model, prepared.auditor.ood_set, prepared.auditor.mask, prepared.device,
-                            prepared.config.precision)
-    return bool(torch.isfinite(outputs).all())
-
-
 def failed_trial(prepared: Prepared, reason: str, folder: Path | None = None) -> tuple[dict, Path]:
     """A trial that could not run to its audit (e.g. out of GPU memory): failed-infeasible, the reason in error.txt."""
     folder = Path(folder or tempfile.mkdtemp(prefix="trial-"))
@@ -60,7 +51,7 @@ def finish_trial(prepared: Prepared, result: UnlearnResult, method: str, folder:
     except (RuntimeError, ValueError) as exc:
         # Only a model whose outputs are not finite (diverged) may fail here; anything else is a bug in the audit
         # and surfaces as the trial's error, with its traceback in the trial's MLflow run.
-        if _outputs_finite(prepared, result):
+        if prepared.auditor.outputs_finite(result.model):
             raise
         raw = {**result.metrics, "diverged": 1.0}
         (folder / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")

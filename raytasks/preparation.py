@@ -1,5 +1,6 @@
-"""The sweep's preparation as Ray work: stages, audit backbone, reference features and calibration are built on a
-worker with a trial's resources (a GPU node on a cluster, never the CPU-only head), into the shared cache.
+"""The sweep's preparation as Ray work, into the shared cache: the image store is decoded by Ray tasks over the
+cluster's CPUs; stages, audit backbone, reference features and calibration are built on a worker with a trial's
+resources (a GPU node on a cluster, never the CPU-only head).
 
 The driver only coordinates: it gets back what it logs and certifies (the references' figures and images, the
 calibration, the forget digest, the stage keys) and, for one-worker GPU trials, one trial's measured peak memory.
@@ -65,8 +66,29 @@ def prepare_here(config_dump: dict[str, Any], methods: list[str], measure_gpu: b
                        references, files, rows, peak, free)
 
 
-def _prepare_task(config_dump: dict[str, Any], methods: list[str], measure_gpu: bool, lines,
-                  logged: frozenset[str]) -> Preparation:
+def ray_map_shards(fn: Callable, tasks: list) -> list:
+    """The image store's decoding as Ray tasks, one per shard, over the cluster's CPUs (each writes its shard into
+    the shared cache). A worker lost mid-shard is retried; a task's own error (an unreadable image, a full disk)
+    is raised as itself."""
+    import ray
+
+    remote = ray.remote(fn).options(num_cpus=1, max_retries=2)
+    try:
+        return ray.get([remote.remote(task) for task in tasks])
+    except ray.exceptions.RayTaskError as exc:
+        raise exc.cause from None
+
+
+def _data_task(config_dump: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    from unlearn.config import validate_config
+    from unlearn.pipeline import load_data
+
+    store = load_data(validate_config(config_dump), ray_map_shards, log, verify=True).store
+    return {"store": store.key, "images": len(store), "built_seconds": store.built_seconds}
+
+
+def _prepare_task(config_dump: dict[str, Any], methods: list[str], measure_gpu: bool,
+                  logged: frozenset[str], log: Callable[[str], None]) -> Preparation:
     import os
 
     import ray
@@ -74,29 +96,27 @@ def _prepare_task(config_dump: dict[str, Any], methods: list[str], measure_gpu: 
 
     # Ray pins a task's threads to its CPUs; nothing else runs while the sweep prepares, so use the node's cores
     torch.set_num_threads(os.cpu_count() or 1)
+    return prepare_here(config_dump, methods, measure_gpu, ray.get_runtime_context().get_node_id(), log, logged)
 
-    def log(line: str) -> None:
-        lines.put(line)
 
+def _logged(fn: Callable, lines, *args):
+    """Run `fn(*args, log)` with its log lines going to the queue `lines` (None marks the end)."""
     try:
-        return prepare_here(config_dump, methods, measure_gpu, ray.get_runtime_context().get_node_id(), log, logged)
+        return fn(*args, lines.put)
     finally:
         lines.put(None)  # done: the driver stops reading
 
 
-def prepare_on_worker(config: Config, methods: list[str], use_gpu: bool, cpus: float, measure_gpu: bool,
-                      log: Callable[[str], None], logged: frozenset[str] = frozenset()) -> Preparation:
-    """Run the preparation as a Ray task with one trial's CPUs and a whole GPU (when trials use GPUs): the autoscaler
-    launches a worker for it like for any trial, and what it builds lands in the shared cache. Its log lines
-    (stage training, ...) come back through a queue while it runs."""
+def run_on_worker(fn: Callable, args: tuple, log: Callable[[str], None], cpus: float = 1, gpus: float = 0):
+    """`fn(*args, log)` as a Ray task; its log lines come back through a queue while it runs, and a ConfigError it
+    raises is raised here as itself (one line, exit 2)."""
     import ray
     from ray.util.queue import Empty, Queue
 
     lines = Queue(actor_options={"num_cpus": 0})
     try:
         # max_retries: a worker node lost while preparing (a reclaimed spot node) is retried on another
-        task = ray.remote(_prepare_task).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_retries=2)
-        result = task.remote(config.model_dump(mode="json", by_alias=True), methods, measure_gpu, lines, logged)
+        result = ray.remote(_logged).options(num_cpus=cpus, num_gpus=gpus, max_retries=2).remote(fn, lines, *args)
         while True:
             try:
                 line = lines.get(timeout=2.0)
@@ -110,8 +130,22 @@ def prepare_on_worker(config: Config, methods: list[str], use_gpu: bool, cpus: f
         try:
             return ray.get(result)
         except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, ConfigError):  # e.g. stages.theta0 not found: one line, exit 2
+            if isinstance(exc.cause, ConfigError):  # e.g. stages.theta0 not found, an unreadable image
                 raise exc.cause from None
             raise
     finally:
         lines.shutdown()
+
+
+def prepare_data_on_worker(config: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    """The image store (decoded by Ray tasks over the cluster's CPUs, or reused and verified) and the split, from a
+    worker that sees the data root (never the CPU-only head)."""
+    return run_on_worker(_data_task, (config.model_dump(mode="json", by_alias=True),), log)
+
+
+def prepare_on_worker(config: Config, methods: list[str], use_gpu: bool, cpus: float, measure_gpu: bool,
+                      log: Callable[[str], None], logged: frozenset[str] = frozenset()) -> Preparation:
+    """Run the preparation as a Ray task with one trial's CPUs and a whole GPU (when trials use GPUs): the autoscaler
+    launches a worker for it like for any trial, and what it builds lands in the shared cache."""
+    return run_on_worker(_prepare_task, (config.model_dump(mode="json", by_alias=True), methods, measure_gpu, logged),
+                         log, cpus, 1 if use_gpu else 0)

@@ -18,7 +18,7 @@ from unlearn.cache import ArtifactCache
 from unlearn.config import Config
 from unlearn.data import BatchStream, ImageSubset, UnlearningData
 from unlearn.methods import objectives as obj
-from unlearn.methods.loop import Phase, StepContext, run_phases
+from unlearn.methods.loop import GradientSync, Phase, StepContext, run_phases
 from unlearn.models import I2IModel, build_model
 from unlearn.models.pretrained import load_pretrained
 from unlearn.runtime import import_before_timing, seed_everything
@@ -56,15 +56,26 @@ def _epoch_steps(n: int, batch_size: int, epochs: int) -> int:
     return epochs * max(1, math.ceil(n / batch_size))
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in a data-parallel group (the default: alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    sync: GradientSync | None = None
+
+
 def _train(
     config: Config, model: I2IModel, data: UnlearningData, phase: Phase, subsets: dict[str, ImageSubset], seed: int,
-    forget_weight: float = 1.0,
+    forget_weight: float = 1.0, shard: Shard = Shard(),
 ) -> int:
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    streams = {k: BatchStream(v, config.stages.batch_size, seed + i, device=device) for i, (k, v) in enumerate(subsets.items())}
-    ctx = StepContext(model=model, mask=data.mask.to(device), noise_seed=seed, alpha=forget_weight)
+    streams = {k: BatchStream(v, config.stages.batch_size, seed + i, shard.rank, shard.world_size, device)
+               for i, (k, v) in enumerate(subsets.items())}
+    ctx = StepContext(model=model, mask=data.mask.to(device), noise_seed=seed, alpha=forget_weight, rank=shard.rank,
+                      world_size=shard.world_size)
     steps_per_epoch = max(1, math.ceil(max(len(v) for v in subsets.values()) / config.stages.batch_size))
     # A bar per stage on a terminal (disable=None: off when stderr is not a TTY, e.g. in Ray workers and tests).
     with tqdm(total=phase.steps, desc=f"stage {phase.name}", unit="step", disable=None, leave=False) as bar:
@@ -73,34 +84,37 @@ def _train(
             bar.set_postfix(epoch=f"{step // steps_per_epoch + 1}/{math.ceil(phase.steps / steps_per_epoch)}",
                             loss=f"{loss:.4g}", refresh=False)
 
-        history = run_phases(model, [phase], streams, ctx, clip_norm=10.0, precision=config.precision, on_step=on_step)
+        history = run_phases(model, [phase], streams, ctx, clip_norm=10.0, precision=config.precision, sync=shard.sync,
+                             on_step=on_step)
     if history.diverged:
         raise RuntimeError(f"stage training diverged in phase {phase.name}; lower stages.lr")
     return history.samples
 
 
-def _train_original(config: Config, model: I2IModel, data: UnlearningData) -> int:
+def _train_original(config: Config, model: I2IModel, data: UnlearningData, shard: Shard = Shard()) -> int:
     if config.model.pretrained:
         load_pretrained(model, config.model.pretrained)
         return 0
     train = data.clean_training_set()
     steps = _epoch_steps(len(train), config.stages.batch_size, config.stages.epochs)
-    return _train(config, model, data, Phase("original", obj.fit("train"), ("train",), steps, config.stages.lr), {"train": train}, config.seed)
+    return _train(config, model, data, Phase("original", obj.fit("train"), ("train",), steps, config.stages.lr), {"train": train},
+                  config.seed, shard=shard)
 
 
-def _train_attack(config: Config, model: I2IModel, data: UnlearningData, strengthen_round: int = 0) -> int:
+def _train_attack(config: Config, model: I2IModel, data: UnlearningData, shard: Shard = Shard(),
+                  strengthen_round: int = 0) -> int:
     """Algorithm 2; a strengthening round r trains as many epochs again, with the D_f loss weighted 2**r."""
     s = config.stages
     steps = _epoch_steps(len(data.retain_train), s.batch_size, s.attack_epochs)
     phase = Phase("attack", obj.fit_both, ("forget", "retain"), steps, s.attack_lr)
     return _train(config, model, data, phase, {"forget": data.forget_train, "retain": data.retain_train},
-                  config.seed + 1 + 100 * strengthen_round, forget_weight=2.0**strengthen_round)
+                  config.seed + 1 + 100 * strengthen_round, forget_weight=2.0**strengthen_round, shard=shard)
 
 
-def _train_retrain(config: Config, model: I2IModel, data: UnlearningData) -> int:
+def _train_retrain(config: Config, model: I2IModel, data: UnlearningData, shard: Shard = Shard()) -> int:
     steps = _epoch_steps(len(data.retain_train), config.stages.batch_size, config.stages.epochs)
     phase = Phase("retrain", obj.fit("retain"), ("retain",), steps, config.stages.lr)
-    return _train(config, model, data, phase, {"retain": data.retain_train}, config.seed + 2)
+    return _train(config, model, data, phase, {"retain": data.retain_train}, config.seed + 2, shard=shard)
 
 
 def prepare_stages(
@@ -109,8 +123,12 @@ def prepare_stages(
     device: torch.device,
     log: Callable[[str], None] = lambda _: None,
     only: tuple[str, ...] = STAGES,
+    shard: Shard = Shard(),
 ) -> dict[str, Stage]:
-    """Load each stage from the cache or train it (original before attack); return them on `device`."""
+    """Load each stage from the cache or train it (original before attack); return them on `device`.
+
+    In a data-parallel group (`shard`), every rank trains on its shard of each global batch (gradients averaged:
+    the one-worker run's steps) and rank 0 writes the cache; the ranks agree on what is cached before each stage."""
     cache = ArtifactCache(config.resolved_cache_dir())
     keys = stage_keys(config)
     trainers = {"original": _train_original, "attack": _train_attack, "retrain": _train_retrain}
@@ -129,7 +147,10 @@ def prepare_stages(
         key = keys[name]
         seed_everything(config.seed + STAGES.index(name))
         model = build_model(config)
-        if (hit := cache.get("stages", key)) is not None:
+        hit = cache.get("stages", key)
+        if shard.sync is not None and shard.sync.max(0.0 if hit is not None else 1.0) > 0:
+            hit = None  # some rank has no entry: all train, so that every collective step has its partners
+        if hit is not None:
             tensors, meta = hit
             model.load_state_dict(tensors)
             out[name] = Stage(name, model.to(device).eval(), key, meta["seconds"], meta["samples"], reused=True)
@@ -141,13 +162,14 @@ def prepare_stages(
         log(f"stage {name}: training ...")
         import_before_timing()
         start = time.perf_counter()
-        samples = trainers[name](config, model, data)
+        samples = trainers[name](config, model, data, shard)
         seconds = time.perf_counter() - start
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         meta = {"stage": name, "seconds": seconds, "samples": samples, "config": config.model_dump(mode="json", by_alias=True)}
         if name != "retrain":  # trained on D_f: `unlearn purge --weights` finds it by the forget digest
             meta["forget_digest"] = data.forget_digest(config.data.dataset)
-        cache.save("stages", key, state, meta)
+        if shard.rank == 0:
+            cache.save("stages", key, state, meta)
         out[name] = Stage(name, model.eval(), key, seconds, samples, reused=False)
         log(f"stage {name}: trained in {seconds:.1f}s ({samples} samples)")
     return out
@@ -194,7 +216,7 @@ def strengthen_attack(
     log(f"stage attack: strengthening round {round_} ...")
     import_before_timing()
     start = time.perf_counter()
-    samples = attack.samples + _train_attack(config, model, data, round_)
+    samples = attack.samples + _train_attack(config, model, data, strengthen_round=round_)
     seconds = attack.seconds + time.perf_counter() - start
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     cache.save("stages", key, state, {"stage": "attack", "strengthen_round": round_, "seconds": seconds, "samples": samples,

@@ -114,6 +114,9 @@ class GradientSync:
     def mean(self, value: float) -> float:
         return value
 
+    def max(self, value: float) -> float:
+        return value
+
 
 @dataclass
 class OODMonitor:
