@@ -65,6 +65,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    """Everything the runs of a config share, and nothing else: the image store (decoded once in parallel, or
+    reused and verified against its checksums), the split, the stages, the audit backbone and references, and the
+    audit's calibration. What a cluster user runs once before many sweeps."""
+    import time
+
+    from unlearn.pipeline import audit_warnings, prepare, stderr_log
+
+    config = load_config(args.config, args.set)
+    started = time.perf_counter()
+    if args.data_only:
+        from unlearn.pipeline import load_data
+
+        prepared, store = None, load_data(config, log=stderr_log, verify=True).store
+    else:
+        prepared = prepare(config, verify=True)
+        store = prepared.data.store
+    seconds = time.perf_counter() - started
+    figures = {"data_images": float(len(store)), "data_store_bytes": float(store.nbytes),
+               "data_store_built": float(store.built_seconds is not None), "prepare_seconds": seconds}
+    if store.built_seconds is not None:
+        figures.update(data_prepare_seconds=store.built_seconds,
+                       data_prepare_images_per_second=len(store) / max(store.built_seconds, 1e-9))
+    if store.skipped_count:
+        figures["data_skipped_images"] = float(store.skipped_count)
+    if prepared is not None:
+        for name, stage in prepared.stages.items():
+            stderr_log(f"stage {name}: {stage.key} ({'reused' if stage.reused else f'trained in {stage.seconds:.1f} s'})")
+        stderr_log(f"audit references: {prepared.auditor.key}; calibration: ood_delta {prepared.auditor.ood_delta:.4g}"
+                   + "".join(f"; {line}" for line in audit_warnings(prepared)))
+    _print_metrics({"config": config.name, "store": store.key, **figures}, args.json)
+    return 0
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from unlearn.export import audit_saved
 
@@ -145,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, metavar="DIR",
                      help="save the model (safetensors), config.yaml, metrics.json and certificate.md into DIR (new or empty)")
     run.set_defaults(func=_cmd_run)
+    prepare = sub.add_parser("prepare", help="prepare (or verify) the image store, stages and audit references of a config; "
+                                             "nothing is unlearned")
+    prepare.add_argument("--config", default="digits-ae", help="preset name or YAML file (default: digits-ae)")
+    prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    prepare.add_argument("--json", action="store_true", help="print one flat JSON object as the last line")
+    prepare.add_argument("--data-only", action="store_true",
+                         help="only the image store and the split (e.g. on a CPU node, before the GPU nodes start)")
+    prepare.set_defaults(func=_cmd_prepare)
     audit = sub.add_parser("audit", help="re-audit a model saved with `run --out` from its weights alone")
     audit.add_argument("--model", required=True, metavar="DIR|URI",
                        help="a folder written by `unlearn run --out`, or runs:/RUN_ID/model, models:/NAME@unlearned, models:/NAME/VERSION")
