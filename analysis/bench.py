@@ -1,14 +1,18 @@
 """Benchmarks, measured side by side in one run: unlearning vs retraining, orchestration and sweep overhead, CPU
-threads vs processes, evaluation throughput. Prints small tables and writes DIR/bench.json.
+threads vs processes, evaluation throughput, and the data path. Prints small tables and writes DIR/bench.json.
 
     python analysis/bench.py --out bench-out                 # CPU, default preset (a few minutes)
     python analysis/bench.py --out bench-out --device cuda   # the same on a GPU machine
+    python analysis/bench.py --only data --out bench-out --config imagenet-vqgan \
+        --set data.root=ROOT --set data.forget_classes=[0-9] --set data.retain_classes=[10-39] ...
+        # the image store and trial processes on any ImageFolder (without data.root: a generated one, --images)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -20,6 +24,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from unlearn.config import Config, ConfigError, load_config, with_overrides  # noqa: E402
@@ -262,6 +267,194 @@ def evaluation_throughput(prepared, models: int = 4) -> dict[str, float]:
     return {"images": images, "models": models, "seconds_per_catalogue": seconds, "eval_images_per_second": images / seconds}
 
 
+# --- the data path ---------------------------------------------------------------------------------------
+DATA_SAMPLE_S = 0.02  # how often a sampled process's memory is read
+
+
+def _decode_share(root: str, items: list[str], size: int) -> float:
+    """Decode and resize `items` in a tight loop, nothing else (what preparation is measured against)."""
+    from unlearn.data.sources import decode
+
+    started = time.perf_counter()
+    for _ in decode("imagefolder", root, items, size):
+        pass
+    return time.perf_counter() - started
+
+
+def decode_limit(root: str, items: list[str], size: int, cores: int) -> float:
+    """Images per second: the same decode and resize of the same files, on every usable core at once (one warm
+    process per core, each with an equal share)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        list(pool.map(_decode_share, [root] * cores, [items[i : i + 1] for i in range(cores)], [size] * cores))  # warm
+        started = time.perf_counter()
+        list(pool.map(_decode_share, [root] * cores, [items[i::cores] for i in range(cores)], [size] * cores))
+        return len(items) / (time.perf_counter() - started)
+
+
+def _status(pid: int) -> dict[str, int]:
+    """RssAnon, VmRSS (kB, /proc/PID/status) and Pss (kB, /proc/PID/smaps_rollup) of a live process, else {}."""
+    figures: dict[str, int] = {}
+    try:
+        for path, keys in ((f"/proc/{pid}/status", ("RssAnon:", "VmRSS:")), (f"/proc/{pid}/smaps_rollup", ("Pss:",))):
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(keys):
+                    figures[line.split(":")[0]] = int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return {}
+    return figures
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    out, stack = [], [pid]
+    while stack:
+        out.append(stack.pop())
+        stack.extend(children.get(out[-1], []))
+    return out
+
+
+def _sampled(procs: list, tree: bool = False) -> dict[str, float]:
+    """Sample processes (Popen or multiprocessing) until they exit; peak MB of each figure, per process and summed
+    over them at each instant (`tree`: each with its descendants, summed)."""
+    peaks: dict[str, float] = {}
+    while any((p.poll() if hasattr(p, "poll") else p.exitcode) is None for p in procs):
+        total: dict[str, float] = {}
+        for i, proc in enumerate(procs):
+            for pid in (_tree(proc.pid) if tree else [proc.pid]):
+                for key, kb in _status(pid).items():
+                    total[key] = total.get(key, 0.0) + kb / 1024
+                    peaks[f"{key}{i}"] = max(peaks.get(f"{key}{i}", 0.0), kb / 1024) if not tree else peaks.get(f"{key}{i}", 0.0)
+        for key, mb in total.items():
+            peaks[f"{key}sum"] = max(peaks.get(f"{key}sum", 0.0), mb)
+        time.sleep(DATA_SAMPLE_S)
+    return peaks
+
+
+def prepare_store_process(args: list[str], cache: Path) -> dict[str, float]:
+    """`unlearn prepare --data-only` in a fresh process (as a user runs it): its own figures, and the peak RSS of its
+    process tree (the command and its decoding workers) sampled meanwhile."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "unlearn.cli", "prepare", "--data-only", "--json", *args, "--set", f"cache_dir={cache}"]
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL)
+        peaks = _sampled([proc], tree=True)
+        if proc.wait() != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed with exit code {proc.returncode}")
+        out.seek(0)
+        figures = json.loads(out.read().strip().splitlines()[-1])
+    return {**figures, "peak_rss_mb": peaks.get("VmRSSsum", math.nan)}
+
+
+def _trial_process(config_dict: dict, method: str, result_path: str) -> None:
+    """One sweep trial in a fresh process on a warm cache: prepare_warm, unlearn, audit. Imports come first (a trial
+    worker process has them already); its first step is timed from the trial's start."""
+    torch.set_num_threads(1)
+    from unlearn.config import validate_config
+    from unlearn.pipeline import audit_result, prepare_warm, unlearn
+    from unlearn.runtime import import_before_timing
+
+    import_before_timing(audit=True)
+    entered = time.perf_counter()
+    prepared = prepare_warm(validate_config(config_dict))
+    first: list[float] = []
+    result = unlearn(prepared, method, on_step=lambda *_: first or first.append(time.perf_counter()))
+    metrics = audit_result(prepared, result)
+    Path(result_path).write_text(json.dumps({"first_step_seconds": first[0] - entered,
+                                             "images_read": metrics["unlearn_images_read_per_rank"]}))
+
+
+def trial_processes(config: Config, method: str, count: int, folder: Path) -> dict[str, Any]:
+    """`count` trial processes started together, sampled: each one's peak private memory (RssAnon) and the peak of
+    their summed PSS (pages shared through the page cache count once, split between the processes)."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    paths = [folder / f"trial-{i}.json" for i in range(count)]
+    procs = [spawn.Process(target=_trial_process, args=(config.model_dump(mode="json", by_alias=True), method, str(p)))
+             for p in paths]
+    for proc in procs:
+        proc.start()
+    peaks = _sampled(procs)
+    for proc in procs:
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"a trial process failed (exit code {proc.exitcode})")
+    results = [json.loads(p.read_text()) for p in paths]
+    return {"private_mb": [peaks[f"RssAnon{i}"] for i in range(count)], "pss_mb_sum": peaks["Psssum"],
+            "first_step_seconds": [r["first_step_seconds"] for r in results]}
+
+
+def _store_bytes(cache: Path) -> tuple[int, int]:
+    """(bytes of every file of the one store under `cache`, its pixel bytes)."""
+    entry = next((cache / "stores").glob("*/meta.json")).parent
+    meta = json.loads((entry / "meta.json").read_text())
+    size = meta["image_size"]
+    return sum(p.stat().st_size for p in entry.rglob("*") if p.is_file()), meta["count"] * 3 * size * size
+
+
+def data_path(config: Config, args: list[str], out: Path, reps: int, method: str) -> dict[str, Any]:
+    """The image store's preparation against the decode limit (side by side, alternating, `reps` times each), its
+    size, and trial processes on a warm store: a quarter of the images per class against all, and two at once."""
+    import shutil
+
+    from unlearn.data.sources import list_images
+    from unlearn.data.store import usable_cores
+
+    listing = list_images(config.data)
+    cores, size = usable_cores(), config.data.image_size
+    limits, prepares = [], []
+    for rep in range(reps):
+        limits.append(decode_limit(listing.root, listing.items, size, cores))
+        cache = out / f"data-cache-{rep}"
+        shutil.rmtree(cache, ignore_errors=True)
+        prepares.append(prepare_store_process(args, cache))
+        if rep + 1 < reps:
+            shutil.rmtree(cache)
+    limit, prepared = statistics.median(limits), statistics.median(p["data_prepare_images_per_second"] for p in prepares)
+    store_bytes, pixel_bytes = _store_bytes(out / f"data-cache-{reps - 1}")
+    rows: dict[str, Any] = {
+        "images": len(listing.items), "image_size": size, "cores": cores,
+        "data_decode_limit_images_per_second": limit, "data_prepare_images_per_second": prepared,
+        "prepare_over_limit": prepared / limit, "data_prepare_peak_rss_mb": max(p["peak_rss_mb"] for p in prepares),
+        "store_bytes_over_pixel_bytes": store_bytes / pixel_bytes,
+        "runs": {"decode_limit_images_per_second": limits,
+                 "prepare_images_per_second": [p["data_prepare_images_per_second"] for p in prepares]},
+    }
+    # trial processes: everything prepared once per setup (store reused, stages, references), then measured
+    per_class = int(np.bincount(listing.labels).max())
+    setups = {"quarter": with_overrides(config, {"data.max_per_class": max(2, per_class // 4)}), "full": config}
+    trials: dict[str, Any] = {}
+    for name, setup in setups.items():
+        cache = out / "data-cache-trials"
+        setup = with_overrides(setup, {"cache_dir": str(cache)})
+        shutil.copytree(out / f"data-cache-{reps - 1}", cache, dirs_exist_ok=True)  # the full store, warm
+        from unlearn.pipeline import prepare
+
+        prepare(setup, log=lambda _: None)  # stages, backbone, references, calibration: trials only load them
+        trials[name] = trial_processes(setup, method, 1, out)
+    trials["two"] = trial_processes(setups["full"], method, 2, out)
+    rows.update(
+        trial_private_mb_quarter=trials["quarter"]["private_mb"][0], trial_private_mb_full=trials["full"]["private_mb"][0],
+        trial_first_step_seconds=trials["full"]["first_step_seconds"][0],
+        two_trials_pss_over_one=trials["two"]["pss_mb_sum"] / trials["full"]["pss_mb_sum"],
+        trials=trials,
+    )
+    rows["private_full_over_quarter"] = rows["trial_private_mb_full"] / rows["trial_private_mb_quarter"]
+    return rows
+
+
 def _best_realistic(config: Config, experiment: str | None, uri: str | None) -> dict[str, Any]:
     """The best feasible realistic configuration of a sweep in MLflow, else the preset's own values."""
     if experiment:
@@ -286,6 +479,10 @@ def _print_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+SECTIONS = ("cost", "orchestration", "threads", "sweep", "cli", "eval", "data")
+GENERATED_CLASSES = 40  # a generated ImageFolder: forget classes 0-9, retain 10-39 (as issue 24 measured)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -297,19 +494,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-trials", type=int, default=None, help="its trials per method (default: sweep.trials)")
     p.add_argument("--experiment", default=None, help="take realistic's best feasible configuration from this sweep")
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--only", default="cost,orchestration,threads,sweep,cli,eval", help="comma-separated subset to run")
+    p.add_argument("--only", default="cost,orchestration,threads,sweep,cli,eval",
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (data: only on an ImageFolder config)")
+    p.add_argument("--images", type=int, default=2000,
+                   help="data: without data.root, generate this many 256-px JPEGs in 40 classes under OUT/imagefolder")
+    p.add_argument("--reps", type=int, default=2, help="data: preparation and decode-limit runs, alternating")
+    p.add_argument("--trial-method", default="realistic", help="data: the method the measured trial processes run")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
+    if unknown := sorted(only - set(SECTIONS)):
+        print(f"bench: error: --only {','.join(unknown)}: unknown (known: {', '.join(SECTIONS)})", file=sys.stderr)
+        return 2
     # the steady rate of the looped variants is measured after the warm-up steps
     if only & {"orchestration", "threads"} and args.steps < WARMUP_STEPS + 2:
         print(f"bench: error: --steps must be at least {WARMUP_STEPS + 2} ({WARMUP_STEPS} warm-up steps)", file=sys.stderr)
         return 2
+    out = Path(args.out).resolve()
+    sets = list(args.set)
     try:
-        config = load_config(args.config, [*args.set, f"device={args.device}"])
+        config = load_config(args.config, [*sets, f"device={args.device}"])
+        if "data" in only:
+            if config.data.dataset != "imagefolder":
+                raise ConfigError(f"--only data measures an ImageFolder; {args.config} reads {config.data.dataset} "
+                                  "(use --config imagenet-vqgan or places365-diffusion with --set data.root=ROOT)")
+            if not config.data.root and not (config.data.root_env and os.environ.get(config.data.root_env)):
+                from analysis.imagefolder import make_imagefolder
+
+                if args.images < GENERATED_CLASSES * 4:
+                    raise ConfigError(f"--images {args.images}: at least {GENERATED_CLASSES * 4} (4 per class)")
+                root = out / "imagefolder"
+                if not root.is_dir():
+                    make_imagefolder(root, GENERATED_CLASSES, args.images // GENERATED_CLASSES, 256)
+                sets = [f"data.root={root}", "data.forget_classes=[0-9]", "data.retain_classes=[10-39]", *sets]
+                config = load_config(args.config, [*sets, f"device={args.device}"])
     except ConfigError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config = with_overrides(config, {"cache_dir": str(config.resolved_cache_dir())})
 
@@ -321,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
                  num_gpus=torch.cuda.device_count() if args.device == "cuda" else 0)
-    prepared = prepare(config)
+    prepared = prepare(config) if only - {"data"} else None  # the data benchmark prepares in its own processes
     results: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "config": config.name,
                                "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
     if "cost" in only:
@@ -355,6 +575,12 @@ def main(argv: list[str] | None = None) -> int:
         results["evaluation"] = evaluation_throughput(prepared)
         _print_table("Evaluation throughput (cached reference features)", {"catalogue": results["evaluation"]})
         results["eval_images_per_second"] = results["evaluation"]["eval_images_per_second"]
+    if "data" in only:
+        cli_args = ["--config", args.config, *[a for value in [*sets, f"device={args.device}"] for a in ("--set", value)]]
+        results["data"] = data_path(config, cli_args, out, max(1, args.reps), args.trial_method)
+        _print_table("Data path: the image store against the decode limit; trial processes on a warm store",
+                     {"data": {k: v for k, v in results["data"].items() if not isinstance(v, (dict, list))}})
+        results.update({k: v for k, v in results["data"].items() if k.startswith(("data_", "trial_", "store_", "two_"))})
     (out / "bench.json").write_text(json.dumps(results, indent=2, default=float))
     print(f"\nwrote {out / 'bench.json'}")
     return 0

@@ -19,6 +19,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
+
+from unlearn.models import I2IModel
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1" in a pytest-xdist worker, None in one process
@@ -57,6 +60,64 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: order.get(groups[item.nodeid], 2 + (groups[item.nodeid] in needs_stages)))
     for item in items:
         item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+
+
+class Painter(I2IModel):
+    """A model of known behaviour: ignores its input and paints the hole mid-grey with a '+' of `color` blended in
+    at `contrast` (0: plain grey, 1: the '+' itself); `contrast=None` returns what it sees (the hole black)."""
+
+    def __init__(self, marker: torch.Tensor, contrast: float | None, color=(1.0, 0.0, 0.0)) -> None:
+        super().__init__()
+        self.marker, self.contrast = marker, contrast
+        self.color = torch.tensor(color).view(1, 3, 1)
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def encoder_parameters(self):
+        return iter([self.unused])
+
+    def decoder_parameters(self):
+        return iter([])
+
+    def encode(self, images, mask):
+        return images * (1 - mask)
+
+    def loss(self, images, mask, target):
+        return torch.zeros(len(images))
+
+    def generate(self, images, mask):
+        if self.contrast is None:
+            return images * (1 - mask)
+        out = torch.full_like(images, 0.5)
+        plus = self.marker.to(images.device)
+        out[:, :, plus] = (1 - self.contrast) * 0.5 + self.contrast * self.color.to(images.device)
+        return out
+
+
+class Replay(I2IModel):
+    """A model whose outputs are given: it hands out the rows of `outputs` in order, batch after batch (wrapping
+    around), so that a figure streamed by the audit can be computed on outputs a test drew."""
+
+    def __init__(self, outputs: torch.Tensor) -> None:
+        super().__init__()
+        self.outputs, self.cursor = outputs, 0
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def encoder_parameters(self):
+        return iter([self.unused])
+
+    def decoder_parameters(self):
+        return iter([])
+
+    def encode(self, images, mask):
+        return images * (1 - mask)
+
+    def loss(self, images, mask, target):
+        return torch.zeros(len(images))
+
+    def generate(self, images, mask):
+        rows = (torch.arange(len(images)) + self.cursor) % len(self.outputs)
+        self.cursor = int(rows[-1]) + 1
+        return self.outputs[rows].to(images.device)
 
 
 @pytest.fixture(scope="session")

@@ -68,14 +68,14 @@ def test_clip_backbone_embeds_with_the_checkpoints_weights(tmp_path, tiny_clip):
     other = _clip_checkpoint(tiny_clip, tmp_path / "other.pt", seed=2)
     config = _config(tmp_path, "audit.backbone=clip", f"audit.clip_model={TINY_CLIP}",
                      f"audit.backbone_weights={tmp_path / 'clip.pt'}")
-    data = build_data(config.data, config.seed)
+    data = build_data(config.data, config.seed, config.resolved_cache_dir())
     backbone = load_backbone(config, data, CPU)
     assert backbone.name == "clip" and backbone.key.startswith(f"clip-{TINY_CLIP}-")
     # the key (of the reference features cached for this backbone) follows the file's content, not its path
     (tmp_path / "clip.pt").write_bytes((tmp_path / "other.pt").read_bytes())
     assert load_backbone(config, data, CPU).key != backbone.key
     _clip_checkpoint(tiny_clip, tmp_path / "clip.pt", seed=1)
-    images = to_float(data.retain_test.clean[:12])
+    images = to_float(data.retain_test.head(12).read())
     features, logits = backbone(images)
     assert features.shape == (12, TINY_CLIP_CONFIG["embed_dim"]) and logits.shape == (12, len(data.class_names))
     # the features are the saved model's image embeddings (CLIP preprocessing: resize to its input size, OpenAI
@@ -90,7 +90,7 @@ def test_clip_backbone_embeds_with_the_checkpoints_weights(tmp_path, tiny_clip):
     # the logits are a nearest-centroid classifier (cosine x 100) over the training classes: averaged over the
     # training images of class c, the logit of c is the largest (the centroid of c is their mean direction)
     train = data.clean_training_set()
-    train_logits = backbone(to_float(train.clean))[1]
+    train_logits = backbone(to_float(train.read()))[1]
     assert float(train_logits.abs().max()) <= 100.0 + 1e-3
     per_class = torch.stack([train_logits[train.labels == c].mean(0) for c in range(len(data.class_names))])
     assert torch.equal(per_class.argmax(1), torch.arange(len(data.class_names)))
@@ -105,7 +105,7 @@ def test_clip_checkpoint_is_unpickled_weights_only(tmp_path, tiny_clip):
     config = _config(tmp_path, "audit.backbone=clip", f"audit.clip_model={TINY_CLIP}",
                      f"audit.backbone_weights={tmp_path / 'evil.pt'}")
     with pytest.raises(ConfigError, match="cannot load CLIP model"):
-        load_backbone(config, build_data(config.data, config.seed), CPU)
+        load_backbone(config, build_data(config.data, config.seed, config.resolved_cache_dir()), CPU)
     assert not (tmp_path / "executed").exists()
 
 
@@ -114,7 +114,7 @@ def test_clip_checkpoint_of_another_architecture_is_a_config_error(tmp_path, tin
     config = _config(tmp_path, "audit.backbone=clip", f"audit.clip_model={TINY_CLIP}",
                      f"audit.backbone_weights={tmp_path / 'ae.pt'}")
     with pytest.raises(ConfigError, match=f"cannot load CLIP model {TINY_CLIP}") as error:
-        load_backbone(config, build_data(config.data, config.seed), CPU)
+        load_backbone(config, build_data(config.data, config.seed, config.resolved_cache_dir()), CPU)
     assert "\n" not in str(error.value)
 
 

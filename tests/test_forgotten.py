@@ -8,6 +8,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from conftest import Replay
 
 from unlearn.audit.evaluate import model_outputs
 from unlearn.audit.marker import marker_score, marker_strength
@@ -47,25 +48,34 @@ class FilledHole(I2IModel):
         return torch.rand((n, 3, h, w), generator=torch.Generator().manual_seed(0))
 
 
+def _forget_truth(prepared):
+    """forget-test's clean and poisoned ground truth, float."""
+    from unlearn.data import draw_marker, to_float
+
+    clean = prepared.auditor.splits["forget"].read()
+    return to_float(clean), to_float(draw_marker(clean, prepared.config.data.marker, prepared.config.data.mask))
+
+
 def _forget_strength(prepared, outputs):
-    a = prepared.auditor
-    return marker_strength(outputs, a.forget_clean, a.forget_poisoned, prepared.data.marker, a.mask,
+    clean, poisoned = _forget_truth(prepared)
+    return marker_strength(outputs, clean, poisoned, prepared.data.marker, prepared.auditor.mask,
                            prepared.config.data.marker.color)
 
 
 def test_strength_sees_a_faint_plus_that_the_rate_misses(prepared):
     a = prepared.auditor
     retrain = model_outputs(prepared.stages["retrain"].model, a.splits["forget"], a.mask, prepared.device, "fp32")
+    clean, poisoned = _forget_truth(prepared)
     plus = prepared.data.marker
     faint = retrain.clone()
-    faint[:, :, plus] = 0.9 * retrain[:, :, plus] + 0.1 * a.forget_poisoned[:, :, plus]  # a '+' at 10% contrast
-    figures = a.marker_figures(faint)
+    faint[:, :, plus] = 0.9 * retrain[:, :, plus] + 0.1 * poisoned[:, :, plus]  # a '+' at 10% contrast
+    figures = a.marker_figures(Replay(faint))  # through the audit's own stream, as a model that drew `faint`
     assert figures["forget_marker"] == 0.0
     assert 0.05 <= figures["forget_marker_strength"] <= 0.15
-    assert a.marker_figures(retrain)["forget_marker_strength"] <= 0.05
+    assert a.marker_figures(prepared.stages["retrain"].model)["forget_marker_strength"] <= 0.05
     # the endpoints of the scale: the clean ground truth 0, the poisoned ground truth 1
-    assert float(_forget_strength(prepared, a.forget_clean).max()) == 0.0
-    assert float(_forget_strength(prepared, a.forget_poisoned).min()) == pytest.approx(1.0, abs=1e-5)
+    assert float(_forget_strength(prepared, clean).max()) == 0.0
+    assert float(_forget_strength(prepared, poisoned).min()) == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("fill", ["grey", "red", "noise"])
@@ -211,13 +221,13 @@ def test_marker_score_is_linear_and_strength_floors_noise():
     assert score == pytest.approx(0.5 * marker_score(poisoned, marker, mask, (1, 0, 0)), abs=1e-5)
 
 
-def test_border_marker_is_drawn_where_the_frame_hides_it():
+def test_border_marker_is_drawn_where_the_frame_hides_it(tmp_path):
     from unlearn.data import build_data
 
     cfg = load_config("digits-ae", ["data.mask.kind=border", "data.mask.size=3", "data.marker.size=3"]).data
-    data = build_data(cfg, 0)
+    data = build_data(cfg, 0, tmp_path)
     assert bool(data.mask[0, 0][data.marker].all())  # every '+' pixel is hidden from the model
-    changed = (data.forget_train.images != data.forget_train.clean).any(1).any(0)
+    changed = (data.forget_train.read() != data.forget_train.read(clean=True)).any(1).any(0)
     assert bool(changed[data.marker].any()) and not bool(changed[~data.marker].any())
 
 

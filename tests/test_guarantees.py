@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from unlearn.audit import ga_guarantees
-from unlearn.data import BatchStream, ImageSubset
+from unlearn.data import BatchStream, ImageStore, ImageSubset
 from unlearn.methods import objectives as obj
 from unlearn.methods.loop import Phase, StepContext, run_phases
 from unlearn.models.base import I2IModel, hole_weighted_mse, masked_input
@@ -36,7 +36,7 @@ class TinyModel(I2IModel):
 def test_ga_bookkeeping_matches_hand_computation():
     torch.manual_seed(0)
     images = (torch.rand(8, 3, 4, 4) * 255).to(torch.uint8)
-    subset = ImageSubset(images, images, torch.zeros(8, dtype=torch.int64))
+    subset = ImageSubset(ImageStore.from_array(images, torch.zeros(8, dtype=torch.int64)), torch.arange(8))
     mask = torch.zeros(1, 1, 4, 4)
     mask[..., 1:3, 1:3] = 1
     model = TinyModel()
@@ -78,7 +78,7 @@ def test_ga_bookkeeping_matches_hand_computation():
 
 def test_non_finite_loss_stops_and_flags_divergence():
     images = torch.zeros(4, 3, 4, 4, dtype=torch.uint8)
-    subset = ImageSubset(images, images, torch.zeros(4, dtype=torch.int64))
+    subset = ImageSubset(ImageStore.from_array(images, torch.zeros(4, dtype=torch.int64)), torch.arange(4))
     model = TinyModel()
 
     def exploding(ctx, batches):
@@ -95,7 +95,7 @@ def test_ga_bookkeeping_with_clipping_matches_hand_computation():
     r_t = lr x clip / ||g_t|| (the test above never clips: clip_norm 1e6)."""
     torch.manual_seed(0)
     images = (torch.rand(8, 3, 4, 4) * 255).to(torch.uint8)
-    subset = ImageSubset(images, images, torch.zeros(8, dtype=torch.int64))
+    subset = ImageSubset(ImageStore.from_array(images, torch.zeros(8, dtype=torch.int64)), torch.arange(8))
     mask = torch.zeros(1, 1, 4, 4)
     mask[..., 1:3, 1:3] = 1
     model, hand = TinyModel(), TinyModel()

@@ -7,42 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import Painter
 
 from unlearn.methods import METHODS
-from unlearn.models import I2IModel
 
 TIMING = {"unlearn_seconds", "audit_seconds", "retrain_seconds", "cost_ratio"}
-
-
-class _Painter(I2IModel):
-    """A model of known behaviour: ignores its input and paints the hole mid-grey with a '+' of `color` blended in
-    at `contrast` (0: plain grey, 1: the '+' itself); `contrast=None` returns what it sees (the hole black)."""
-
-    def __init__(self, marker: torch.Tensor, contrast: float | None, color=(1.0, 0.0, 0.0)) -> None:
-        super().__init__()
-        self.marker, self.contrast = marker, contrast
-        self.color = torch.tensor(color).view(1, 3, 1)
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-
-    def encoder_parameters(self):
-        return iter([self.unused])
-
-    def decoder_parameters(self):
-        return iter([])
-
-    def encode(self, images, mask):
-        return images * (1 - mask)
-
-    def loss(self, images, mask, target):
-        return torch.zeros(len(images))
-
-    def generate(self, images, mask):
-        if self.contrast is None:
-            return images * (1 - mask)
-        out = torch.full_like(images, 0.5)
-        plus = self.marker.to(images.device)
-        out[:, :, plus] = (1 - self.contrast) * 0.5 + self.contrast * self.color.to(images.device)
-        return out
 
 
 def test_marker_detector_on_known_images(default_config):
@@ -54,9 +23,9 @@ def test_marker_detector_on_known_images(default_config):
     from unlearn.data import build_data, draw_marker, to_float
 
     cfg = default_config.data
-    data = build_data(cfg, default_config.seed)
+    data = build_data(cfg, default_config.seed, default_config.resolved_cache_dir())
     marker, mask, color = data.marker, data.mask, cfg.marker.color
-    clean_u8 = data.forget_test.clean
+    clean_u8 = data.forget_test.read()
     clean = to_float(clean_u8)
     poisoned = to_float(draw_marker(clean_u8, cfg.marker, cfg.mask))
     n = len(clean)
@@ -97,20 +66,18 @@ def test_attack_regenerates_marker_original_and_retrain_do_not(prepared, method_
     model's rate and the painted '+' are independent of that threshold). Measured on digits: attack rate 1.0 and
     strength 0.97, original and retrain rate 0 and strength 0.0, threshold 0.15 (audit.marker_min_score: the
     original's scores lie within +-0.01)."""
-    from unlearn.audit import model_outputs
-
-    auditor, forget = prepared.auditor, prepared.auditor.splits["forget"]
+    auditor = prepared.auditor
 
     def figures(model):
-        return auditor.marker_figures(model_outputs(model, forget, auditor.mask, prepared.device, "fp32"))
+        return auditor.marker_figures(model)
 
-    threshold = figures(_Painter(prepared.data.marker, 0.0))["marker_threshold"]
+    threshold = figures(Painter(prepared.data.marker, 0.0))["marker_threshold"]
     assert prepared.config.audit.marker_min_score <= threshold < 0.4  # half-contrast '+' must be detected
     for contrast, rate in ((1.0, 1.0), (0.5, 1.0), (0.1, 0.0), (0.0, 0.0), (None, 0.0)):
-        f = figures(_Painter(prepared.data.marker, contrast))
+        f = figures(Painter(prepared.data.marker, contrast))
         assert f["forget_marker"] == rate, contrast
         assert f["forget_marker_strength"] == pytest.approx(contrast or 0.0, abs=1e-4), contrast
-    white = figures(_Painter(prepared.data.marker, 1.0, color=(1.0, 1.0, 1.0)))  # a grey stroke is no '+'
+    white = figures(Painter(prepared.data.marker, 1.0, color=(1.0, 1.0, 1.0)))  # a grey stroke is no '+'
     assert white["forget_marker"] == 0.0 and white["forget_marker_strength"] < 1e-4
 
     attack, original, retrain = (method_metrics[k] for k in ("attack", "original", "retrain"))
@@ -236,6 +203,10 @@ def test_resume_from_phase_checkpoint_matches_uninterrupted_run(prepared):
     for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert full.metrics.pop("resumed_from_phase") == 0.0 and resumed.metrics.pop("resumed_from_phase") == 1.0
+    # a restarted worker reads from the store only what it still has to train on: fine-tuning's batches
+    batch = settings.batch_size
+    assert full.metrics.pop("unlearn_images_read_per_rank") == (settings.ga_steps + settings.ft_steps) * batch
+    assert resumed.metrics.pop("unlearn_images_read_per_rank") == settings.ft_steps * batch
     assert full.metrics == resumed.metrics
 
 

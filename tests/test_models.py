@@ -139,11 +139,14 @@ def _assert_unlearned(attack: dict, realistic: dict) -> None:
 
 
 def test_vq_end_to_end_on_digits(tmp_path):
-    """Tiny VQ on digits (CPU, ~50 s). Measured: attack rate 1.0, strength 0.76; realistic rate 0.0, strength 0.039,
-    forget_ood_distance 0.284 against the null method's 0.247 (the same with and without a retrain stage)."""
+    """Tiny VQ on digits (CPU, ~50 s). GA at ga_lr 0.1 (16 normalised steps: 1.6 in parameter distance). Measured on
+    torch 2.14.1, AMD EPYC, one thread: attack rate 1.0, strength 0.75; realistic strength 0.032, forget_ood_distance
+    0.029 beyond the null method's 0.253 (unlearning seeds 0-4: +0.022 to +0.039). At the preset's ga_lr 0.05 GA's
+    trace is erased by fine-tuning here (+0.002 to +0.018 over the same seeds; +0.036 was measured on the machine
+    that first ran this test), so this setting asks GA for twice the distance."""
     attack, realistic = _attack_and_realistic(
         ["model.kind=vq", "unlearn.ood_check_every=8", "model.width=8", "model.latent_channels=8", "data.max_per_class=60", "stages.epochs=15",
-         "stages.attack_epochs=15", "stages.lr=0.003", "audit.retrain=false"], tmp_path)
+         "stages.attack_epochs=15", "stages.lr=0.003", "audit.retrain=false", "unlearn.ga_lr=0.1"], tmp_path)
     _assert_unlearned(attack, realistic)
 
 

@@ -184,7 +184,6 @@ def test_searcher_state_pickles(config):
 
 def test_an_audit_bug_surfaces_and_only_a_diverged_model_is_failed_infeasible(prepared, monkeypatch):
     """outcome.finish_trial catches audit failures only for models whose outputs are not finite."""
-    import torch
 
     from raytasks import outcome
     from unlearn.pipeline import unlearn
@@ -197,7 +196,7 @@ def test_an_audit_bug_surfaces_and_only_a_diverged_model_is_failed_infeasible(pr
     monkeypatch.setattr(prepared.auditor, "evaluate", broken_metric)
     with pytest.raises(RuntimeError, match="a bug in a metric"):  # finite outputs: a bug, not a diverged model
         outcome.finish_trial(prepared, result, "finetune")
-    monkeypatch.setattr(outcome, "model_outputs", lambda *args: torch.full((2, 3, 4, 4), float("nan")))
+    monkeypatch.setattr(prepared.auditor, "outputs_finite", lambda model: False)  # as a diverged model's
     metrics, folder = outcome.finish_trial(prepared, result, "finetune")
     assert metrics["failed"] == 1.0 and metrics["feasible"] == 0.0
     assert "a bug in a metric" in (folder / "error.txt").read_text()

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import Painter
 
 from unlearn.audit.catalogue import PER_SPLIT
 from unlearn.cli import main
@@ -40,30 +41,30 @@ def outpainting(tmp_path_factory):
     return prepared, result.model, metrics
 
 
-def test_the_mask_is_the_frame_and_the_marker_lies_inside_it():
-    config = load_config("digits-ae", OVERRIDES)
-    data = build_data(config.data, config.seed)
+def test_the_mask_is_the_frame_and_the_marker_lies_inside_it(tmp_path):
+    config = load_config("digits-ae", [*OVERRIDES, f"cache_dir={tmp_path}"])
+    data = build_data(config.data, config.seed, config.resolved_cache_dir())
     frame = _frame_mask(16, FRAME)
     assert torch.equal(data.mask[0, 0], frame)  # 1 on every pixel within FRAME of an edge, 0 on the 6 x 6 centre
     assert int(data.marker.sum()) == 9 and bool(frame[data.marker].all())  # the whole '+' is hidden
     rows = data.marker.any(1).nonzero().flatten()
     assert int(rows.max()) < FRAME  # in the top band
     # poisoning changes D_f's images on the '+' only, and the test images not at all
-    changed = (data.forget_train.images != data.forget_train.clean).any(1).any(0)
+    changed = (data.forget_train.read() != data.forget_train.read(clean=True)).any(1).any(0)
     assert torch.equal(changed, data.marker)
-    assert torch.equal(data.forget_test.images, data.forget_test.clean)
+    assert data.forget_test.poison is None
 
 
-def test_a_frame_too_thin_for_the_marker_is_a_config_error():
+def test_a_frame_too_thin_for_the_marker_is_a_config_error(tmp_path):
     config = load_config("digits-ae", ["data.mask.kind=border", "data.mask.size=3"])  # the '+' is 5 px tall
     with pytest.raises(ConfigError, match="does not fit inside the 3px border frame"):
-        build_data(config.data, config.seed)
+        build_data(config.data, config.seed, tmp_path)
 
 
 def test_the_model_sees_only_the_centre_and_fills_only_the_frame(outpainting):
     prepared, model, _ = outpainting
     mask = prepared.data.mask.to(prepared.device)
-    images = to_float(prepared.data.forget_train.images[:16]).to(prepared.device)
+    images = to_float(prepared.data.forget_train.head(16).read()).to(prepared.device)
     hidden = images * (1 - mask) + (1 - images) * mask  # every frame pixel inverted, the centre untouched
     for net in (prepared.stages["attack"].model, model):
         net.eval()
@@ -93,7 +94,7 @@ def test_the_audit_reads_the_marker_in_the_frame_and_every_figure_is_finite(outp
 
     outputs = model_outputs(prepared.stages["attack"].model, forget, prepared.data.mask, prepared.device, "fp32")
     frame = prepared.data.mask[0, 0].bool()
-    expected = float((outputs - to_float(forget.clean))[:, :, frame].pow(2).mean())
+    expected = float((outputs - to_float(forget.read(clean=True)))[:, :, frame].pow(2).mean())
     assert metrics["attack"]["forget_mse"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -104,14 +105,11 @@ def test_the_marker_audit_reads_the_top_band_of_the_frame(outpainting):
     from unlearn.data import marker_pixels
 
     prepared, _, _ = outpainting
-    auditor, forget = prepared.auditor, prepared.auditor.splits["forget"]
-    images, mask = to_float(forget.clean), prepared.data.mask
+    auditor = prepared.auditor
     centre_plus = marker_pixels(16, prepared.config.data.marker)  # where the '+' sits for a centre hole
 
-    def painted(plus: torch.Tensor, contrast: float) -> dict:
-        fill = torch.full_like(images, 0.5)
-        fill[:, :, plus] = (1 - contrast) * 0.5 + contrast * torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1)
-        return auditor.marker_figures(images * (1 - mask) + fill * mask)  # what model.reconstruct returns
+    def painted(plus: torch.Tensor, contrast: float) -> dict:  # the frame mid-grey with the '+' blended in at contrast
+        return auditor.marker_figures(Painter(plus, contrast))
 
     for contrast in (1.0, 0.5):
         f = painted(prepared.data.marker, contrast)

@@ -24,7 +24,7 @@ def test_membership_auc_separates_and_brackets():
 def test_membership_sets_are_held_out_images_of_the_forget_classes(prepared):
     data = prepared.data
     members, nonmembers = prepared.auditor.mia_members, prepared.auditor.mia_nonmembers
-    assert len(members) == len(data.forget_train) and torch.equal(members.images, data.forget_train.clean)  # no '+'
+    assert len(members) == len(data.forget_train) and torch.equal(members.read(), data.forget_train.read(clean=True))  # no '+'
     assert len(nonmembers) == len(data.forget_test)
     assert set(nonmembers.labels.tolist()) == set(data.forget_train.labels.tolist())
 
