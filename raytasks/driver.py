@@ -29,6 +29,7 @@ from unlearn.config import Config
 from unlearn.export import weights_digest, write_certificate
 from unlearn.methods import METHODS, REFERENCE_MODELS
 from unlearn.pipeline import load_data, stderr_log
+from unlearn.stages import missing_stages
 
 CALIBRATION = ("audit_valid", "audit_attack_strength", "audit_null_strength", "audit_null_ood_distance", "ood_delta",
                "retrain_ood_distance", "attack_strengthen_rounds_used")
@@ -194,8 +195,9 @@ class SweepDriver:
                    and self.replan is not None)
         stderr_log(f"sweep {self.name}: preparing the image store (Ray tasks) ...")
         prepare_data_on_worker(self.config, stderr_log)
-        if self.workers > 1:  # the stages train data-parallel too, with the trials' worker count
-            stderr_log(f"sweep {self.name}: training the stages the cache lacks on {self.workers} Ray Train workers ...")
+        if self.workers > 1 and (missing := missing_stages(self.config)):  # data-parallel too, as the trials
+            stderr_log(f"sweep {self.name}: training the {', '.join(missing)} stage(s) on {self.workers} Ray Train "
+                       "workers ...")
             train_stages_data_parallel(self.config, self.workers, self.storage, "stages", self.use_gpu)
         stderr_log(f"sweep {self.name}: preparing stages and reference features once, on a worker ...")
         prep = prepare_on_worker(self.config, self.methods, self.use_gpu, self.config.sweep.cpus_per_trial, measure, stderr_log,

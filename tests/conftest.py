@@ -62,14 +62,11 @@ def pytest_collection_modifyitems(config, items) -> None:
         item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
 
 
-class Painter(I2IModel):
-    """A model of known behaviour: ignores its input and paints the hole mid-grey with a '+' of `color` blended in
-    at `contrast` (0: plain grey, 1: the '+' itself); `contrast=None` returns what it sees (the hole black)."""
+class _Scripted(I2IModel):
+    """A model of known behaviour for audit tests: no training, an identity encoder; subclasses say what it draws."""
 
-    def __init__(self, marker: torch.Tensor, contrast: float | None, color=(1.0, 0.0, 0.0)) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.marker, self.contrast = marker, contrast
-        self.color = torch.tensor(color).view(1, 3, 1)
         self.unused = torch.nn.Parameter(torch.zeros(1))
 
     def encoder_parameters(self):
@@ -83,6 +80,16 @@ class Painter(I2IModel):
 
     def loss(self, images, mask, target):
         return torch.zeros(len(images))
+
+
+class Painter(_Scripted):
+    """Ignores its input and paints the hole mid-grey with a '+' of `color` blended in at `contrast` (0: plain grey,
+    1: the '+' itself); `contrast=None` returns what it sees (the hole black)."""
+
+    def __init__(self, marker: torch.Tensor, contrast: float | None, color=(1.0, 0.0, 0.0)) -> None:
+        super().__init__()
+        self.marker, self.contrast = marker, contrast
+        self.color = torch.tensor(color).view(1, 3, 1)
 
     def generate(self, images, mask):
         if self.contrast is None:
@@ -93,26 +100,13 @@ class Painter(I2IModel):
         return out
 
 
-class Replay(I2IModel):
-    """A model whose outputs are given: it hands out the rows of `outputs` in order, batch after batch (wrapping
-    around), so that a figure streamed by the audit can be computed on outputs a test drew."""
+class Replay(_Scripted):
+    """Hands out the rows of `outputs` in order, batch after batch (wrapping around), so that a figure the audit
+    streams can be computed on outputs a test drew."""
 
     def __init__(self, outputs: torch.Tensor) -> None:
         super().__init__()
         self.outputs, self.cursor = outputs, 0
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-
-    def encoder_parameters(self):
-        return iter([self.unused])
-
-    def decoder_parameters(self):
-        return iter([])
-
-    def encode(self, images, mask):
-        return images * (1 - mask)
-
-    def loss(self, images, mask, target):
-        return torch.zeros(len(images))
 
     def generate(self, images, mask):
         rows = (torch.arange(len(images)) + self.cursor) % len(self.outputs)

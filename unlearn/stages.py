@@ -117,6 +117,23 @@ def _train_retrain(config: Config, model: I2IModel, data: UnlearningData, shard:
     return _train(config, model, data, phase, {"retain": data.retain_train}, config.seed + 2, shard=shard)
 
 
+def needed_stages(config: Config, only: tuple[str, ...] = STAGES) -> list[str]:
+    """The stages `prepare_stages` would load or train for this config (none trained for a model brought as
+    theta0; no retrain without audit.retrain)."""
+    needed = set(only) | ({"original"} if "attack" in only else set())
+    if not config.audit.retrain:
+        needed.discard("retrain")
+    if config.stages.theta0:
+        needed -= {"original", "attack"}
+    return [name for name in STAGES if name in needed]
+
+
+def missing_stages(config: Config) -> list[str]:
+    """The needed stages the cache does not hold yet."""
+    cache, keys = ArtifactCache(config.resolved_cache_dir()), stage_keys(config)
+    return [name for name in needed_stages(config) if not cache.has("stages", keys[name])]
+
+
 def prepare_stages(
     config: Config,
     data: UnlearningData,
@@ -132,14 +149,11 @@ def prepare_stages(
     cache = ArtifactCache(config.resolved_cache_dir())
     keys = stage_keys(config)
     trainers = {"original": _train_original, "attack": _train_attack, "retrain": _train_retrain}
-    needed = set(only) | ({"original"} if "attack" in only else set())
-    if not config.audit.retrain:
-        needed.discard("retrain")
+    needed = needed_stages(config, only)
     out: dict[str, Stage] = {}
     if config.stages.theta0:  # the user's model is theta0, and the original (it saw D_f): nothing to train
         theta0 = load_theta0(config, device)
         out.update(original=theta0, attack=theta0)
-        needed -= {"original", "attack"}
         log(f"theta0: {config.stages.theta0} ({theta0.key})")
     for name in STAGES:
         if name not in needed:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from unlearn.cache import ARRAYS, FILES, ArrayWriter, ArtifactCache, DamagedEntry, file_sha256, mapped_region
+from unlearn.cache import ARRAYS, FILES, ArrayWriter, ArtifactCache, file_sha256, mapped_region
 from unlearn.config import ConfigError
 from unlearn.data.sources import Listing, Unreadable, decode
 
@@ -130,9 +130,12 @@ def build_store(cache: ArtifactCache, listing: Listing, image_size: int, skip_un
     key = store_key(listing, image_size)
     if cache.has(KIND, key):
         return key
-    if map_shards is None:  # only image files are worth a pool: digits and CIFAR-10 are arrays already in memory
-        pooled = listing.dataset == "imagefolder" and len(listing.items) >= POOL_FROM
-        map_shards = process_pool_map(workers if pooled else 1)
+    # Only image files are worth parallel decoding: digits and CIFAR-10 are arrays already in memory, and a few
+    # hundred files decode faster than a pool (or Ray's workers) starts.
+    if listing.dataset != "imagefolder" or len(listing.items) < POOL_FROM:
+        map_shards = process_pool_map(1)
+    elif map_shards is None:
+        map_shards = process_pool_map(workers)
 
     def write(folder: Path) -> dict[str, Any]:
         tasks = shard_tasks(listing, image_size, folder, skip_unreadable, workers or usable_cores())
@@ -183,9 +186,12 @@ class ImageStore:
     @classmethod
     def open(cls, cache: ArtifactCache, key: str) -> ImageStore:
         """Map a store read-only; its files are checked by size (DamagedEntry when one is short or missing)."""
-        tensors, meta = cache.read(KIND, key)
-        shards = [tensors[name] for name in sorted(n for n in meta[ARRAYS] if n.startswith("shard-"))]
-        return cls(shards, np.asarray(tensors["labels"]), list(meta["class_names"]), key, cache.entry(KIND, key), meta)
+        return cls._from_entry(cache, key, *cache.read(KIND, key))
+
+    @classmethod
+    def _from_entry(cls, cache: ArtifactCache, key: str, arrays: dict[str, Any], meta: dict[str, Any]) -> ImageStore:
+        shards = [arrays[name] for name in sorted(n for n in meta[ARRAYS] if n.startswith("shard-"))]
+        return cls(shards, np.asarray(arrays["labels"]), list(meta["class_names"]), key, cache.entry(KIND, key), meta)
 
     @classmethod
     def from_array(cls, images: Any, labels: Any, class_names: list[str] | None = None) -> ImageStore:
@@ -266,13 +272,8 @@ def _reopen(root: str, key: str) -> ImageStore:
 
 def open_store(cache: ArtifactCache, key: str) -> ImageStore | None:
     """The store, or None when it is absent or damaged (reported and removed: the caller rebuilds it)."""
-    if not cache.has(KIND, key):
-        return None
-    try:
-        return ImageStore.open(cache, key)
-    except DamagedEntry as exc:
-        cache.discard_damaged(KIND, key, exc)
-        return None
+    hit = cache.get(KIND, key)
+    return None if hit is None else ImageStore._from_entry(cache, key, *hit)
 
 
 def verify_store(cache: ArtifactCache, key: str, workers: int | None = None) -> None:
