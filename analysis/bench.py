@@ -433,15 +433,15 @@ def data_path(config: Config, args: list[str], out: Path, reps: int, method: str
                  "prepare_images_per_second": [p["data_prepare_images_per_second"] for p in prepares]},
     }
     # trial processes: everything prepared once per setup (store reused, stages, references), then measured
+    from unlearn.pipeline import prepare
+
     per_class = int(np.bincount(listing.labels).max())
-    setups = {"quarter": with_overrides(config, {"data.max_per_class": max(2, per_class // 4)}), "full": config}
+    cache = out / "data-cache-trials"
+    shutil.copytree(out / f"data-cache-{reps - 1}", cache, dirs_exist_ok=True)  # the full store, warm
+    full = with_overrides(config, {"cache_dir": str(cache)})
+    setups = {"quarter": with_overrides(full, {"data.max_per_class": max(2, per_class // 4)}), "full": full}
     trials: dict[str, Any] = {}
     for name, setup in setups.items():
-        cache = out / "data-cache-trials"
-        setup = with_overrides(setup, {"cache_dir": str(cache)})
-        shutil.copytree(out / f"data-cache-{reps - 1}", cache, dirs_exist_ok=True)  # the full store, warm
-        from unlearn.pipeline import prepare
-
         prepare(setup, log=lambda _: None)  # stages, backbone, references, calibration: trials only load them
         trials[name] = trial_processes(setup, method, 1, out)
     trials["two"] = trial_processes(setups["full"], method, 2, out)

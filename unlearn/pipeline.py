@@ -268,7 +268,7 @@ def unlearn(
         state.update(next_phase=resume["next_phase"], history=History.from_dict(resume["history"]),
                      after_ga=dict(resume["after_ga"]), seconds=resume["seconds"], loss_before=resume["loss_before"])
     else:
-        state["loss_before"] = prepared.auditor.forget_loss(model)
+        state["loss_before"] = float(prepared.auditor.refs["theta0/forget_loss"])  # theta0's: computed once per setup
     import_before_timing()
     started = time.perf_counter()
 
@@ -336,11 +336,12 @@ def _cost(metrics: dict[str, float], seconds: float, samples: float, prepared: P
 
 
 def audit_result(prepared: Prepared, result: UnlearnResult) -> dict[str, float]:
-    """The full catalogue; a diverged model (non-finite loss or weights) is reported, not audited."""
+    """The full catalogue; a diverged model (a non-finite loss or gradient in its run, non-finite weights, or
+    non-finite outputs on the Eq. 3 subset) is reported, not audited."""
     metrics = dict(result.metrics)
     auditor = prepared.auditor
     finite = all(bool(torch.isfinite(p).all()) for p in result.model.parameters())
-    if result.history.diverged or not finite:
+    if result.history.diverged or not finite or not auditor.outputs_finite(result.model):
         metrics.update(diverged=1.0, ood_reached=0.0)
         _cost(metrics, result.seconds, metrics["unlearn_samples"], prepared)
         return auditor.verdict(metrics)

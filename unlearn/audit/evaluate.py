@@ -133,7 +133,7 @@ def _inputs_only(subset: ImageSubset, device: torch.device) -> Iterator[tuple[sl
 
 
 # Bump when the cached reference figures change meaning, so a changed catalogue never reads old entries.
-REFERENCE_SCHEMA = 4  # v4: statistics and memory-mapped per-image arrays, computed over the streamed eval subsets
+REFERENCE_SCHEMA = 5  # v4: statistics and memory-mapped per-image arrays over the streamed eval subsets; v5: L(theta0; D_f)
 
 
 class HoleStd:
@@ -244,6 +244,9 @@ class Auditor:
                 refs["original/forget_gap"] = torch.tensor(gap_sum / len(subset))
             arrays.update({name: writer.close() for name, writer in writers.items()})
         refs["theta0/ood_set"] = self._hole_outputs(models["attack"], self.ood_set)
+        # L(theta0; D_f), the start of GA's loss increase: the same for every run of the setup, so computed once here
+        # (a trial would spend its first seconds on it: 512 images through the model at 256 px)
+        refs["theta0/forget_loss"] = torch.tensor(self.forget_loss(models["attack"]), dtype=torch.float64)
         if "retrain" in models:
             self.refs = refs
             mia = self.membership(models["retrain"])
