@@ -1,9 +1,10 @@
 """What a finished trial hands back: sanitised metrics for Tune/Optuna and artifact files for MLflow.
 
 Feasibility and the retain degradation come from the library's catalogue (`unlearn.audit.verdict`); this
-module only makes the report safe for Optuna, which leaves a trial RUNNING when its final metric is NaN or
-missing: every objective reported here is finite, and a diverged or failed trial gets the worst objective
-values, `failed = 1` and `feasible = 0` (failed-infeasible).
+module makes the report safe for Optuna, which leaves a trial RUNNING when its final metric is NaN or missing:
+every objective reported here is finite, a diverged trial or one that could not run to its audit gets the worst
+objective values, `failed = 1` and `feasible = 0` (failed-infeasible), and an objective missing on a finite model
+is raised as the bug it is.
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ WORST = {"forget_marker_strength": 1.0, "forget_marker": 1.0, "retain_degradatio
          "mia_gap_vs_retrain": 1.0}
 
 
-def sanitise(metrics: dict[str, float], objectives: list[str]) -> dict[str, float]:
-    """Finite metrics; the objectives always present; failed runs infeasible with the worst objectives."""
+def sanitise(metrics: dict[str, float], objectives: list[str], failed: bool = False) -> dict[str, float]:
+    """Finite metrics with every objective present. A diverged run, or one that `failed` (it could not run to its
+    audit), is infeasible with the worst objectives. An objective (or forget_ood_distance) missing or not finite on
+    a model that neither diverged nor failed is a bug in the audit: ValueError naming it, never buried among the
+    failures."""
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-    failed = bool(out.get("diverged", 0.0)) or any(k not in out for k in (*objectives, "forget_ood_distance"))
+    failed = failed or bool(out.get("diverged", 0.0))
+    if not failed and (absent := [k for k in (*objectives, "forget_ood_distance") if k not in out]):
+        shown = {k: metrics.get(k, "missing") for k in absent}
+        raise ValueError(f"the audit of a finite model gave no finite {', '.join(absent)} ({shown})")
     if failed:
         out.update({k: WORST[k] for k in objectives})
         out.update(feasible=0.0, constraint=max(1.0, out.get("constraint", 1.0)))
@@ -39,22 +46,16 @@ def failed_trial(prepared: Prepared, reason: str, folder: Path | None = None) ->
     """A trial that could not run to its audit (e.g. out of GPU memory): failed-infeasible, the reason in error.txt."""
     folder = Path(folder or tempfile.mkdtemp(prefix="trial-"))
     (folder / "error.txt").write_text(reason.rstrip() + "\n")
-    return sanitise({}, prepared.config.objectives), folder
+    return sanitise({}, prepared.config.objectives, failed=True), folder
 
 
 def finish_trial(prepared: Prepared, result: UnlearnResult, method: str, folder: Path | None = None) -> tuple[dict, Path]:
     """Audit the unlearned model, sanitise, write outputs.png + curves.json into `folder`, and the weights
     (into `folder/bundle`) when `sweep.keep_weights` says this trial may be selected."""
     folder = Path(folder or tempfile.mkdtemp(prefix="trial-"))
-    try:
-        raw = audit_result(prepared, result)
-    except (RuntimeError, ValueError) as exc:
-        # Only a model whose outputs are not finite (diverged) may fail here; anything else is a bug in the audit
-        # and surfaces as the trial's error, with its traceback in the trial's MLflow run.
-        if prepared.auditor.outputs_finite(result.model):
-            raise
-        raw = {**result.metrics, "diverged": 1.0}
-        (folder / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+    # A diverged model (the run's record, its weights or its outputs not finite) is reported without an audit; any
+    # error of the audit itself is a bug or a resource failure and surfaces as the trial's error, with its traceback.
+    raw = audit_result(prepared, result)
     metrics = sanitise(raw, prepared.config.objectives)
     curves = {name: [[int(s), float(v)] for s, v in points if math.isfinite(v)] for name, points in result.curves.items()}
     (folder / "curves.json").write_text(json.dumps(curves))

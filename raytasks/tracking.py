@@ -40,12 +40,15 @@ def reachable(uri: str) -> bool:
     """Whether a tracking server answers its health check (a file store always does)."""
     if not uri.startswith(("http://", "https://")):
         return True
+    import urllib.error
     import urllib.request
 
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3)
         return True
-    except Exception:  # noqa: BLE001 - refused, timed out, 5xx: not answering
+    except urllib.error.HTTPError as exc:  # an answer: a 4xx says the server is there (the call that follows says
+        return exc.code < 500              # what is wrong); a 5xx is a server not serving yet (starting, overloaded)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):  # refused, unknown host, timed out: away
         return False
 
 
@@ -61,10 +64,12 @@ def connect(uri: str) -> MlflowClient:
             raise ConfigError(f"MLflow tracking URI {uri}: folder {folder} does not exist")
     if not reachable(uri):
         raise ConfigError(f"MLflow tracking URI {uri} is unreachable (no answer at {uri.rstrip('/')}/health)")
-    client = MlflowClient(tracking_uri=uri)
+    from sqlalchemy.exc import SQLAlchemyError  # MLflow's sqlite store raises these for a file that is no database
+
     try:
+        client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
-    except Exception as exc:
+    except (*TRACKING_ERRORS, SQLAlchemyError) as exc:  # a store MLflow cannot open, a server's refusal, OS errors
         raise ConfigError(f"MLflow tracking URI {uri} is unusable: {str(exc).splitlines()[0][:200]}") from None
     return client
 

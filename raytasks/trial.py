@@ -46,11 +46,14 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
             prepared = prepare_warm(config)  # from this process's memo or the cache: nothing is trained here
             try:
                 metrics, _ = finish_trial(prepared, unlearn(prepared, method), method, folder)
-            except torch.cuda.OutOfMemoryError as exc:  # trials share the GPU: this one did not fit beside the others
+            except torch.cuda.OutOfMemoryError:  # trials share the GPU: this one did not fit beside the others
+                import traceback
+
                 torch.cuda.empty_cache()
                 folder = Path(scratch) / "failed"  # not beside what the audit wrote before it ran out (curves.json)
                 folder.mkdir()
-                metrics, _ = failed_trial(prepared, f"out of GPU memory while sharing the GPU: {exc}", folder)
+                metrics, _ = failed_trial(prepared, "out of GPU memory while sharing the GPU:\n" + traceback.format_exc(),
+                                          folder)
         import ray
 
         # where it ran (MLflow tag `node_id`): on a cluster, which node each trial used

@@ -51,7 +51,8 @@ def _config(tmp_path, *overrides: str):
 @pytest.fixture
 def tiny_clip(monkeypatch):
     """open_clip with a tiny ViT architecture registered as TINY_CLIP (unregistered after the test)."""
-    open_clip = pytest.importorskip("open_clip")
+    import open_clip
+
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_CLIP, TINY_CLIP_CONFIG)
     return open_clip
 
@@ -124,7 +125,8 @@ def test_clip_checkpoint_of_another_architecture_is_a_config_error(tmp_path, tin
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory) -> pathlib.Path:
     """torch-fidelity's FID Inception-v3 with random weights, saved as the real weights file is: a state dict."""
-    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
 
     class Unloaded(fidelity.FeatureExtractorInceptionV3):
         def load_state_dict(self, *args, **kwargs):  # the architecture only: no weights to load yet
@@ -200,3 +202,17 @@ def test_cli_missing_weights_file_is_one_line_and_exit_2(backbone, tmp_path_fact
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "not found" in err and str(missing) in err and "audit.backbone_weights" in err
+
+
+def test_a_bug_while_building_a_backbone_is_raised_not_reported_as_a_config_error(tmp_path, inception_weights, monkeypatch):
+    """Weights that do not fit or a failed download are the user's to fix (ConfigError, above); a bug in the
+    construction (here a TypeError) surfaces as itself."""
+    import torchmetrics.image.fid as fid
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in the construction")
+
+    monkeypatch.setattr(fid, "NoTrainInceptionV3", broken)
+    config = _config(tmp_path, "audit.backbone=inception", f"audit.backbone_weights={inception_weights}")
+    with pytest.raises(TypeError, match="a bug in the construction"):
+        load_backbone(config, None, CPU)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import queue
 
 import pytest
 import torch
@@ -75,8 +76,8 @@ def test_purge_lists_an_entry_whose_meta_is_damaged_instead_of_failing(tmp_path)
     assert removed == [] and len(remaining) == 1 and "meta.json damaged" in remaining[0]
 
 
-def _writer(root: str, worker: int, rounds: int) -> None:
-    store = ArtifactCache(root, warn=lambda _: None)
+def _writer(root: str, worker: int, rounds: int, warnings) -> None:
+    store = ArtifactCache(root, warn=warnings.put)  # a torn entry would be reported (and removed) by get: collected
     for _ in range(rounds):
         store.save("stages", "shared", {"w": torch.full((256, 256), float(worker))}, {"writer": worker})
         hit = store.get("stages", "shared")  # another writer may have won: whatever is read is whole
@@ -88,7 +89,8 @@ def _writer(root: str, worker: int, rounds: int) -> None:
 
 def test_concurrent_preparers_of_one_key_never_corrupt_it(tmp_path):
     ctx = mp.get_context("spawn")  # fork would copy the session's torch thread pools (a deadlock in the full suite)
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), worker, 30)) for worker in range(3)]
+    warnings = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), worker, 30, warnings)) for worker in range(3)]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -97,6 +99,13 @@ def test_concurrent_preparers_of_one_key_never_corrupt_it(tmp_path):
         if proc.is_alive():
             proc.kill()
     assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    reported = []
+    while True:
+        try:
+            reported.append(warnings.get(timeout=0.5))
+        except queue.Empty:
+            break
+    assert not [line for line in reported if "damaged" in line], reported  # no reader ever met a torn entry
     store, lines = _store(tmp_path)
     store.save("stages", "shared", {"w": torch.zeros(1)}, {"writer": -1})
     assert store.get("stages", "shared") is not None and lines == []
@@ -152,3 +161,18 @@ def test_a_save_whose_key_was_taken_and_removed_meanwhile_retries_and_a_real_fai
     with pytest.raises(PermissionError):
         store.save("stages", "other", {"w": torch.ones(1)}, {})
     assert not store.has("stages", "other") and [p.name for p in (tmp_path / "stages").iterdir()] == ["k"]
+
+
+def test_a_sound_entry_that_does_not_load_is_raised_with_its_path_and_kept(tmp_path, monkeypatch):
+    """Damage is a checksum mismatch. An entry whose bytes match but which this torch cannot load (another version
+    wrote it, say) is not damage: it is raised with its path, and kept (deleting it would retrain it on every run)."""
+    store, lines = _store(tmp_path)
+    store.save("stages", "k", {"w": torch.ones(3)}, {"stage": "x"})
+
+    def unreadable(*args, **kwargs):
+        raise RuntimeError("unsupported format version")
+
+    monkeypatch.setattr(torch, "load", unreadable)
+    with pytest.raises(RuntimeError, match=f"cache entry {store.entry('stages', 'k')} matches its checksum but does not load"):
+        store.get("stages", "k")
+    assert store.has("stages", "k") and lines == []

@@ -183,7 +183,8 @@ def test_searcher_state_pickles(config):
 
 
 def test_an_audit_bug_surfaces_and_only_a_diverged_model_is_failed_infeasible(prepared, monkeypatch):
-    """outcome.finish_trial catches audit failures only for models whose outputs are not finite."""
+    """outcome.finish_trial catches no audit failure: a bug in a metric surfaces (with its traceback) on a finite
+    model; a model whose outputs are not finite is diverged and reported failed-infeasible without an audit."""
 
     from raytasks import outcome
     from unlearn.pipeline import unlearn
@@ -197,9 +198,13 @@ def test_an_audit_bug_surfaces_and_only_a_diverged_model_is_failed_infeasible(pr
     with pytest.raises(RuntimeError, match="a bug in a metric"):  # finite outputs: a bug, not a diverged model
         outcome.finish_trial(prepared, result, "finetune")
     monkeypatch.setattr(prepared.auditor, "outputs_finite", lambda model: False)  # as a diverged model's
-    metrics, folder = outcome.finish_trial(prepared, result, "finetune")
-    assert metrics["failed"] == 1.0 and metrics["feasible"] == 0.0
-    assert "a bug in a metric" in (folder / "error.txt").read_text()
+    metrics, folder = outcome.finish_trial(prepared, result, "finetune")  # the broken metric is never reached
+    assert metrics["failed"] == 1.0 and metrics["feasible"] == 0.0 and metrics["diverged"] == 1.0
+    assert not (folder / "error.txt").exists() and not (folder / "outputs.png").exists()
+    # an objective missing on a finite model is a bug too, not a failure: sanitise names it
+    with pytest.raises(ValueError, match="no finite forget_marker_strength"):
+        outcome.sanitise({"diverged": 0.0, "retain_degradation": 0.1, "forget_ood_distance": 0.3},
+                         ["forget_marker_strength", "retain_degradation"])
 
 
 def test_a_trial_reports_its_artifacts_and_leaves_no_folder_behind(prepared, monkeypatch):

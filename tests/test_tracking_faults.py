@@ -115,3 +115,62 @@ def test_a_server_that_stays_away_stops_the_sweep_resumable(store, monkeypatch):
     with pytest.raises(driver_module.SweepInterrupted, match="--resume --name faults"):
         _driver(store)._log_when_reachable("a", {"method": "realistic"}, {"feasible": 1.0}, None, False)
     assert _runs(store) == []
+
+
+def _serve(status: int):
+    """A loopback HTTP server answering every GET with `status` (bounded: one thread, stopped by the caller)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_reachable_tells_an_answer_from_a_server_that_is_away(monkeypatch):
+    """A 4xx is an answer (the server is there; the call that follows says what is wrong), a 5xx or a refused
+    connection is a server not serving; anything else is a bug and is raised, never read as 'away' (which would make
+    the sweep wait 10 minutes and exit 130)."""
+    import socket
+    import urllib.request
+
+    for status, expected in ((200, True), (404, True), (403, True), (503, False)):
+        server, url = _serve(status)
+        try:
+            assert tracking.reachable(url) is expected, status
+        finally:
+            server.shutdown()
+    with socket.socket() as free:  # a port nothing listens on: refused
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert tracking.reachable(f"http://127.0.0.1:{port}") is False
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in the health check")
+
+    monkeypatch.setattr(urllib.request, "urlopen", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        tracking.reachable("http://127.0.0.1:1")
+
+
+def test_connect_reports_an_unusable_store_and_raises_a_bug(tmp_path, monkeypatch):
+    from unlearn.config import ConfigError
+
+    (tmp_path / "not-a-db").write_text("this is no sqlite file")
+    with pytest.raises(ConfigError, match="is unusable"):
+        tracking.connect(f"sqlite:///{tmp_path / 'not-a-db'}")
+
+    def broken(self, *args, **kwargs):
+        raise AttributeError("a bug in a client call")
+
+    monkeypatch.setattr(MlflowClient, "search_experiments", broken)
+    with pytest.raises(AttributeError, match="a bug"):
+        tracking.connect(f"sqlite:///{tmp_path / 'fresh.db'}")

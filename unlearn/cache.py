@@ -215,8 +215,14 @@ class ArtifactCache:
 
         try:
             return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - an unchecked (older) entry: any failure to load is damage
-            raise DamagedEntry(f"{TENSORS} does not load: {type(exc).__name__}") from exc
+        except Exception as exc:
+            if expected is None:  # an entry written before checksums: a failed load is the only sign of damage
+                raise DamagedEntry(f"{TENSORS} does not load: {type(exc).__name__}") from exc
+            # its bytes are the ones written: not damage (a torch that cannot read what another wrote, say), and
+            # removing it would only rebuild it on every run
+            raise RuntimeError(f"cache entry {folder} matches its checksum but does not load "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); remove it by hand if it "
+                               "should be rebuilt") from exc
 
     @staticmethod
     def _check_size(path: Path, expected: int) -> None:

@@ -179,7 +179,7 @@ def calibrate(prepared: Prepared, log: Callable[[str], None] = stderr_log) -> di
                                            >= config.audit.min_marker_strength)
         cache.save("calibration", key, {}, {"figures": figures, "forget_digest": prepared.data.forget_digest(config.data.dataset)})
     # Not cached: a changed unlearn.ood_delta must take effect on the next run.
-    auditor.calibration = {**figures, **_resolve_delta(config, auditor.refs, figures)}
+    auditor.calibration = {**figures, **_resolve_delta(config, auditor.refs, figures), **_resolve_gap(config, auditor.refs)}
     if skipped := prepared.data.store.skipped_count:  # unreadable files left out (data.skip_unreadable)
         auditor.calibration["data_skipped_images"] = float(skipped)
     return auditor.calibration
@@ -193,6 +193,22 @@ def _resolve_delta(config: Config, refs: dict[str, torch.Tensor], figures: dict[
         retrain = float(refs["retrain/ood_distance"])
         return {"ood_delta": fraction * retrain if delta == "auto" else float(delta), "retrain_ood_distance": retrain}
     return {"ood_delta": figures["audit_null_ood_distance"] / fraction if delta == "auto" else float(delta)}
+
+
+def _resolve_gap(config: Config, refs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """sweep.max_forget_gap: a number as configured; auto = audit.gap_margin x retrain_gap_yardstick, the gap of the
+    second retrain reference (another seed) to the first, in the gap's own units; none without a retrain reference."""
+    out = {}
+    if "retrain2/forget_gap" in refs:
+        out["retrain_gap_yardstick"] = float(refs["retrain2/forget_gap"])
+    limit = config.sweep.max_forget_gap
+    if limit == "auto" and "retrain_gap_yardstick" in out:
+        # at most 1, the original model's own gap: a model as far from retrain as the model that saw D_f does not
+        # behave like retraining, however far apart two retrainings lie
+        out["max_forget_gap"] = min(1.0, config.audit.gap_margin * out["retrain_gap_yardstick"])
+    elif isinstance(limit, (int, float)) and config.audit.retrain:
+        out["max_forget_gap"] = float(limit)
+    return out
 
 
 def audit_warnings(prepared: Prepared) -> list[str]:
@@ -209,6 +225,11 @@ def audit_warnings(prepared: Prepared) -> list[str]:
                      f"{c['audit_null_strength']:.2f} < {a.min_marker_strength:g}, so the marker audit cannot tell unlearning "
                      f"from fine-tuning; set stages.attack_strengthen_rounds (used {int(c.get('attack_strengthen_rounds_used', 0))}) "
                      "or lower the fine-tuning budget (audit.null_ft_lr / unlearn.ft_lr)")
+    yardstick = c.get("retrain_gap_yardstick")
+    if prepared.config.sweep.max_forget_gap == "auto" and yardstick is not None and a.gap_margin * yardstick >= 1.0:
+        lines.append(f"warning: forget_gap_vs_retrain can hardly decide here: a second retraining lies at {yardstick:.3g} "
+                     f"of the original model's gap from the first, so the threshold is capped at 1 (the original's own "
+                     "gap); read the other figures")
     if c.get("retrain_ood_distance", math.inf) < c["ood_delta"]:
         lines.append(f"warning: ood_delta {c['ood_delta']:.4g} > the retrain reference's own distance "
                      f"{c['retrain_ood_distance']:.4g}: the gold standard is infeasible (use unlearn.ood_delta=auto)")

@@ -11,6 +11,7 @@ Every backbone maps images in [0, 1] to (features, logits). Backbones without a 
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,9 +57,15 @@ class Backbone:
     def __init__(self, name: str, forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], key: str) -> None:
         self.name, self._forward, self.key = name, forward, key
 
+    # Images per forward: at most 256, and at most 8 MB of float input (10 images at 256 px). A backbone's first
+    # activations are ~10x its input (the domain classifier: 32 channels at full size), so an 85-image evaluation
+    # batch of 256-px images went through it at 1.5 GB.
+    CHUNK_BYTES = 8 * 2**20
+
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats, logits = [], []
+        batch_size = max(1, min(256, self.CHUNK_BYTES // max(1, 4 * images[0].numel()))) if len(images) else 1
         for i in range(0, len(images), batch_size):
             f, lg = self._forward(images[i : i + batch_size])
             feats.append(f.float().cpu())
@@ -129,6 +136,12 @@ def _file_key(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+# What building a backbone from a weights file (or a download) raises when the file or the network is the problem:
+# an unreadable or foreign file (OSError, UnpicklingError), weights of another architecture (RuntimeError, KeyError,
+# ValueError), no network (OSError). Anything else is a bug and is raised as itself.
+WEIGHT_ERRORS = (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError)
+
+
 def _inception(config: Config, device: torch.device) -> Backbone:
     from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -149,7 +162,7 @@ def _inception(config: Config, device: torch.device) -> Backbone:
             features_list=["2048", "logits_unbiased"],
             feature_extractor_weights_path=str(Path(weights).expanduser()) if weights else None,
         )
-    except Exception as exc:  # torch-fidelity downloads the weights when no file is given
+    except WEIGHT_ERRORS as exc:  # weights that do not fit, or a download that failed (no file given): not a bug
         raise ConfigError(f"cannot load Inception weights ({type(exc).__name__}); give a local file with audit.backbone_weights") from None
     net.to(device).eval()
 
@@ -169,7 +182,7 @@ def _clip(config: Config, data: UnlearningData, device: torch.device) -> Backbon
         raise ConfigError(f"CLIP checkpoint not found: {weights} (audit.backbone_weights)")
     try:
         model = open_clip.create_model(config.audit.clip_model, pretrained=str(Path(weights).expanduser()) if weights else "openai")
-    except Exception as exc:
+    except WEIGHT_ERRORS as exc:
         raise ConfigError(f"cannot load CLIP model {config.audit.clip_model} ({type(exc).__name__}: {exc})".splitlines()[0]) from None
     model.to(device).eval()
     size = model.visual.image_size
