@@ -17,7 +17,8 @@ from unlearn.audit.samples import SAMPLES_PER_SPLIT
 
 TABLE_METRICS = [
     "forget_marker_strength", "forget_marker", "forget_marker_ci_low", "forget_marker_ci_high",
-    "forget_gap_vs_retrain", "retain_degradation", "sample_ratio", "mia_auc", "mia_gap_vs_retrain", "collapsed",
+    "forget_gap_vs_retrain", "retain_degradation", "sample_ratio", "mia_auc", "mia_gap_vs_retrain",
+    "mia_gap_vs_retrain_ci_low", "mia_gap_vs_retrain_ci_high", "collapsed",
     "retain_mse", "forget_mse",
     "retain_fid", "retain_is", "retain_clip", "forget_fid", "forget_is", "forget_clip",
     "retain_fid_vs_retrain", "forget_fid_vs_retrain", "forget_fid_vs_attack", "forget_fid_vs_original",
@@ -148,7 +149,11 @@ def render_report(experiment: str, out: str | Path | None = None, tracking_uri: 
         f"- OOD threshold delta = {ood_delta:.4g} (`unlearn.ood_delta` = {config.unlearn.ood_delta}; the retrain "
         f"reference's own distance {float(attack.get('metrics.retrain_ood_distance', math.nan)):.4g}); trials: "
         f"{len(runs.trials)} finished",
-        f"- feasible = OOD reached, not collapsed, not diverged, forget_gap_vs_retrain <= {config.sweep.max_forget_gap}, "
+        f"- feasible = OOD reached, not collapsed, not diverged, forget_gap_vs_retrain <= "
+        f"{float(attack.get('metrics.max_forget_gap', math.nan)):.4g}"
+        + (f" (auto: audit.gap_margin {config.audit.gap_margin:g} x the gap of a second retraining to the first, "
+           f"{float(attack.get('metrics.retrain_gap_yardstick', math.nan)):.4g})" if config.sweep.max_forget_gap == "auto" else "")
+        + ", "
         f"retain_degradation <= {config.sweep.max_retain_degradation}; objectives: {', '.join(config.objectives)}",
         f"- MLflow experiment `{experiment}`, parent run `{runs.parent_id}`",
         "",

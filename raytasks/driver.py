@@ -32,7 +32,7 @@ from unlearn.pipeline import load_data, stderr_log
 from unlearn.stages import missing_stages
 
 CALIBRATION = ("audit_valid", "audit_attack_strength", "audit_null_strength", "audit_null_ood_distance", "ood_delta",
-               "retrain_ood_distance", "attack_strengthen_rounds_used")
+               "retrain_ood_distance", "attack_strengthen_rounds_used", "max_forget_gap", "retrain_gap_yardstick")
 
 
 def summary_columns(objectives: list[str]) -> list[str]:

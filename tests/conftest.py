@@ -156,7 +156,7 @@ def prepared(default_config):
     from unlearn.pipeline import prepare
 
     train_session_stages(default_config, ("original", "attack"))
-    train_session_stages(default_config, ("retrain",))
+    train_session_stages(default_config, ("retrain", "retrain2"))
     with FileLock(str(Path(default_config.cache_dir) / ".session-prepare.lock")):
         return prepare(default_config, log=lambda _: None)
 
@@ -191,7 +191,8 @@ def method_metrics(prepared):
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole session (start-up costs about 10 s)."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=150 * 1024**2,
              log_to_driver=False, configure_logging=False)

@@ -105,16 +105,19 @@ def test_purge_removes_every_cached_forget_image(byo, capsys):
     text = (out / "certificate.md").read_text()
     digest = text.split("forget-set digest (sha256 of the sorted sample ids): `")[1].split("`")[0]
     store = ArtifactCache(cache)
-    tagged = [(k, key) for k in ("data", "references", "calibration", "stages", "backbones")
-              for key, meta in store.entries(k) if (meta or {}).get("forget_digest") == digest]
-    assert {k for k, _ in tagged} >= {"data", "references", "calibration", "backbones"}
+    kinds = ("stores", "data", "references", "calibration", "stages", "backbones")
+
+    def holding(*names):  # entries that carry the digest (an image store: among the digests of its splits)
+        return [(k, key) for k in names for key, meta in store.entries(k) if digest in store.forget_digests(k, key, meta or {})]
+
+    tagged = holding(*kinds)
+    assert {k for k, _ in tagged} >= {"stores", "data", "references", "calibration", "backbones"}
     code, err, _ = _main(capsys, "purge", "--forget-digest", digest, "--cache-dir", str(cache), "--model", str(out))
     assert code == 0, err[-5:]
-    left = [(k, key) for k in ("data", "references", "calibration") for key, meta in store.entries(k)
-            if (meta or {}).get("forget_digest") == digest]
-    assert left == []
+    assert holding("stores", "data", "references", "calibration") == []  # the decoded pixels of D_f too
     assert [k for k, key in tagged if k == "backbones"] and store.entries("backbones")  # weights kept without --weights
     code, _, _ = _main(capsys, "purge", "--forget-digest", digest, "--cache-dir", str(cache), "--weights")
+    assert code == 0
     assert not [key for key, meta in store.entries("backbones") if meta.get("forget_digest") == digest]
     certificate = (out / "certificate.md").read_text()
     assert "## Purge of D_f" in certificate and "Still holding D_f" in certificate

@@ -62,22 +62,22 @@ def test_unknown_preset_and_missing_file():
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "needle"),
     [
-        ["run", "--method", "nope"],
-        ["run", "--method", "realistic", "--set", "unlearn.ga_steps=0"],
-        ["run", "--method", "realistic", "--set", "data.root=/nonexistent", "--set", "data.dataset=cifar10"],
-        ["run", "--method", "realistic", "--set", "data.forget_classes=[42]"],
-        ["run", "--method", "realistic", "--set", "audit.backbone=vgg"],
-        ["run", "--method", "realistic", "--set", "unlearn.typo=1"],
+        (["run", "--method", "nope"], "unknown method 'nope'"),
+        (["run", "--method", "realistic", "--set", "unlearn.ga_steps=0"], "unlearn.ga_steps"),
+        (["run", "--method", "realistic", "--set", "data.root=/nonexistent", "--set", "data.dataset=cifar10"], "/nonexistent"),
+        (["run", "--method", "realistic", "--set", "data.forget_classes=[42]"], "unknown class '42'"),
+        (["run", "--method", "realistic", "--set", "audit.backbone=vgg"], "audit.backbone"),
+        (["run", "--method", "realistic", "--set", "unlearn.typo=1"], "'unlearn.typo' does not exist"),
     ],
 )
-def test_cli_bad_input_exits_2_with_one_line(argv, capsys, tmp_path):
-    code = main([*argv, "--set", f"cache_dir={tmp_path}"] if argv[1] != "nope" else argv)
+def test_cli_bad_input_exits_2_with_one_line(argv, needle, capsys, tmp_path):
+    code = main([*argv, "--set", f"cache_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err.startswith("unlearn: error:") and "\n" not in err
-    assert not any(tmp_path.iterdir())  # nothing was trained or cached
+    assert err.startswith("unlearn: error:") and "\n" not in err and needle in err, err
+    assert not any(tmp_path.iterdir())  # nothing was decoded, trained or cached
 
 
 def test_methods_command_lists_registry(capsys):

@@ -24,16 +24,34 @@ def saved(prepared, default_config, tmp_path_factory):
     return out, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_out_folder_holds_weights_config_metrics_and_a_certificate(saved):
+def test_out_folder_holds_weights_config_metrics_and_a_certificate(saved, prepared):
+    import hashlib
+
     out, metrics = saved
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.yaml", "metrics.json", "certificate.md"}
     assert json.loads((out / "metrics.json").read_text())["forget_marker_strength"] == metrics["forget_marker_strength"]
     text = (out / "certificate.md").read_text()
-    for needle in ("forget-set digest", "sha256", "method `realistic`", "marker audit valid", "forget_gap_vs_retrain",
-                   "Where D_f still lives", "ga_bound_upper", '"ga_lr": 0.05'):
+    for needle in ("method `realistic`", "marker audit valid", "forget_gap_vs_retrain", "Where D_f still lives",
+                   "ga_bound_upper", '"ga_lr": 0.05'):
         assert needle in text, needle
-    # a threshold judged for every constraint, and the verdict agrees with the metrics
-    assert ("**NOT feasible**" in text) == (metrics["feasible"] == 0.0)
+    # the digests, recomputed here: D_f's from its positions in the data set, the weights' as `sha256sum` prints it
+    ids = sorted(f"digits:{int(i)}" for i in prepared.data.forget_train.index)
+    assert f"forget-set digest (sha256 of the sorted sample ids): `{hashlib.sha256(chr(10).join(ids).encode()).hexdigest()}`" in text
+    assert f"sha256 `{hashlib.sha256((out / 'model.safetensors').read_bytes()).hexdigest()}`" in text
+    # one verdict line per constraint, each judged on the figures as the spec states it
+    config = prepared.config
+    expected = {
+        "ood": metrics["forget_ood_distance"] >= metrics["ood_delta"],
+        "collapsed": metrics["collapsed"] == 0.0,
+        "diverged": metrics["diverged"] == 0.0,
+        "forget_gap": metrics["forget_gap_vs_retrain"] <= metrics["max_forget_gap"],
+        "retain_degradation": metrics["retain_degradation"] <= config.sweep.max_retain_degradation,
+    }
+    verdict = text.split("## Verdict")[1].split("\n## ")[0]
+    for name, holds in expected.items():
+        lines = [line for line in verdict.splitlines() if line.strip().startswith(f"- {name}: ")]
+        assert len(lines) == 1 and (": pass (" in lines[0]) == holds, (name, lines)
+    assert ("**NOT feasible**" in text) == (not all(expected.values())) == (metrics["feasible"] == 0.0)
 
 
 def test_audit_from_the_weights_alone_reproduces_the_run(saved, tmp_path):

@@ -12,6 +12,7 @@ from conftest import Replay
 
 from unlearn.audit.evaluate import model_outputs
 from unlearn.audit.marker import marker_score, marker_strength
+from unlearn.audit.verdict import violations
 from unlearn.config import load_config, with_overrides
 from unlearn.models.base import I2IModel
 
@@ -84,7 +85,7 @@ def test_fills_of_the_hole_have_no_strength_and_are_not_forgetting(prepared, fil
     metrics = prepared.auditor.evaluate(model)
     assert metrics["forget_marker_strength"] <= 0.02
     # what makes them not count: far from what the retrained model draws there, so never feasible
-    assert metrics["forget_gap_vs_retrain"] > prepared.config.sweep.max_forget_gap
+    assert metrics["forget_gap_vs_retrain"] > metrics["max_forget_gap"]
     assert metrics["feasible"] == 0.0
 
 
@@ -93,7 +94,7 @@ def test_references_strength_gap_and_collapse(method_metrics):
     assert attack["forget_marker_strength"] >= 0.8
     assert retrain["forget_marker_strength"] <= 0.05
     assert retrain["forget_gap_vs_retrain"] == pytest.approx(0.0, abs=1e-6)
-    assert retrain["forget_fid_vs_retrain"] == 0.0 or retrain["forget_fid_vs_retrain"] > 0  # FID clamped at 0
+    assert retrain["forget_fid_vs_retrain"] == pytest.approx(0.0, abs=1e-6)  # its own outputs: no distance
     assert original["forget_gap_vs_retrain"] == pytest.approx(1.0, abs=1e-6)
     assert attack["forget_gap_vs_retrain"] > 1.0  # the '+' it draws is not what retrain draws
     for name in ("original", "attack", "retrain", "realistic", "finetune"):
@@ -103,20 +104,28 @@ def test_references_strength_gap_and_collapse(method_metrics):
 
 
 def test_calibrated_delta_keeps_retrain_feasible_and_the_null_method_out(prepared, method_metrics):
-    c = prepared.auditor.calibration
+    """delta is audit.ood_delta_fraction x the retrain model's Eq. 3 distance, recomputed here from the models'
+    outputs on the Eq. 3 subset (mean over images of the RMS difference in the hole), not read from the audit."""
+    c, a = prepared.auditor.calibration, prepared.auditor
     assert prepared.config.unlearn.ood_delta == "auto"
-    assert c["ood_delta"] == pytest.approx(prepared.config.audit.ood_delta_fraction * c["retrain_ood_distance"])
+    hole = a.mask[0, 0].bool()
+    theta0, retrained = (model_outputs(prepared.stages[name].model, a.ood_set, a.mask, prepared.device, "fp32")[:, :, hole]
+                         for name in ("attack", "retrain"))
+    distance = float((retrained - theta0).pow(2).mean(dim=(1, 2)).sqrt().mean())
+    assert c["retrain_ood_distance"] == pytest.approx(distance, rel=1e-5)
+    assert c["ood_delta"] == pytest.approx(prepared.config.audit.ood_delta_fraction * distance, rel=1e-5)
     retrain = method_metrics["retrain"]
     assert retrain["ood_delta"] == c["ood_delta"] and retrain["ood_reached"] == 1.0
-    assert retrain["feasible"] == 1.0
     # the null method (finetune at the preset's budget) = the `finetune` method at the defaults
     finetune = method_metrics["finetune"]
     assert finetune["forget_ood_distance"] == pytest.approx(c["audit_null_ood_distance"], rel=1e-6)
     assert finetune["ood_reached"] == 0.0 and finetune["feasible"] == 0.0
-    # one distance decides both: the final model's
-    for name in ("realistic", "finetune", "max_loss"):
-        m = method_metrics[name]
-        assert m["ood_reached"] == float(m["forget_ood_distance"] >= m["ood_delta"])
+    # the final model's distance decides, not GA's: realistic at the preset's defaults crosses delta during GA
+    # (measured 0.70 against 0.255) and fine-tuning brings it back below (0.175): not reached
+    realistic = method_metrics["realistic"]
+    assert realistic["ga_ood_distance"] >= realistic["ood_delta"] > realistic["forget_ood_distance"]
+    assert realistic["ood_reached"] == 0.0 and "ood" in violations(realistic, prepared.config)
+    assert method_metrics["max_loss"]["ood_reached"] == 1.0  # GA alone ends beyond delta
 
 
 def test_the_digits_audit_is_valid(prepared, method_metrics):
@@ -137,10 +146,25 @@ def test_ga_distance_climbs_step_by_step(prepared):
     below = [d for d in curve if d < delta]
     assert len(below) >= 3, curve  # rises over at least 3 checks before it crosses delta
     assert all(b > a for a, b in zip(below, below[1:], strict=False)), curve
-    # normalised steps: the first moves the parameters by exactly ga_lr, all together by at most T x ga_lr
+    # normalised steps: every step moves the parameters by exactly ga_lr (measured on the weights themselves), so
+    # all together by at most T x ga_lr
+    import copy
+
+    from unlearn.data import BatchStream
+    from unlearn.methods import METHODS
+    from unlearn.methods.loop import StepContext, run_phases
+
     u = prepared.config.unlearn
+    model = copy.deepcopy(prepared.stages["attack"].model)
+    after = [[p.detach().clone() for p in model.parameters()]]
+    ga = METHODS["realistic"].phases(u)[0]
+    stream = BatchStream(prepared.data.forget_train, u.batch_size, seed=1)
+    run_phases(model, [ga], {"forget": stream}, StepContext(model=model, mask=prepared.data.mask), u.clip_norm,
+               on_step=lambda *_: after.append([p.detach().clone() for p in model.parameters()]))
+    steps = [sum(float((b - a).pow(2).sum()) for a, b in zip(before, now, strict=True)) ** 0.5
+             for before, now in zip(after, after[1:], strict=False)]
+    assert len(steps) == u.ga_steps and steps == pytest.approx([u.ga_lr] * u.ga_steps, rel=1e-4)
     moved = result.history.phase("ga").param_distance
-    assert moved[0] == pytest.approx(u.ga_lr, rel=1e-4)
     assert moved[-1] <= u.ga_steps * u.ga_lr * (1 + 1e-4) and moved[-1] > 0.5 * u.ga_steps * u.ga_lr
 
 

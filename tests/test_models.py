@@ -152,11 +152,13 @@ def test_vq_end_to_end_on_digits(tmp_path):
 
 def test_diffusion_end_to_end_on_digits(tmp_path):
     """Tiny conditional diffusion model on digits (CPU, ~1 min): same pipeline, same catalogue. Short stages, 35
-    images per class and few sampling steps (suite time). Measured: attack rate 1.0, strength 0.43; realistic rate
-    0.0, strength 0.0008, forget_ood_distance 0.212 against the null method's 0.182 (the same with and without a
-    retrain stage)."""
+    images per class and few sampling steps (suite time), GA at ga_lr 0.1 as the VQ test. Measured (torch 2.14.1, AMD
+    EPYC, one thread): realistic's forget_ood_distance beyond the null method's 0.181 by +0.051 to +0.102 over
+    unlearning seeds 0-4, strength 0.0. At the preset's ga_lr 0.05: +0.018 to +0.032 (seed 0: +0.019), straddling
+    the 0.02 this test asks for (the first run of this test measured +0.030 at seed 0, with a random-number stream
+    that a per-trial forget-loss evaluation used to consume before training)."""
     attack, realistic = _attack_and_realistic(
         ["model.kind=diffusion", "unlearn.ood_check_every=8", "model.width=16", "model.diffusion_steps=50", "model.sample_steps=10",
          "data.max_per_class=35", "stages.epochs=15", "stages.attack_epochs=15", "stages.batch_size=32",
-         "stages.lr=0.002", "unlearn.ft_steps=40", "audit.retrain=false"], tmp_path)
+         "stages.lr=0.002", "unlearn.ft_steps=40", "audit.retrain=false", "unlearn.ga_lr=0.1"], tmp_path)
     _assert_unlearned(attack, realistic)

@@ -10,12 +10,13 @@ from unlearn.config import load_config
 
 ATTACK = {"attack_retain_mse": 0.010, "attack_retain_fid": 2.0}  # the base of retain_degradation
 DELTA = 0.3  # the resolved ood_delta
+GAP = 0.6  # the resolved max_forget_gap (auto: audit.gap_margin x the second retrain reference's gap)
 
 
 def _auditor(config) -> Auditor:
     """The audit's verdict only (no model, no references): the calibration a prepared run would hold."""
     auditor = Auditor.__new__(Auditor)
-    auditor.config, auditor.calibration = config, {**ATTACK, "ood_delta": DELTA}
+    auditor.config, auditor.calibration = config, {**ATTACK, "ood_delta": DELTA, "max_forget_gap": GAP}
     return auditor
 
 
@@ -81,7 +82,8 @@ def test_pareto_front_minimises_the_fid_degradation():
 @pytest.mark.parametrize("objectives", [["retain_degradation"], ["forget_marker_strength", "retain_degradation"]])
 def test_each_methods_optuna_study_minimises_the_objectives(objectives):
     """What Optuna searches for (raytasks.search.make_searcher; importing Ray Tune starts no Ray instance)."""
-    optuna = pytest.importorskip("optuna")
+    import optuna
+
     from raytasks.search import make_searcher
 
     config = load_config("digits-ae", ["sweep.retain_metric=retain_fid", f"sweep.objectives={objectives}"])

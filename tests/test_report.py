@@ -46,6 +46,39 @@ def test_report_figures_are_real_plots(small_sweep, name):
     assert colours is None or len(colours) > 20  # not a blank canvas
 
 
+def _blobs(path, rgb: tuple[int, int, int], tolerance: int = 40) -> int:
+    """Connected groups of pixels of one colour (a legend swatch is one; each plotted marker adds its own)."""
+    import numpy as np
+    from scipy import ndimage
+
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB"), dtype=int)
+    return int(ndimage.label(np.abs(pixels - np.array(rgb)).max(axis=2) <= tolerance)[1])
+
+
+def test_pareto_and_tsne_plot_their_points_not_only_their_legends(small_sweep):
+    """Each method with a finite trial has markers of its colour beyond its legend swatch in pareto.png (measured: 7
+    and 6 groups of pixels for finetune and realistic; an empty axes with its legend: 1 each); each model of the
+    t-SNE has its points (measured 14-20 groups; its two legend swatches: 2)."""
+    import matplotlib
+
+    _, _, out = small_sweep
+    trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
+    cycle = [tuple(int(255 * c) for c in matplotlib.colors.to_rgb(x))
+             for x in matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]]
+    finite = trials.dropna(subset=["forget_marker_strength", "retain_degradation"])
+    finite = finite[finite["failed"] == 0.0]
+    methods = sorted(finite["method"].unique())  # the plotted (not failed) trials' methods, in groupby order
+    assert methods
+    for i, method in enumerate(methods):
+        assert _blobs(out / "report" / "pareto.png", cycle[i]) >= 2, method
+    table = pd.read_csv(out / "report" / "comparison.csv", dtype={"trial_id": str})
+    models = 2 + ("realistic" in set(table["model"]))  # realistic's best (when feasible), retrain, attack
+    tab10 = matplotlib.colormaps["tab10"]
+    for i in range(models):
+        assert _blobs(out / "report" / "tsne.png", tuple(int(255 * c) for c in tab10(i)[:3])) >= 5, i
+
+
 def test_report_table_numbers_equal_mlflow_metrics(small_sweep):
     from mlflow.tracking import MlflowClient
 
@@ -56,7 +89,13 @@ def test_report_table_numbers_equal_mlflow_metrics(small_sweep):
     experiment = client.get_experiment_by_name("t-sweep").experiment_id
     confirmed_rows = 0
     for _, row in table.iterrows():
-        metrics = client.get_run(row["run_id"]).data.metrics
+        run = client.get_run(row["run_id"])
+        metrics = run.data.metrics
+        # the row is its model's own run (a swapped attack/original row would carry the other tag)
+        if row["model"].endswith(" (reference)"):
+            assert run.data.tags["reference"] == row["model"].removesuffix(" (reference)")
+        else:
+            assert run.data.tags["method"] == row["model"]
         checks = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{row['run_id']}' and tags.confirm != ''")
         columns = ("forget_marker_strength", "forget_marker", "forget_gap_vs_retrain", "retain_mse", "retain_fid",
                    "forget_fid_vs_retrain", "forget_clip")
@@ -82,6 +121,22 @@ def test_report_table_numbers_equal_mlflow_metrics(small_sweep):
     assert confirmed_rows == len(table) - 3  # every method row with a feasible best is confirmed
     parent = client.search_runs([client.get_experiment_by_name("t-sweep").experiment_id], "tags.role = 'parent'")[0]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md", "report/grid.png"}
+
+
+def test_report_md_table_is_comparison_csv(small_sweep):
+    """report.md's table shows comparison.csv's rows, in its order, with the same figures (means for confirmed rows,
+    printed to 4 significant digits)."""
+    _, _, out = small_sweep
+    table = pd.read_csv(out / "report" / "comparison.csv", dtype={"trial_id": str})
+    lines = (out / "report" / "report.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model "))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2 : start + 2 + len(table)]]
+    assert [r[0] for r in rows] == list(table["model"])
+    for cells, (_, expected) in zip(rows, table.iterrows(), strict=True):
+        for column in ("forget_marker_strength", "forget_gap_vs_retrain", "retain_degradation", "mia_auc", "retain_mse"):
+            shown = float(cells[header.index(column)].split(" ± ")[0])
+            assert shown == pytest.approx(expected[column], rel=1e-3, abs=1e-9), (expected["model"], column)
 
 
 def test_report_for_missing_experiment_or_no_finished_trial(tmp_path, capsys):

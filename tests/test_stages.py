@@ -27,10 +27,11 @@ def test_second_prepare_trains_nothing_and_touches_no_file(prepared, private_cac
 
 
 def test_the_retrain_stage_never_sees_the_forget_set(default_config):
-    """The retrain reference is trained on D_r alone: its cache entry carries no forget digest (so `unlearn purge
-    --weights` keeps it, while it removes the original and attack stages), and it processed exactly
-    stages.epochs x ceil(|D_r| / batch) full batches. Runs first in the worker without the Ray tests (conftest),
-    so the session's retrain stage trains there while the other worker trains the original and attack stages."""
+    """The retrain references (retrain, and retrain2 of another seed: the forget gap's yardstick) are trained on D_r
+    alone: their cache entries carry no forget digest (so `unlearn purge --weights` keeps them, while it removes the
+    original and attack stages), and each processed exactly stages.epochs x ceil(|D_r| / batch) full batches. Runs
+    first in the worker without the Ray tests (conftest), so the session's retrain stages train there while the
+    other worker trains the original and attack stages."""
     import math
 
     from conftest import train_session_stages
@@ -39,11 +40,16 @@ def test_the_retrain_stage_never_sees_the_forget_set(default_config):
     from unlearn.pipeline import load_data
     from unlearn.stages import stage_keys
 
-    train_session_stages(default_config, ("retrain",))
-    _, meta = ArtifactCache(default_config.resolved_cache_dir()).get("stages", stage_keys(default_config)["retrain"])
-    assert meta["stage"] == "retrain" and "forget_digest" not in meta
+    train_session_stages(default_config, ("retrain", "retrain2"))
+    cache, keys = ArtifactCache(default_config.resolved_cache_dir()), stage_keys(default_config)
     stages, retain = default_config.stages, len(load_data(default_config).retain_train)
-    assert meta["samples"] == stages.epochs * math.ceil(retain / stages.batch_size) * stages.batch_size
+    weights = {}
+    for name in ("retrain", "retrain2"):
+        tensors, meta = cache.get("stages", keys[name])
+        assert meta["stage"] == name and "forget_digest" not in meta and meta["trained_on"] == "D_r"
+        assert meta["samples"] == stages.epochs * math.ceil(retain / stages.batch_size) * stages.batch_size
+        weights[name] = tensors
+    assert any(not (weights["retrain"][k] == weights["retrain2"][k]).all() for k in weights["retrain"])  # another seed
 
 
 def test_stage_keys_follow_their_inputs(default_config):

@@ -43,7 +43,11 @@ def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
     # a trial run holds its images, embeddings and curves; the checkpoint's weights stay in Ray storage
     assert {a.path for a in client.list_artifacts(realistic[0].info.run_id)} == {"outputs.png", "embeddings.npz", "curves.json"}
     diverged = [r for r in trials if r.data.tags["method"] == "max_loss"]
-    assert all(r.data.tags["status_detail"] == "failed-infeasible" and r.info.status == "FAILED" for r in diverged)
+    assert diverged and all(r.data.tags["status_detail"] == "failed-infeasible" and r.info.status == "FAILED"
+                            for r in diverged)
+    # failed-infeasible because the runs diverged (ga_lr 1e29), not for any other missing figure
+    assert all(r.data.metrics["diverged"] == 1.0 for r in diverged)
+    assert all(r.data.metrics["failed"] == 0.0 and r.data.metrics["diverged"] == 0.0 for r in trials if r not in diverged)
     # Optuna saw every trial finish: nothing left RUNNING, and every trial carries the OOD constraint
     import optuna
 
@@ -70,6 +74,7 @@ def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
     front = pd.read_csv(out / "pareto.csv", dtype={"trial_id": str})
     feasible = trials_csv[trials_csv["feasible"] == 1.0]
     objectives = ["forget_marker_strength", "retain_degradation"]
+    assert set(front["trial_id"]) <= set(feasible["trial_id"])  # no infeasible trial on the front
     for _, row in feasible.iterrows():
         dominated = ((feasible[objectives] <= row[objectives]).all(axis=1) & (feasible[objectives] < row[objectives]).any(axis=1)).any()
         assert (row["trial_id"] in set(front["trial_id"])) == (not dominated)
@@ -217,7 +222,7 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(small_sweep_inter
     assert sorted(r.data.tags["reference"] for r in references) == ["attack", "original", "retrain"]
 
 
-def test_sweep_registers_the_best_feasible_realistic_model_that_audits_to_its_figures(small_sweep, capsys, tmp_path):
+def test_sweep_registers_the_best_feasible_realistic_model_that_audits_to_its_figures(small_sweep, prepared, capsys, tmp_path):
     """The deliverable of a sweep: one registered version (alias `unlearned`) of the best feasible realistic trial,
     each method's best logged as a model, other trials' weights dropped, and the audit reproducing the figures."""
     import pandas as pd
@@ -248,6 +253,15 @@ def test_sweep_registers_the_best_feasible_realistic_model_that_audits_to_its_fi
 
     bundle = fetch_bundle(f"runs:/{version.run_id}/model", uri, tmp_path)
     assert {"config.yaml", "model.safetensors", "certificate.md"} <= {p.name for p in bundle.iterdir()}
+    # the tags' values, recomputed here: what `sha256sum` prints for the files, and D_f's digest from its positions
+    import hashlib
+
+    assert version.tags["weights_sha256"] == hashlib.sha256((bundle / "model.safetensors").read_bytes()).hexdigest()
+    assert version.tags["config_sha256"] == hashlib.sha256((bundle / "config.yaml").read_bytes()).hexdigest()
+    ids = sorted(f"digits:{int(i)}" for i in prepared.data.forget_train.index)
+    assert version.tags["forget_digest"] == hashlib.sha256("\n".join(ids).encode()).hexdigest()
+    for figure in ("forget_marker_strength", "mia_auc"):
+        assert float(version.tags[figure]) == pytest.approx(run.data.metrics[figure], rel=1e-5), figure
     code = unlearn_main(["audit", "--model", "models:/t-sweep@unlearned", "--tracking-uri", uri, "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]

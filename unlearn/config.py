@@ -190,6 +190,10 @@ class AuditConfig(_Strict):
     # falls short of the threshold by the margin retrain would clear it), and retraining's cost is estimated
     # from stages.epochs x |D_r| samples.
     retrain: bool = True
+    # sweep.max_forget_gap = auto: this many times the gap between two retrain references of different seeds (how far
+    # one retraining lies from another: retrain_gap_yardstick), at most 1 (the original model's own gap). Calibrated
+    # on digits (yardstick 0.37: threshold 0.56) and on real photographs (0.79: 1.0); see README.
+    gap_margin: float = Field(1.5, gt=0)
     # Membership inference (mia_auc): at most this many members (D_f training images) and non-members
     # (held-out images of D_f's classes); the 95% interval from this many bootstrap resamples.
     mia_samples: int = Field(1000, ge=2)
@@ -206,10 +210,9 @@ class SweepConfig(_Strict):
     # Minimised by Optuna, in this order of priority when one trial per method is chosen (see README).
     objectives: list[str] = ["forget_marker_strength", "retain_degradation"]
     # Feasibility thresholds (None: no constraint), judged on every trial, the report and certificates:
-    # forget_ood_distance >= ood_delta, not collapsed, and these two.
-    # 0.6: on digits a flat grey fill (what noisy_label paints) sits at 0.85 and the original model at 1 by
-    # definition, while fine-tuned or unlearned models that draw what retrain draws sit at 0.4-0.45.
-    max_forget_gap: float | None = Field(0.6, gt=0)
+    # forget_ood_distance >= ood_delta, not collapsed, and these two. max_forget_gap auto: audit.gap_margin x the
+    # gap of a second retrain reference (another seed) to the first: the yardstick of "behaves like retraining".
+    max_forget_gap: float | Literal["auto"] | None = "auto"
     max_retain_degradation: float | None = Field(0.25, gt=0)
 
     # Every unlearning method, each with the same number of trials: a fair comparison table by default.
@@ -256,6 +259,13 @@ class SweepConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"objectives repeat a name: {names}")
         return names
+
+    @field_validator("max_forget_gap")
+    @classmethod
+    def _gap(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, (int, float)) and not v > 0:
+            raise ValueError(f"max_forget_gap must be > 0, 'auto' or null, got {v}")
+        return v
 
     def range_of(self, method: str, hyperparameter: str) -> tuple[float, float]:
         return self.method_space.get(method, {}).get(hyperparameter, self.space[hyperparameter])

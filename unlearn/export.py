@@ -98,15 +98,28 @@ def load_weights(model: I2IModel, folder: Path) -> None:
         raise ConfigError(f"the weights in {folder} do not fit the model of its config.yaml: {str(exc).splitlines()[0][:200]}") from None
 
 
+def _gap_limit_text(metrics: dict[str, Any], config: Config) -> str:
+    """The forget-gap threshold and where it comes from (auto: the yardstick beside it)."""
+    from unlearn.audit.verdict import forget_gap_limit
+
+    limit = forget_gap_limit(metrics, config)
+    if config.sweep.max_forget_gap != "auto" or "retrain_gap_yardstick" not in metrics:
+        return _fmt(limit if limit is not None else math.nan)
+    return (f"{_fmt(limit)} (auto: audit.gap_margin {config.audit.gap_margin:g} x retrain_gap_yardstick "
+            f"{_fmt(metrics['retrain_gap_yardstick'])}, the gap of a second retraining to the first)")
+
+
 def weights_digest(folder: Path) -> str:
-    """sha256 over the weight files (path names and bytes, sorted), as the certificate states it."""
-    digest = hashlib.sha256()
-    files = [folder / MODEL_FILE] if (folder / MODEL_FILE).is_file() else sorted((folder / DIFFUSERS_FOLDER).rglob("*"))
-    for path in files:
-        if path.is_file():
-            digest.update(str(path.relative_to(folder)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
+    """The weights' sha256 as the certificate states it, checkable with coreutils: `sha256sum model.safetensors`
+    for a single file; for a diffusers folder, the sha256 of its files' `sha256sum` lines (sorted by path):
+    `(cd DIR && find model -type f | LC_ALL=C sort | xargs sha256sum | sha256sum)`."""
+    from unlearn.cache import file_sha256
+
+    if (folder / MODEL_FILE).is_file():
+        return file_sha256(folder / MODEL_FILE)
+    files = sorted(str(p.relative_to(folder)) for p in (folder / DIFFUSERS_FOLDER).rglob("*") if p.is_file())
+    manifest = "".join(f"{file_sha256(folder / name)}  {name}\n" for name in files)
+    return hashlib.sha256(manifest.encode()).hexdigest()
 
 
 def load_saved(path: str | Path) -> tuple[Config, Path]:
@@ -185,13 +198,14 @@ def write_certificate(folder: Path, data: Any, stage_keys: dict[str, str], metho
     limits = {"ood": f"forget_ood_distance >= ood_delta = {_fmt(metrics.get('ood_delta', math.nan))}",
               "collapsed": f"outputs' std ratio >= {config.audit.collapse_std_ratio:g} (after GA and at the end)",
               "diverged": "no non-finite loss, gradient or output",
-              "forget_gap": f"forget_gap_vs_retrain <= {config.sweep.max_forget_gap}",
+              "forget_gap": f"forget_gap_vs_retrain <= {_gap_limit_text(metrics, config)}",
               "retain_degradation": f"retain_degradation <= {config.sweep.max_retain_degradation}"}
     columns = [r for r in ("retrain", "attack") if r in references]
     rows = ["| figure | this model | " + " | ".join("attack (theta0)" if r == "attack" else r for r in columns) + " |",
             "| --- " * (len(columns) + 2) + "|"]
     shown = ["forget_marker_strength", "forget_marker", "forget_marker_ci_low", "forget_marker_ci_high",
              "forget_gap_vs_retrain", "mia_auc", "mia_auc_ci_low", "mia_auc_ci_high", "mia_gap_vs_retrain",
+             "mia_gap_vs_retrain_ci_low", "mia_gap_vs_retrain_ci_high",
              "forget_ood_distance", "forget_ood_rate", "retain_mse", "retain_degradation",
              "retain_fid", "retain_is", "retain_clip", "forget_mse", "forget_fid", "forget_fid_vs_retrain",
              "retain_output_std_ratio", "ga_output_std_ratio", "collapsed"]

@@ -37,7 +37,9 @@ def purge_cache(root: Path, digest: str, weights: bool) -> tuple[list[str], list
                                  "delete it by hand)")
                 continue
             digests = cache.forget_digests(kind, key, meta)
-            if not digests and kind not in ("calibration", "stores") and meta.get("stage") != "retrain":
+            # a stage trained on D_r alone says so (`trained_on`; retrain stages written before that flag: by name)
+            trained_on_retain = meta.get("trained_on") == "D_r" or meta.get("stage") == "retrain"
+            if not digests and kind not in ("calibration", "stores") and not trained_on_retain:
                 remaining.append(f"{cache.entry(kind, key)} (written before forget digests were recorded: may hold "
                                  "this D_f; delete it by hand if so)")
                 continue

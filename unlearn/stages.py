@@ -23,7 +23,10 @@ from unlearn.models import I2IModel, build_model
 from unlearn.models.pretrained import load_pretrained
 from unlearn.runtime import import_before_timing, seed_everything
 
-STAGES = ("original", "attack", "retrain")
+STAGES = ("original", "attack", "retrain", "retrain2")
+# Trained on D_r alone (no forget digest: `unlearn purge --weights` keeps them). retrain2 is the same training with
+# another seed: how far it lies from retrain is the yardstick of forget_gap_vs_retrain (sweep.max_forget_gap auto).
+RETRAINED = ("retrain", "retrain2")
 
 
 @dataclass
@@ -43,7 +46,8 @@ STAGE_SCHEMA = 2
 def stage_keys(config: Config) -> dict[str, str]:
     base = f"v{STAGE_SCHEMA}" + config.section_key("data", "model") + "-" + _hash(config.stages.epochs, config.stages.batch_size, config.stages.lr)
     attack = _hash(base, config.stages.attack_epochs, config.stages.attack_lr)
-    return {"original": f"original-{base}", "attack": f"attack-{attack}", "retrain": f"retrain-{base}"}
+    return {"original": f"original-{base}", "attack": f"attack-{attack}", "retrain": f"retrain-{base}",
+            "retrain2": f"retrain2-{base}"}
 
 
 def _hash(*parts: object) -> str:
@@ -111,10 +115,14 @@ def _train_attack(config: Config, model: I2IModel, data: UnlearningData, shard: 
                   config.seed + 1 + 100 * strengthen_round, forget_weight=2.0**strengthen_round, shard=shard)
 
 
-def _train_retrain(config: Config, model: I2IModel, data: UnlearningData, shard: Shard = Shard()) -> int:
+def _train_retrain(config: Config, model: I2IModel, data: UnlearningData, shard: Shard = Shard(), seed_offset: int = 2) -> int:
     steps = _epoch_steps(len(data.retain_train), config.stages.batch_size, config.stages.epochs)
     phase = Phase("retrain", obj.fit("retain"), ("retain",), steps, config.stages.lr)
-    return _train(config, model, data, phase, {"retain": data.retain_train}, config.seed + 2, shard=shard)
+    return _train(config, model, data, phase, {"retain": data.retain_train}, config.seed + seed_offset, shard=shard)
+
+
+def _train_retrain2(config: Config, model: I2IModel, data: UnlearningData, shard: Shard = Shard()) -> int:
+    return _train_retrain(config, model, data, shard, seed_offset=3)
 
 
 def needed_stages(config: Config, only: tuple[str, ...] = STAGES) -> list[str]:
@@ -122,7 +130,9 @@ def needed_stages(config: Config, only: tuple[str, ...] = STAGES) -> list[str]:
     theta0; no retrain without audit.retrain)."""
     needed = set(only) | ({"original"} if "attack" in only else set())
     if not config.audit.retrain:
-        needed.discard("retrain")
+        needed -= set(RETRAINED)
+    if config.sweep.max_forget_gap != "auto":
+        needed.discard("retrain2")
     if config.stages.theta0:
         needed -= {"original", "attack"}
     return [name for name in STAGES if name in needed]
@@ -148,7 +158,7 @@ def prepare_stages(
     the one-worker run's steps) and rank 0 writes the cache; the ranks agree on what is cached before each stage."""
     cache = ArtifactCache(config.resolved_cache_dir())
     keys = stage_keys(config)
-    trainers = {"original": _train_original, "attack": _train_attack, "retrain": _train_retrain}
+    trainers = {"original": _train_original, "attack": _train_attack, "retrain": _train_retrain, "retrain2": _train_retrain2}
     needed = needed_stages(config, only)
     out: dict[str, Stage] = {}
     if config.stages.theta0:  # the user's model is theta0, and the original (it saw D_f): nothing to train
@@ -180,8 +190,10 @@ def prepare_stages(
         seconds = time.perf_counter() - start
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         meta = {"stage": name, "seconds": seconds, "samples": samples, "config": config.model_dump(mode="json", by_alias=True)}
-        if name != "retrain":  # trained on D_f: `unlearn purge --weights` finds it by the forget digest
+        if name not in RETRAINED:  # trained on D_f: `unlearn purge --weights` finds it by the forget digest
             meta["forget_digest"] = data.forget_digest(config.data.dataset)
+        else:
+            meta["trained_on"] = "D_r"
         if shard.rank == 0:
             cache.save("stages", key, state, meta)
         out[name] = Stage(name, model.eval(), key, seconds, samples, reused=False)

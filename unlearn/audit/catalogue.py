@@ -24,6 +24,12 @@ GLOBAL = {
     "mia_auc_ci_low": "lower end of the 95% bootstrap interval of mia_auc",
     "mia_auc_ci_high": "upper end of the 95% bootstrap interval of mia_auc",
     "mia_gap_vs_retrain": "|mia_auc - the retrain model's mia_auc|",
+    "mia_gap_vs_retrain_ci_low": "lower end of the 95% paired-bootstrap interval of mia_auc - retrain's mia_auc (the same "
+                                 "resamples of the same images for both: excluding 0, the two models differ)",
+    "mia_gap_vs_retrain_ci_high": "upper end of that paired interval",
+    "max_forget_gap": "the forget_gap_vs_retrain threshold (auto: audit.gap_margin x retrain_gap_yardstick)",
+    "retrain_gap_yardstick": "forget_gap_vs_retrain of a second retrain reference (another seed): how far one "
+                             "retraining lies from another",
     "forget_ood_rate": "share of forget-test samples flagged OOD by kNN on encoder features",
     "ood_delta": "the OOD threshold delta (resolved: auto = audit.ood_delta_fraction x retrain_ood_distance)",
     "retrain_ood_distance": "the retrain reference's own Eq. 3 distance",

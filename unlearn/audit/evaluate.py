@@ -23,7 +23,7 @@ from torch import nn
 from unlearn.audit.backbones import Backbone, load_backbone
 from unlearn.audit.catalogue import REFERENCES
 from unlearn.audit.marker import marker_score, marker_strength, marker_threshold, wilson_interval
-from unlearn.audit.mia import hole_errors, membership_auc, membership_sets
+from unlearn.audit.mia import hole_errors, membership_auc, membership_sets, paired_gap_interval
 from unlearn.audit.ood import knn_ood_rate
 from unlearn.audit.verdict import judge
 from unlearn.cache import ARRAYS, CHECKSUM, TENSORS, ArrayWriter, ArtifactCache, array_file
@@ -133,7 +133,15 @@ def _inputs_only(subset: ImageSubset, device: torch.device) -> Iterator[tuple[sl
 
 
 # Bump when the cached reference figures change meaning, so a changed catalogue never reads old entries.
-REFERENCE_SCHEMA = 5  # v4: statistics and memory-mapped per-image arrays over the streamed eval subsets; v5: L(theta0; D_f)
+# v4: statistics and memory-mapped per-image arrays over the streamed eval subsets; v5: L(theta0; D_f); v6: float64
+# scalars, retrain's membership errors (paired interval), the second retrain reference's gap (yardstick)
+REFERENCE_SCHEMA = 6
+
+
+def _scalar(value: float) -> torch.Tensor:
+    """A reference figure, kept in float64: compared with figures computed in float64 (a float32 copy of retrain's
+    own AUC made its mia_gap_vs_retrain 3e-9 instead of 0)."""
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 class HoleStd:
@@ -187,7 +195,7 @@ class Auditor:
         # Set by pipeline.calibrate: the resolved ood_delta, the audit's self-check, the attack's figures.
         self.calibration: dict[str, float] = {}
         cache = ArtifactCache(config.resolved_cache_dir())
-        inputs = (config.section_key("data", "audit") + "".join(reference_keys.get(r, "-") for r in REFERENCES)
+        inputs = (config.section_key("data", "audit") + "".join(reference_keys.get(r, "-") for r in (*REFERENCES, "retrain2"))
                   + self.backbone.key + ("" if config.has_marker else "-clean"))
         self.key = f"refs-v{REFERENCE_SCHEMA}-" + hashlib.sha256(inputs.encode()).hexdigest()[:16]
         if (hit := cache.get("references", self.key)) is None:
@@ -213,7 +221,7 @@ class Auditor:
         for split, subset in self.splits.items():
             fids: dict[str, Any] = {}
             writers: dict[str, ArrayWriter] = {}
-            original_scores, gap_sum, truth_std = [], 0.0, HoleStd()
+            original_scores, gap_sum, yardstick_sum, truth_std = [], 0.0, 0.0, HoleStd()
             for _, _, truth, _ in _inputs_only(subset, self.device):
                 outputs = {"gt": truth}
                 with torch.no_grad(), autocast(self.device, precision):
@@ -233,26 +241,33 @@ class Auditor:
                     retrain_hole = outputs["retrain"][:, :, self.hole].cpu()
                     self._writer(writers, folder, "retrain/forget/hole", retrain_hole.shape[1:]).write(retrain_hole.numpy())
                     gap_sum += float(_rms_per_image(outputs["original"][:, :, self.hole].cpu(), retrain_hole).sum())
+                    if "retrain2" in references:  # another retraining's distance to this one: the gap's yardstick
+                        with torch.no_grad(), autocast(self.device, precision):
+                            second = references["retrain2"].eval().reconstruct(truth, mask).float()[:, :, self.hole]
+                        yardstick_sum += float(_rms_per_image(second.cpu(), retrain_hole).sum())
             for name, metric in fids.items():
                 refs.update({f"fid/{name}/{split}/{k}": v for k, v in real_statistics(metric).items()})
             if split == "retain":
-                refs["gt/retain/hole_std"] = torch.tensor(truth_std.mean())
+                refs["gt/retain/hole_std"] = _scalar(truth_std.mean())
             if original_scores:
-                refs["marker_threshold"] = torch.tensor(marker_threshold(
+                refs["marker_threshold"] = _scalar(marker_threshold(
                     torch.cat(original_scores), self.config.audit.marker_false_positive_rate, self.config.audit.marker_min_score))
             if split == "forget" and "retrain" in models:
-                refs["original/forget_gap"] = torch.tensor(gap_sum / len(subset))
+                refs["original/forget_gap"] = _scalar(gap_sum / len(subset))
+                if "retrain2" in references:  # in the forget gap's own units (the original model's gap = 1)
+                    refs["retrain2/forget_gap"] = _scalar(yardstick_sum / max(gap_sum, 1e-8))
             arrays.update({name: writer.close() for name, writer in writers.items()})
         refs["theta0/ood_set"] = self._hole_outputs(models["attack"], self.ood_set)
         # L(theta0; D_f), the start of GA's loss increase: the same for every run of the setup, so computed once here
         # (a trial would spend its first seconds on it: 512 images through the model at 256 px)
-        refs["theta0/forget_loss"] = torch.tensor(self.forget_loss(models["attack"]), dtype=torch.float64)
+        refs["theta0/forget_loss"] = _scalar(self.forget_loss(models["attack"]))
         if "retrain" in models:
             self.refs = refs
-            mia = self.membership(models["retrain"])
-            if mia:
-                refs["retrain/mia_auc"] = torch.tensor(mia["mia_auc"])
-            refs["retrain/ood_distance"] = torch.tensor(self.ood_distance(models["retrain"]))
+            errors = self.membership_errors(models["retrain"])
+            if len(errors[1]):  # kept for the paired interval of every later model against this one
+                refs.update({"retrain/mia_member_errors": errors[0].double(), "retrain/mia_nonmember_errors": errors[1].double(),
+                             "retrain/mia_auc": _scalar(self.membership(models["retrain"], errors)["mia_auc"])})
+            refs["retrain/ood_distance"] = _scalar(self.ood_distance(models["retrain"]))
         buffer = io.BytesIO()
         torch.save(refs, buffer)
         (folder / TENSORS).write_bytes(buffer.getvalue())
@@ -292,15 +307,28 @@ class Auditor:
     def _marker_tally(self) -> _MarkerTally:
         return _MarkerTally(self.data.marker, self.mask, self.config, float(self.refs["marker_threshold"]))
 
-    def membership(self, model: I2IModel) -> dict[str, float]:
-        """mia_auc with its 95% bootstrap interval (members: D_f's training images; see unlearn.audit.mia)."""
-        errors = [torch.cat([hole_errors(out.cpu(), to_float(images), self.mask) for _, images, _, out in
-                             stream_outputs(model, subset, self.mask, self.device, self.config.precision)] or [torch.zeros(0)])
-                  for subset in (self.mia_members, self.mia_nonmembers)]
+    def membership_errors(self, model: I2IModel) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image hole errors of the model on the members (D_f's training images) and the non-members."""
+        return tuple(torch.cat([hole_errors(out.cpu(), to_float(images), self.mask) for _, images, _, out in
+                                stream_outputs(model, subset, self.mask, self.device, self.config.precision)]
+                               or [torch.zeros(0)])
+                     for subset in (self.mia_members, self.mia_nonmembers))
+
+    def membership(self, model: I2IModel, errors: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+        """mia_auc with its 95% bootstrap interval (members: D_f's training images; see unlearn.audit.mia), and
+        against the retrain reference the paired interval of the AUCs' difference (the same resamples)."""
+        errors = errors if errors is not None else self.membership_errors(model)
         if len(errors[1]) == 0:
             return {}  # no held-out image of D_f's classes: membership cannot be tested
-        auc, low, high = membership_auc(*errors, resamples=self.config.audit.mia_resamples, seed=self.config.seed)
-        return {"mia_auc": auc, "mia_auc_ci_low": low, "mia_auc_ci_high": high}
+        resamples, seed = self.config.audit.mia_resamples, self.config.seed
+        auc, low, high = membership_auc(*errors, resamples=resamples, seed=seed)
+        figures = {"mia_auc": auc, "mia_auc_ci_low": low, "mia_auc_ci_high": high}
+        if "retrain/mia_auc" in self.refs:
+            reference = (self.refs["retrain/mia_member_errors"], self.refs["retrain/mia_nonmember_errors"])
+            gap_low, gap_high = paired_gap_interval(errors, reference, resamples, seed)
+            figures.update(mia_gap_vs_retrain=abs(auc - float(self.refs["retrain/mia_auc"])),
+                           mia_gap_vs_retrain_ci_low=gap_low, mia_gap_vs_retrain_ci_high=gap_high)
+        return figures
 
     def output_std_ratio(self, model: I2IModel) -> float:
         """The collapse measure on retain-test: the outputs' per-pixel std in the hole across images / the ground
@@ -359,8 +387,6 @@ class Auditor:
         metrics["forget_ood_rate"] = knn_ood_rate(train_feats, encoded["retain"], encoded["forget"], self.config.audit.knn_k)
         metrics["forget_ood_distance"] = self.ood_distance(model)
         metrics.update(self.membership(model))
-        if "mia_auc" in metrics and "retrain/mia_auc" in self.refs:
-            metrics["mia_gap_vs_retrain"] = abs(metrics["mia_auc"] - float(self.refs["retrain/mia_auc"]))
         metrics.setdefault("diverged", 0.0)
         metrics["collapsed"] = float(metrics["retain_output_std_ratio"] < self.config.audit.collapse_std_ratio)
         return self.verdict(metrics)

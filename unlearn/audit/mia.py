@@ -19,21 +19,44 @@ def hole_errors(outputs: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) 
     return (outputs - clean)[:, :, hole].pow(2).mean(dim=(1, 2))
 
 
+def _scores(member_errors: torch.Tensor, nonmember_errors: torch.Tensor) -> np.ndarray:
+    """Membership scores, members first: minus the error (members are predicted by a low error)."""
+    return -torch.cat([member_errors, nonmember_errors]).double().numpy()
+
+
+def _resamples(members: int, nonmembers: int, resamples: int, seed: int) -> np.ndarray:
+    """Stratified bootstrap rows of indices into [members | non-members]: each row keeps both groups' sizes, members
+    first. The same seed gives the same rows, so two models' figures can be resampled together (paired)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.r_[rng.choice(members, members), members + rng.choice(nonmembers, nonmembers)]
+                     for _ in range(resamples)])
+
+
 def membership_auc(member_errors: torch.Tensor, nonmember_errors: torch.Tensor, resamples: int = 200,
                    seed: int = 0) -> tuple[float, float, float]:
     """(AUC, 95% bootstrap interval low, high); members are predicted by a low error."""
     from sklearn.metrics import roc_auc_score  # imported where used (seconds with scikit-learn)
 
-    scores = -torch.cat([member_errors, nonmember_errors]).double().numpy()
+    scores = _scores(member_errors, nonmember_errors)
     labels = np.r_[np.ones(len(member_errors)), np.zeros(len(nonmember_errors))]
     auc = float(roc_auc_score(labels, scores))
-    rng = np.random.default_rng(seed)
-    members, nonmembers = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    # stratified: each resample keeps both groups' sizes (members first in every row)
-    idx = np.stack([np.r_[rng.choice(members, len(members)), rng.choice(nonmembers, len(nonmembers))]
-                    for _ in range(resamples)])
-    low, high = np.quantile(ranked_auc(scores[idx], len(members)), [0.025, 0.975])
+    idx = _resamples(len(member_errors), len(nonmember_errors), resamples, seed)
+    low, high = np.quantile(ranked_auc(scores[idx], len(member_errors)), [0.025, 0.975])
     return auc, float(low), float(high)
+
+
+def paired_gap_interval(errors: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor],
+                        resamples: int = 200, seed: int = 0) -> tuple[float, float]:
+    """95% interval of AUC(this model) - AUC(reference) over the same bootstrap resamples of the same images (a
+    paired bootstrap): whether two models differ, which two separate intervals cannot say on a small forget set.
+    `errors` and `reference` are (member errors, non-member errors) of the same images in the same order."""
+    members = len(errors[0])
+    if (len(reference[0]), len(reference[1])) != (members, len(errors[1])):
+        raise ValueError("a paired interval needs both models' errors on the same images")
+    idx = _resamples(members, len(errors[1]), resamples, seed)
+    gaps = ranked_auc(_scores(*errors)[idx], members) - ranked_auc(_scores(*reference)[idx], members)
+    low, high = np.quantile(gaps, [0.025, 0.975])
+    return float(low), float(high)
 
 
 def ranked_auc(rows: np.ndarray, positives: int) -> np.ndarray:

@@ -4,8 +4,9 @@ A model is feasible when every constraint value is <= 0 (Optuna's convention):
 - ood:                forget_ood_distance >= ood_delta (Eq. 3, the final model against theta0 on D_f),
 - collapsed:          the outputs did not collapse (after GA, or at the end),
 - diverged:           no non-finite loss, gradient or output,
-- forget_gap:         forget_gap_vs_retrain <= sweep.max_forget_gap (behaves like the retrained model,
-                      not noise, grey or a saturated colour painted into the hole),
+- forget_gap:         forget_gap_vs_retrain <= max_forget_gap (behaves like the retrained model, not noise, grey or a
+                      saturated colour painted into the hole); `sweep.max_forget_gap` auto: audit.gap_margin x the
+                      gap between two retrain references of different seeds (calibrated per setup),
 - retain_degradation: retain_degradation <= sweep.max_retain_degradation (retain quality kept).
 """
 
@@ -25,7 +26,7 @@ def constraint_values(metrics: dict[str, float], config: Config) -> dict[str, fl
         if limit is None:
             return None
         value = metrics.get(name, math.nan)
-        return value - limit if math.isfinite(value) else 1.0
+        return value - limit if math.isfinite(value) and math.isfinite(limit) else 1.0
 
     values: dict[str, float | None] = {
         "ood": (metrics["ood_delta"] - metrics["forget_ood_distance"]
@@ -33,10 +34,22 @@ def constraint_values(metrics: dict[str, float], config: Config) -> dict[str, fl
                 else 1.0),
         "collapsed": metrics.get("collapsed", 1.0) - 0.5,
         "diverged": metrics.get("diverged", 0.0) - 0.5,
-        "forget_gap": excess("forget_gap_vs_retrain", config.sweep.max_forget_gap if config.audit.retrain else None),
+        "forget_gap": excess("forget_gap_vs_retrain", forget_gap_limit(metrics, config)),
         "retain_degradation": excess("retain_degradation", config.sweep.max_retain_degradation),
     }
     return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def forget_gap_limit(metrics: dict[str, float], config: Config) -> float | None:
+    """The forget-gap threshold: the calibrated one that `metrics` carry (auto: audit.gap_margin x
+    retrain_gap_yardstick), else the configured number; NaN when auto is not calibrated (violated, as a missing
+    figure is); None: no constraint (no retrain reference, or sweep.max_forget_gap null)."""
+    limit = config.sweep.max_forget_gap
+    if not config.audit.retrain or limit is None:
+        return None
+    if "max_forget_gap" in metrics:
+        return float(metrics["max_forget_gap"])
+    return math.nan if limit == "auto" else float(limit)
 
 
 def violations(metrics: dict[str, float], config: Config) -> list[str]:

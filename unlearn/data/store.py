@@ -19,8 +19,10 @@ import json
 import math
 import mmap
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,8 +102,15 @@ def process_pool_map(workers: int | None = None) -> MapShards:
         # no torch) once; a plain fork would inherit this process's torch thread pools, spawn would import per worker
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
-        with ProcessPoolExecutor(count, mp_context=context) as pool:
-            return list(pool.map(fn, tasks))
+        try:
+            with ProcessPoolExecutor(count, mp_context=context) as pool:
+                return list(pool.map(fn, tasks))
+        except BrokenProcessPool:
+            # a worker died: typically a script without `if __name__ == "__main__":`, which multiprocessing re-runs in
+            # each worker (the rule for any Python pool); decode here instead (a shard's file is rewritten whole)
+            print("[unlearn] the decoding pool broke (a script without `if __name__ == \"__main__\":`?): decoding "
+                  "in this process", file=sys.stderr, flush=True)
+            return [fn(task) for task in tasks]
 
     return run
 
