@@ -50,3 +50,34 @@ def test_two_workers_train_the_stages_and_a_trial_each_reading_half_of_every_bat
     for key in ("ga_param_distance", "ga_loss_increase", "ga_grad_max", "retain_mse", "forget_mse", "forget_ood_distance",
                 "forget_marker_strength", "forget_gap_vs_retrain", "mia_auc", "retain_fid"):
         assert double[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+
+
+def test_the_sweeps_ray_tasks_decode_the_same_store_and_name_a_bad_file(ray_session, photo_config, tmp_path, monkeypatch):
+    """The sweep decodes with one Ray task per shard (raytasks.preparation.ray_map_shards): the same store as one
+    process, and an unreadable image is raised as the ConfigError naming it, not as a Ray task error."""
+    import shutil
+
+    import numpy as np
+
+    import unlearn.data.store as store_module
+    from raytasks.preparation import ray_map_shards
+    from unlearn.cache import ArtifactCache
+    from unlearn.config import ConfigError
+    from unlearn.data.sources import list_images
+
+    monkeypatch.setattr(store_module, "POOL_FROM", 1)  # 64 images: parallel as a large set would be
+    listing = list_images(photo_config.data)
+    one, ray = ArtifactCache(tmp_path / "one"), ArtifactCache(tmp_path / "ray")
+    key = store_module.build_store(one, listing, 16, map_shards=store_module.process_pool_map(1), workers=1)
+    assert store_module.build_store(ray, listing, 16, map_shards=ray_map_shards, workers=4) == key
+    a, b = store_module.ImageStore.open(one, key), store_module.ImageStore.open(ray, key)
+    assert len(b.shards) > 1 and np.array_equal(a.read(np.arange(len(a))).numpy(), b.read(np.arange(len(b))).numpy())
+
+    root = tmp_path / "photos"
+    shutil.copytree(photo_config.data.root, root)
+    (root / "class0001" / "img00002.jpg").write_bytes(b"not a jpeg")
+    broken = with_overrides(photo_config, {"data.root": str(root)})
+    with pytest.raises(ConfigError, match=r"unreadable image .*class0001/img00002\.jpg"):
+        store_module.build_store(ArtifactCache(tmp_path / "broken"), list_images(broken.data), 16,
+                                 map_shards=ray_map_shards, workers=4)
+    assert not (tmp_path / "broken" / store_module.KIND).exists() or not any((tmp_path / "broken" / store_module.KIND).iterdir())
