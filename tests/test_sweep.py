@@ -332,3 +332,112 @@ def test_resume_with_other_methods_or_trials_exits_2(small_sweep, default_config
                  "--trials", "5", "--set", f"cache_dir={default_config.cache_dir}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "was started with --methods realistic,finetune,max_loss --trials 2" in err[-1]
+
+
+def test_confirmed_csv_is_the_mean_and_std_of_each_best_trials_confirmation_runs(small_sweep):
+    """summary/confirmed.csv: one row per confirmed best trial, its figures the mean and std over the confirmation
+    runs MLflow holds under that trial (tag `confirm`), `seeds` their count."""
+    import pandas as pd
+
+    driver, uri, out = small_sweep
+    table = pd.read_csv(out / "confirmed.csv", dtype={"confirms": str})
+    best = pd.read_csv(out / "best.csv", dtype={"trial_id": str})
+    assert not table.empty and set(table["confirms"]) == set(best["trial_id"])  # every method's best, nothing else
+    confirmations = [r for r in _child_runs(uri, "t-sweep") if "confirm" in r.data.tags]
+    for row in table.to_dict("records"):
+        runs = [r for r in confirmations if r.data.tags["confirm"] == row["confirms"]]
+        assert len(runs) == row["seeds"] == 2 and {r.data.tags["method"] for r in runs} == {row["method"]}
+        for name in ("forget_marker_strength", "retain_degradation", "mia_auc"):
+            values = np.array([r.data.metrics[name] for r in runs])
+            assert row[name] == pytest.approx(values.mean(), rel=1e-9)
+            assert row[f"{name}_std"] == pytest.approx(values.std(ddof=1), rel=1e-9, abs=1e-12)
+        assert row["feasible_seeds"] == sum(r.data.metrics["feasible"] == 1.0 for r in runs)
+
+
+def test_a_tracking_outage_at_the_end_waits_then_stops_with_exit_130(monkeypatch, capsys):
+    """A finished trial whose logging fails while the server does not answer: the driver waits for it (one line),
+    logs once it answers; past the wait it stops with SweepInterrupted (exit 130, nothing closed: --resume logs
+    it). A server that answers but refuses the write is a bug, raised at once, never waited on."""
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+
+    import raytasks.driver as driver_module
+    from raytasks import tracking
+    from raytasks.driver import SweepDriver, SweepInterrupted
+
+    calls = []
+
+    class Logger:
+        def __init__(self, failures):
+            self.failures = failures
+
+        def log(self, trial_id, *args):
+            calls.append(trial_id)
+            if len(calls) <= self.failures:
+                raise MlflowException("connection refused")
+
+    monkeypatch.setattr(driver_module, "TRACKING_POLL_S", 0.0)
+    up = {"answers": False}
+    monkeypatch.setattr(tracking, "reachable", lambda uri: up["answers"])
+    driver = SimpleNamespace(uri="http://tracking:5000", name="s", trial_logger=Logger(failures=3))
+    SweepDriver._log_when_reachable(driver, "t1", {}, {}, None, False)  # back after three refusals: logged on the fourth
+    assert calls == ["t1"] * 4
+    assert capsys.readouterr().err.count("unreachable: waiting") == 1
+    calls.clear()
+    monkeypatch.setattr(driver_module, "TRACKING_WAIT_S", 0.0)
+    driver.trial_logger = Logger(failures=10**9)
+    with pytest.raises(SweepInterrupted, match="--resume --name s"):
+        SweepDriver._log_when_reachable(driver, "t2", {}, {}, None, False)
+    up["answers"] = True  # it answers, and still refuses: not an outage
+    calls.clear()
+    with pytest.raises(MlflowException):
+        SweepDriver._log_when_reachable(driver, "t3", {}, {}, None, False)
+    assert calls == ["t3"]
+    import raytasks.sweep
+
+    def interrupted(args):
+        raise SweepInterrupted("tracking server unreachable")
+
+    monkeypatch.setattr(raytasks.sweep, "run_sweep", interrupted)
+    assert main(["--methods", "realistic"]) == 130
+
+
+def test_a_sweep_of_a_brought_model_without_retrain_registers_the_selected_method(ray_session, prepared, default_config,
+                                                                                   tmp_path, capsys):
+    """End to end: theta0 = a model the user brings, D_f = a forget list, audit.retrain=false, sweep.select=finetune.
+    No retrain or marker figure anywhere; the registered version, if any, is finetune's best feasible trial (never
+    realistic's), and the printed line says which."""
+    import pandas as pd
+
+    from raytasks.sweep import parse_args, run_sweep
+    from unlearn.cli import main as unlearn_main
+
+    original = tmp_path / "O"
+    assert unlearn_main(["run", "--method", "original", "--out", str(original), "--set", f"cache_dir={default_config.cache_dir}"]) == 0
+    train = prepared.data.retain_train
+    forget_list = tmp_path / "forget.txt"
+    forget_list.write_text("\n".join(str(int(i)) for i in train.index[train.labels == 4][:20]) + "\n")
+    uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "out"
+    capsys.readouterr()
+    run_sweep(parse_args(["--methods", "realistic,finetune", "--trials", "1", "--name", "t-byo", "--out", str(out),
+                          "--tracking-uri", uri, "--no-report", "--set", f"cache_dir={default_config.cache_dir}",
+                          "--set", f"stages.theta0={original}", "--set", f"data.forget_list={forget_list}",
+                          "--set", "audit.retrain=false", "--set", "sweep.confirm_seeds=0", "--set", "sweep.select=finetune",
+                          "--set", "sweep.max_concurrent=2", "--set", "sweep.space.ft_steps=[60,80]"]))
+    printed = capsys.readouterr().out
+    client = _client(uri)
+    runs = client.search_runs([client.get_experiment_by_name("t-byo").experiment_id], max_results=100)
+    assert "retrain" not in {r.data.tags.get("reference") for r in runs}
+    trials = [r for r in runs if "ray.trial_id" in r.data.tags]
+    assert len(trials) == 2
+    for run in trials:
+        assert not [k for k in run.data.metrics if k.endswith("_vs_retrain") or k.startswith("forget_marker")], run.data.tags
+        assert run.data.metrics["failed"] == 0.0
+    best = pd.read_csv(out / "best.csv", dtype={"trial_id": str})
+    versions = client.search_model_versions("name='t-byo'")
+    if "finetune" in set(best["method"]):
+        assert len(versions) == 1 and client.get_run(versions[0].run_id).data.tags["method"] == "finetune"
+        assert versions[0].tags["trial_id"] == best.loc[best["method"] == "finetune", "trial_id"].iloc[0]
+    else:
+        assert versions == [] and "nothing registered: finetune (sweep.select) has no feasible trial" in printed
