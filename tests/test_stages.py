@@ -96,3 +96,25 @@ def test_corrupt_pretrained_path_is_a_config_error(tmp_path):
     cfg = load_config("digits-ae", [f"cache_dir={tmp_path}", f"model.pretrained={tmp_path / 'missing.pt'}"])
     with pytest.raises(ConfigError, match="missing.pt"):
         prepare(cfg, log=lambda _: None)
+
+
+def test_purge_with_weights_removes_the_stages_trained_on_the_forget_set_and_keeps_retrain(private_cache, prepared, capsys):
+    """`unlearn purge --weights` on the session's stages: original and attack (trained on D_f) go, retrain and
+    retrain2 (D_r alone) stay; without --weights every stage stays and is listed as still holding D_f."""
+    from unlearn.cache import ArtifactCache
+    from unlearn.cli import main
+    from unlearn.stages import stage_keys
+
+    digest = prepared.data.forget_digest(private_cache.data.dataset)
+    cache, keys = ArtifactCache(private_cache.cache_dir), stage_keys(private_cache)
+    stages = {name: keys[name] for name in ("original", "attack", "retrain", "retrain2")}
+
+    def present():
+        return {name for name, key in stages.items() if cache.entry("stages", key).is_dir()}
+
+    assert present() == set(stages)
+    assert main(["purge", "--forget-digest", digest, "--cache-dir", str(private_cache.cache_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert present() == set(stages) and printed.count("weights trained on D_f; remove with --weights") >= 2
+    assert main(["purge", "--forget-digest", digest, "--cache-dir", str(private_cache.cache_dir), "--weights"]) == 0
+    assert present() == {"retrain", "retrain2"}

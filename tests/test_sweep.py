@@ -308,6 +308,7 @@ def test_purge_removes_the_sweeps_forget_images_and_keeps_the_certified_model(sm
     assert any("confirm" in r.data.tags for r in runs)  # confirmation runs (nested under trials) are purged too
     before = {r.info.run_id: {a.path for a in client.list_artifacts(r.info.run_id)} for r in runs}
     assert "grid" in before[parent.info.run_id] and any("outputs.png" in v for v in before.values())
+    figures = {r.info.run_id: (r.data.metrics, r.data.params) for r in runs}
     code = unlearn_main(["purge", "--forget-digest", digest, "--tracking-uri", uri, "--cache-dir", str(tmp_path / "empty")])
     printed = capsys.readouterr().out
     assert code == 0 and "removed  MLflow t-sweep/" in printed and "the certified model" in printed
@@ -318,6 +319,9 @@ def test_purge_removes_the_sweeps_forget_images_and_keeps_the_certified_model(sm
     assert not [p for name in ("grid.png", "tsne.png") for p in (out / "report").glob(name)]
     assert not [p for name in ("outputs.png", "embeddings.npz") for p in (out / "ray").rglob(name)]
     assert client.get_model_version_by_alias("t-sweep", "unlearned").run_id  # the registered model stays
+    for run_id, (metrics, params) in figures.items():  # what shows no image stays: every metric and parameter
+        after = client.get_run(run_id).data
+        assert (after.metrics, after.params) == (metrics, params), run_id
     from analysis.report import render_report  # a report of the purged sweep renders, without any image strip
 
     text = render_report("t-sweep", tmp_path / "after", tracking_uri=uri).read_text()
