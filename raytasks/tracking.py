@@ -64,7 +64,8 @@ def connect(uri: str) -> MlflowClient:
             raise ConfigError(f"MLflow tracking URI {uri}: folder {folder} does not exist")
     if not reachable(uri):
         raise ConfigError(f"MLflow tracking URI {uri} is unreachable (no answer at {uri.rstrip('/')}/health)")
-    from sqlalchemy.exc import SQLAlchemyError  # MLflow's sqlite store raises these for a file that is no database
+    # MLflow's sqlite store raises SQLAlchemy's errors for a file that is no database
+    from sqlalchemy.exc import SQLAlchemyError
 
     try:
         client = MlflowClient(tracking_uri=uri)

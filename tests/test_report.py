@@ -195,3 +195,19 @@ def test_distance_plot_draws_the_best_trials_ga_curves_and_the_threshold(small_s
         assert _pixels_near(img, first, eq3) >= 150  # measured 1113 (919 and 526 below); an empty panel has 0
         assert _pixels_near(img, first, params) >= 150
         assert _pixels_near(img, (255, 0, 0), eq3, tolerance=60) >= 150  # the dashed threshold across the panel
+
+
+def test_sample_level_sweeps_get_a_forget_fraction_table_of_the_best_trials_strength():
+    """The report's sample-level table: for a sweep with data.forget_fraction < 1, one row (the fraction) with each
+    method's best trial's forget_marker_strength, from the one definition of "best"; none at class level."""
+    from types import SimpleNamespace
+
+    from analysis.report import sample_table
+
+    best = pd.DataFrame({"method": ["realistic", "finetune"], "forget_marker_strength": [0.125, 0.5]})
+    runs = SimpleNamespace(param=lambda key, default: {"data.forget_fraction": "0.25"}.get(key, default),
+                           best_trials=lambda: best)
+    table = sample_table(runs)
+    assert table.to_dict("records") == [{"forget_fraction": 0.25, "realistic": 0.125, "finetune": 0.5}]
+    runs.param = lambda key, default: default  # class level: forget_fraction 1.0
+    assert sample_table(runs) is None
