@@ -110,7 +110,7 @@ def model_outputs(model: I2IModel, subset: ImageSubset, mask: torch.Tensor, devi
 
 def pooled_encoding(model: I2IModel, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Encoder features for kNN OOD, flattened; spatial maps larger than 8 x 8 are average-pooled to 8 x 8 first
-    (a 256-px image's latent would be a megabyte per image; 16-px digits' 4 x 4 maps are untouched)."""
+    (the 256-px presets' latents are 4-16 MB per image in fp32; 16-px digits' 4 x 4 maps are untouched)."""
     z = model.encode(images, mask).float()
     if z.dim() == 4 and (z.shape[-1] > 8 or z.shape[-2] > 8):
         z = nn.functional.adaptive_avg_pool2d(z, (min(z.shape[-2], 8), min(z.shape[-1], 8)))
