@@ -16,6 +16,8 @@ from typing import Any
 
 from unlearn.config import Config, ConfigError
 
+CANCEL_WAIT_S = 120.0  # how long a failed decoding waits for its other shard tasks to stop before cleaning up
+
 
 @dataclass
 class Preparation:
@@ -73,10 +75,18 @@ def ray_map_shards(fn: Callable, tasks: list) -> list:
     import ray
 
     remote = ray.remote(fn).options(num_cpus=1, max_retries=2)
+    refs = [remote.remote(task) for task in tasks]
     try:
-        return ray.get([remote.remote(task) for task in tasks])
-    except ray.exceptions.RayTaskError as exc:
-        raise exc.cause from None
+        return ray.get(refs)
+    except BaseException as exc:
+        # The other tasks may still be writing their shards into the entry's temporary folder: stop them and wait
+        # until none runs, so that the build's clean-up that follows leaves nothing behind.
+        for ref in refs:
+            ray.cancel(ref)
+        ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+        if isinstance(exc, ray.exceptions.RayTaskError):
+            raise exc.cause from None
+        raise
 
 
 def _data_task(config_dump: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:

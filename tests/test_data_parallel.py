@@ -81,3 +81,30 @@ def test_the_sweeps_ray_tasks_decode_the_same_store_and_name_a_bad_file(ray_sess
         store_module.build_store(ArtifactCache(tmp_path / "broken"), list_images(broken.data), 16,
                                  map_shards=ray_map_shards, workers=4)
     assert not (tmp_path / "broken" / store_module.KIND).exists() or not any((tmp_path / "broken" / store_module.KIND).iterdir())
+
+
+
+def test_a_failed_shard_task_stops_the_others_before_the_clean_up(ray_session, tmp_path):
+    """When one shard task fails, ray_map_shards raises only once no other task runs: a shard written after the
+    build's clean-up would leave a half store's files behind (seen once in the suite)."""
+    import time
+
+    from raytasks.preparation import ray_map_shards
+
+    def shard_or_fail(task: tuple[int, str]) -> str:  # nested: Ray pickles it by value (workers lack this module)
+        import time
+        from pathlib import Path
+
+        index, folder = task
+        if index == 0:
+            raise ValueError("unreadable image class0001/img00002.jpg")
+        time.sleep(3)  # a slow shard: it writes its file after the failure
+        (Path(folder) / f"shard-{index}").write_text("written")
+        return folder
+
+    with pytest.raises(ValueError, match="unreadable image"):
+        ray_map_shards(shard_or_fail, [(i, str(tmp_path)) for i in range(3)])
+    raised = time.time()
+    time.sleep(4)  # past the slow tasks' writes, had they gone on
+    late = [p.name for p in tmp_path.iterdir() if p.stat().st_mtime > raised]
+    assert late == []
