@@ -233,3 +233,28 @@ def test_unlearn_prepare_data_only_reports_the_store_and_bad_input_exits_2(photo
     (photos.parent / "broken").mkdir(exist_ok=True)
     assert main([*args, "--set", f"data.root={photos.parent / 'broken'}"]) == 2
     assert "no class folders in" in capsys.readouterr().err
+
+
+
+def _slow_shard_or_bad_file(task: tuple[int, str]) -> int:
+    """A shard task of the pool test below (module level: the pool's workers import it): the first fails at once,
+    the others take a while, then write their file."""
+    import time
+    from pathlib import Path
+
+    index, folder = task
+    if index == 0:
+        raise ConfigError("unreadable image class0000/img00000.jpg")
+    time.sleep(0.5)
+    (Path(folder) / f"shard-{index:05d}").write_text("written")
+    return index
+
+
+def test_a_bad_file_stops_the_pools_pending_shards(tmp_path):
+    """The process pool reports an unreadable file without decoding the shards still waiting (at ImageNet's scale,
+    every other shard of the set): of 16 shard tasks whose first fails at once, only those already started or queued
+    for a worker finish (Executor.map cancels the rest); all 15 would if the pool ran every task to the end."""
+    with pytest.raises(ConfigError, match="unreadable image"):
+        process_pool_map(2)(_slow_shard_or_bad_file, [(i, str(tmp_path)) for i in range(16)])
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert len(written) < 8, written  # measured: 4-5 (the other worker's task and the ones queued for the workers)
