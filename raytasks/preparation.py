@@ -16,8 +16,6 @@ from typing import Any
 
 from unlearn.config import Config, ConfigError
 
-CANCEL_WAIT_S = 120.0  # how long a failed decoding waits for its other shard tasks to stop before cleaning up
-
 
 @dataclass
 class Preparation:
@@ -79,11 +77,10 @@ def ray_map_shards(fn: Callable, tasks: list) -> list:
     try:
         return ray.get(refs)
     except BaseException as exc:
-        # The other tasks may still be writing their shards into the entry's temporary folder: stop them and wait
-        # until none runs, so that the build's clean-up that follows leaves nothing behind.
-        for ref in refs:
-            ray.cancel(ref)
-        ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+        # The other tasks may still be writing their shards into the entry's temporary folder: wait until none runs,
+        # so that the build's clean-up that follows leaves nothing behind. (Not ray.cancel: cancelling the running
+        # tasks took the test session's own process down once.) The error is reported when every shard has ended.
+        ray.wait(refs, num_returns=len(refs))
         if isinstance(exc, ray.exceptions.RayTaskError):
             raise exc.cause from None
         raise

@@ -85,8 +85,8 @@ def test_the_sweeps_ray_tasks_decode_the_same_store_and_name_a_bad_file(ray_sess
 
 
 def test_a_failed_shard_task_stops_the_others_before_the_clean_up(ray_session, tmp_path):
-    """When one shard task fails, ray_map_shards raises only once no other task runs: a shard written after the
-    build's clean-up would leave a half store's files behind (seen once in the suite)."""
+    """When one shard task fails, ray_map_shards raises only once no other task runs (it waits for them): a shard
+    written after the build's clean-up would leave a half store's files behind (seen once in the suite)."""
     import time
 
     from raytasks.preparation import ray_map_shards
