@@ -27,7 +27,9 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from unlearn.config import Config, ConfigError, load_config, with_overrides  # noqa: E402
+from unlearn.config import Config, load_config, with_overrides  # noqa: E402
+from unlearn.errors import ConfigError  # noqa: E402
+from unlearn.logs import configure as configure_logging  # noqa: E402
 from unlearn.methods import METHODS  # noqa: E402
 
 WARMUP_STEPS = 20
@@ -41,7 +43,7 @@ def timed_loop(config_dict: dict, steps: int, rank: int = 0, world: int = 1, syn
 
     entered = time.time()
     config = validate_config(config_dict)
-    prepared = prepare(config, log=lambda _: None)
+    prepared = prepare(config)
     stamps: list[float] = []
     settings = with_overrides(config, {"unlearn.ft_steps": steps}).unlearn
     unlearn(prepared, "finetune", settings, rank, world, sync, on_step=lambda *_: stamps.append(time.time()))
@@ -138,27 +140,19 @@ def cpu_threads(config: Config, steps: int) -> dict[str, Any]:
 
 def unlearning_vs_retraining(config: Config, prepared, best: dict[str, Any]) -> dict[str, Any]:
     """Retrain from scratch and every method, timed in this process (same data, machine, run)."""
-    from unlearn.methods import objectives as obj
-    from unlearn.methods.loop import Phase
     from unlearn.models import build_model
     from unlearn.pipeline import audit_result, unlearn
     from unlearn.runtime import import_before_timing
-    from unlearn.stages import _epoch_steps, _train
+    from unlearn.stages import train_retrain
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    s = config.stages
-    steps = _epoch_steps(len(prepared.data.retain_train), s.batch_size, s.epochs)
     torch.manual_seed(config.seed)
     model = build_model(config).to(prepared.device)
     import_before_timing()  # with cached stages, this retrain is the process's first optimiser
     start = time.perf_counter()
-    samples = _train(config, model, prepared.data, Phase("retrain", obj.fit("retain"), ("retain",), steps, s.lr),
-                     {"retain": prepared.data.retain_train}, config.seed + 2)
+    samples = train_retrain(config, model, prepared.data)
     retrain_seconds = time.perf_counter() - start
     rows = {"retrain": {"seconds": retrain_seconds, "samples": samples}}
-    for name, method in METHODS.items():
-        if method.reference_stage:
-            continue
+    for name in METHODS:
         settings = with_overrides(config, {f"unlearn.{k}": v for k, v in best.items()}).unlearn if name == "realistic" else None
         result = unlearn(prepared, name, settings)
         metrics = audit_result(prepared, result)
@@ -442,7 +436,7 @@ def data_path(config: Config, args: list[str], out: Path, reps: int, method: str
     setups = {"quarter": with_overrides(full, {"data.max_per_class": max(2, per_class // 4)}), "full": full}
     trials: dict[str, Any] = {}
     for name, setup in setups.items():
-        prepare(setup, log=lambda _: None)  # stages, backbone, references, calibration: trials only load them
+        prepare(setup)  # stages, backbone, references, calibration: trials only load them
         trials[name] = trial_processes(setup, method, 1, out)
     trials["two"] = trial_processes(setups["full"], method, 2, out)
     rows.update(
@@ -463,10 +457,8 @@ def _best_realistic(config: Config, experiment: str | None, uri: str | None) -> 
         best = load_sweep(experiment, uri).best_trials().set_index("method")
         if "realistic" in best.index:
             row = best.loc["realistic"]
-            return {hp: (int(float(row[f"params.{hp}"])) if hp.endswith("steps") else float(row[f"params.{hp}"]))
-                    for hp in METHODS["realistic"].hyperparameters}
-    values = config.unlearn.model_dump()
-    return {hp: values[hp] for hp in METHODS["realistic"].hyperparameters}
+            return {hp.name: hp.cast(row[f"params.{hp.name}"]) for hp in METHODS["realistic"].hyperparameters}
+    return METHODS["realistic"].values(config.unlearn)
 
 
 def _print_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
@@ -501,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=2, help="data: preparation and decode-limit runs, alternating")
     p.add_argument("--trial-method", default="realistic", help="data: the method the measured trial processes run")
     args = p.parse_args(argv)
+    configure_logging()
     only = set(args.only.split(","))
     if unknown := sorted(only - set(SECTIONS)):
         print(f"bench: error: --only {','.join(unknown)}: unknown (known: {', '.join(SECTIONS)})", file=sys.stderr)
@@ -587,6 +580,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from unlearn.cli import exit_with
+    from unlearn.errors import exit_with
 
     exit_with(main())

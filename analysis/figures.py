@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from raytasks.pareto import pareto_front  # noqa: E402
+from unlearn.audit.best import pareto_front  # noqa: E402
 
 
 def pareto_plot(trials: pd.DataFrame, objectives: list[str], path: Path, confirmed: pd.DataFrame | None = None) -> Path:

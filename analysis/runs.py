@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from raytasks.pareto import best_per_method
 from raytasks.tracking import resolve_uri
+from unlearn.audit.best import best_per_method
 from unlearn.audit.verdict import violations
-from unlearn.config import Config, ConfigError, validate_config
+from unlearn.config import Config, validate_config
+from unlearn.errors import ConfigError
 
 # One "Downloading artifacts" progress bar per artifact (22 for the default sweep) is noise in the sweep's output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -83,7 +84,7 @@ class SweepRuns:
         return frame
 
     def best_trials(self) -> pd.DataFrame:
-        """Per method with a feasible trial: its best one (raytasks.pareto.best_per_method, the one definition)."""
+        """Per method with a feasible trial: its best one (unlearn.audit.best.best_per_method, the one definition)."""
         return best_per_method(self.metric_frame(), self.config().objectives)
 
     def infeasible_methods(self) -> dict[str, dict[str, int]]:

@@ -73,7 +73,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config: Config = validate_config(loop_config["config"])
-    prepared = prepare(config, log=lambda _: None)  # every stage and reference comes from the shared cache
+    prepared = prepare(config)  # every stage and reference comes from the shared cache
     prepared.device = ray.train.torch.get_device()
 
     resume = None

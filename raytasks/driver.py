@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import tempfile
 import time
@@ -19,34 +20,24 @@ from ray import tune
 from raytasks import tracking
 from raytasks.distributed import train_stages_data_parallel
 from raytasks.outcome import WEIGHTS_FOLDER
-from raytasks.pareto import best_per_method, confirmed, mean_pm_std, pareto_front, reported
 from raytasks.preparation import Preparation, prepare_data_on_worker, prepare_on_worker
 from raytasks.progress import ProgressCallback
 from raytasks.resources import TrialPlan
 from raytasks.search import CONFIRMS_KEY, METHOD_KEY, SweepSearch, confirmation_points, make_searcher
+from unlearn.audit.best import best_per_method, confirmed, mean_pm_std, pareto_front
+from unlearn.audit.catalogue import shown_in
 from unlearn.audit.verdict import violations
 from unlearn.config import Config
 from unlearn.export import weights_digest, write_certificate
 from unlearn.methods import METHODS, REFERENCE_MODELS
-from unlearn.pipeline import load_data, stderr_log
+from unlearn.pipeline import load_data
 from unlearn.stages import missing_stages
 
-CALIBRATION = ("audit_valid", "audit_attack_strength", "audit_null_strength", "audit_null_ood_distance", "ood_delta",
-               "retrain_ood_distance", "attack_strengthen_rounds_used", "max_forget_gap", "retrain_gap_yardstick")
+logger = logging.getLogger(__name__)
 
 
 def summary_columns(objectives: list[str]) -> list[str]:
-    shown = ["forget_marker_strength", "forget_marker", "retain_degradation", "forget_gap_vs_retrain", "retain_mse",
-             "forget_ood_distance", "collapsed"]
-    return ["method", "trial_id", *objectives, *[c for c in shown if c not in objectives], "feasible", "failed"]
-
-
-# Shown for confirmed configurations (mean ± std over the fresh unlearning seeds).
-CONFIRMED_FIGURES = ["forget_marker_strength", "retain_degradation", "forget_gap_vs_retrain", "mia_auc", "forget_ood_distance"]
-
-# Audit figures copied onto the registered model version as tags.
-REGISTRY_FIGURES = ("forget_marker_strength", "forget_gap_vs_retrain", "retain_degradation", "mia_auc",
-                    "mia_gap_vs_retrain", "forget_ood_distance", "ood_delta", "audit_valid", "feasible")
+    return ["method", "trial_id", *objectives, *[c for c in shown_in("summary") if c not in objectives], "feasible", "failed"]
 
 
 def _drop_weights(checkpoint: Any) -> None:
@@ -117,7 +108,7 @@ class SweepDriver:
     # --- Tune -------------------------------------------------------------------------------------
     def _log_calibration(self, prep: Preparation) -> None:
         """The audit's self-check on the parent run: figures as metrics, validity and its reasons as tags."""
-        figures = {k: prep.calibration[k] for k in CALIBRATION if k in prep.calibration}
+        figures = {k: prep.calibration[k] for k in shown_in("calibration") if k in prep.calibration}
         tracking.log_metrics(self.client, self.parent, figures)
         warnings = prep.warnings
         # no marker audit on a model brought by the user (stages.theta0): "n/a", not a verdict
@@ -168,7 +159,7 @@ class SweepDriver:
         self.client.set_tag(self.parent, "forget_digest", prep.forget_digest)
         self.client.set_tag(self.parent, "ray_storage", self.storage)
         self.client.set_tag(self.parent, "prepared_on_node", prep.node_id)
-        stderr_log(f"sweep {self.name}: {', '.join(self.methods)}: {self.trials} trials each "
+        logger.info(f"sweep {self.name}: {', '.join(self.methods)}: {self.trials} trials each "
                    f"(+ {self.config.sweep.confirm_seeds} confirmation seed(s) of each best), {self.concurrency} at a time, "
                    f"each with {self.plan.resources}")
         grid = self._tuner(resume).fit()
@@ -193,19 +184,19 @@ class SweepDriver:
         trials share each GPU as the largest peak allows."""
         measure = (self.use_gpu and self.workers == 1 and self.config.sweep.gpus_per_trial is None
                    and self.replan is not None)
-        stderr_log(f"sweep {self.name}: preparing the image store (Ray tasks) ...")
-        prepare_data_on_worker(self.config, stderr_log)
+        logger.info(f"sweep {self.name}: preparing the image store (Ray tasks) ...")
+        prepare_data_on_worker(self.config)
         if self.workers > 1 and (missing := missing_stages(self.config)):  # data-parallel too, as the trials
-            stderr_log(f"sweep {self.name}: training the {', '.join(missing)} stage(s) on {self.workers} Ray Train "
+            logger.info(f"sweep {self.name}: training the {', '.join(missing)} stage(s) on {self.workers} Ray Train "
                        "workers ...")
             train_stages_data_parallel(self.config, self.workers, self.storage, "stages", self.use_gpu)
-        stderr_log(f"sweep {self.name}: preparing stages and reference features once, on a worker ...")
-        prep = prepare_on_worker(self.config, self.methods, self.use_gpu, self.config.sweep.cpus_per_trial, measure, stderr_log,
+        logger.info(f"sweep {self.name}: preparing stages and reference features once, on a worker ...")
+        prep = prepare_on_worker(self.config, self.methods, self.use_gpu, self.config.sweep.cpus_per_trial, measure,
                                  logged)
-        stderr_log(f"sweep {self.name}: prepared on node {prep.node_id[:12]}")
+        logger.info(f"sweep {self.name}: prepared on node {prep.node_id[:12]}")
         if measure and prep.peak_gpu_bytes and self.replan is not None:
             self.plan = self.replan(prep.peak_gpu_bytes, prep.free_gpu_bytes)
-            stderr_log(f"sweep {self.name}: one trial peaks at {prep.peak_gpu_bytes / 1024**3:.2f} GiB of GPU memory: "
+            logger.info(f"sweep {self.name}: one trial peaks at {prep.peak_gpu_bytes / 1024**3:.2f} GiB of GPU memory: "
                        f"{self.plan.trials_per_gpu} trials per GPU")
         return prep
 
@@ -216,7 +207,7 @@ class SweepDriver:
         unfinished = 0
         for result in grid:
             metrics, config = dict(result.metrics or {}), dict(result.config or {})
-            if not reported(metrics) and result.error is None:
+            if not tracking.reported(metrics) and result.error is None:
                 unfinished += 1  # interrupted before it reported (Tune's default result at most): --resume runs it
                 continue
             trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
@@ -257,7 +248,7 @@ class SweepDriver:
                                            f"results are kept in Ray storage; once it answers, run --resume --name "
                                            f"{self.name} to log them") from None
                 if not said:
-                    stderr_log(f"sweep {self.name}: tracking server {self.uri} unreachable: waiting for it to log the "
+                    logger.info(f"sweep {self.name}: tracking server {self.uri} unreachable: waiting for it to log the "
                                f"trials (up to {TRACKING_WAIT_S:.0f} s) ...")
                     said = True
                 time.sleep(TRACKING_POLL_S)
@@ -294,7 +285,7 @@ class SweepDriver:
                             "forget_digest": prep.forget_digest,
                             "weights_sha256": weights_digest(bundle),
                             "config_sha256": hashlib.sha256((bundle / "config.yaml").read_bytes()).hexdigest(),
-                            **{k: f"{metrics[k]:.6g}" for k in REGISTRY_FIGURES if k in metrics}}
+                            **{k: f"{metrics[k]:.6g}" for k in shown_in("registry") if k in metrics}}
                     version = registry.register(self.client, self.uri, self.name, model_uri, run_id, tags)
                     line += f"; registered as models:/{self.name}@{registry.ALIAS} (version {version})"
                 lines.append(line)
@@ -310,6 +301,7 @@ class SweepDriver:
 
     def _summarise(self, rows: list[dict[str, Any]], refs: dict[str, dict[str, float]],
                    checkpoints: dict[tuple[str, str], Any], prep: Preparation, confirmations: list[dict[str, Any]]) -> str:
+        """The sweep's tables (written and uploaded), its deliverables, the parent run closed; the summary text."""
         objectives = list(self.config.objectives)
         frame = pd.DataFrame(rows)
         for col in summary_columns(objectives):
@@ -317,36 +309,50 @@ class SweepDriver:
                 frame[col] = float("nan")
         front = pareto_front(frame, objectives)
         best = best_per_method(frame, objectives)
-        hp_cols = sorted({hp for m in self.methods for hp in METHODS[m].hyperparameters} & set(frame.columns))
+        hp_cols = sorted({hp.name for m in self.methods for hp in METHODS[m].hyperparameters} & set(frame.columns))
         cols = [*summary_columns(objectives), *hp_cols]
+        checked = confirmed(pd.DataFrame(confirmations), shown_in("confirmed"))
+        self._write_tables(frame[cols], front[cols], best[cols], checked)
+        delivered = self._deliver(best, checkpoints, prep, refs)
+        self.client.set_terminated(self.parent, "FINISHED")
+        return "\n".join([*self._header_lines(frame, refs), "", *self._table_lines(frame, front[cols], best[cols], checked),
+                          "", "Unlearned models (each method's best, with its certificate; re-audit: unlearn audit --model URI):",
+                          *delivered, "", f"parent MLflow run: {self.parent} in experiment {self.name!r}"])
+
+    def _write_tables(self, trials: pd.DataFrame, front: pd.DataFrame, best: pd.DataFrame, checked: pd.DataFrame) -> None:
+        """trials.csv, pareto.csv, best.csv, confirmed.csv (and pareto.md) on the parent run and in the out folder."""
         with tempfile.TemporaryDirectory() as folder:
-            frame[cols].to_csv(Path(folder) / "trials.csv", index=False)
-            front[cols].to_csv(Path(folder) / "pareto.csv", index=False)
-            best[cols].to_csv(Path(folder) / "best.csv", index=False)
-            (Path(folder) / "pareto.md").write_text(front[cols].to_markdown(index=False, floatfmt=".4g"))
-            checked = confirmed(pd.DataFrame(confirmations), CONFIRMED_FIGURES)
+            trials.to_csv(Path(folder) / "trials.csv", index=False)
+            front.to_csv(Path(folder) / "pareto.csv", index=False)
+            best.to_csv(Path(folder) / "best.csv", index=False)
+            (Path(folder) / "pareto.md").write_text(front.to_markdown(index=False, floatfmt=".4g"))
             checked.to_csv(Path(folder) / "confirmed.csv", index=False)
             self.client.log_artifacts(self.parent, folder, "summary")
             for name in ("trials.csv", "pareto.csv", "best.csv", "confirmed.csv"):
                 (self.out / name).write_text((Path(folder) / name).read_text())
-        delivered = self._deliver(best, checkpoints, prep, refs)
-        self.client.set_terminated(self.parent, "FINISHED")
+
+    def _header_lines(self, frame: pd.DataFrame, refs: dict[str, dict[str, float]]) -> list[str]:
+        """Trial counts, the marker audit's validity, the OOD threshold and the references' figures."""
         attack, retrain = refs["attack"], refs.get("retrain", {})
         valid = attack.get("audit_valid", 0.0) == 1.0
         marker = (f"marker audit: {'valid' if valid else 'NOT VALID (cannot tell unlearning from fine-tuning; see above)'} "
                   f"(attack strength {attack.get('audit_attack_strength', float('nan')):.3f}, null method "
                   f"{attack.get('audit_null_strength', float('nan')):.3f})" if "audit_valid" in attack
                   else "marker audit: not applicable (theta0 brought by the user)")
-        lines = [f"sweep {self.name}: {len(frame)} trials, {int(frame['feasible'].fillna(0).sum())} feasible",
-                 f"{marker}; ood_delta {attack.get('ood_delta', float('nan')):.4g} "
-                 f"(retrain's distance {attack.get('retrain_ood_distance', float('nan')):.4g})",
-                 f"references: attack strength={attack.get('forget_marker_strength', float('nan')):.3f} "
-                 f"retain_mse={attack.get('retain_mse', float('nan')):.5f}; "
-                 f"retrain strength={retrain.get('forget_marker_strength', float('nan')):.3f}",
-                 "", f"Pareto front (feasible, minimising {', '.join(objectives)}):",
-                 front[cols].to_markdown(index=False, floatfmt=".4g") if len(front) else "(no feasible trial)",
+        return [f"sweep {self.name}: {len(frame)} trials, {int(frame['feasible'].fillna(0).sum())} feasible",
+                f"{marker}; ood_delta {attack.get('ood_delta', float('nan')):.4g} "
+                f"(retrain's distance {attack.get('retrain_ood_distance', float('nan')):.4g})",
+                f"references: attack strength={attack.get('forget_marker_strength', float('nan')):.3f} "
+                f"retain_mse={attack.get('retain_mse', float('nan')):.5f}; "
+                f"retrain strength={retrain.get('forget_marker_strength', float('nan')):.3f}"]
+
+    def _table_lines(self, frame: pd.DataFrame, front: pd.DataFrame, best: pd.DataFrame, checked: pd.DataFrame) -> list[str]:
+        """The Pareto front, each method's best, the violations of methods without a feasible trial, the confirmation."""
+        objectives = list(self.config.objectives)
+        lines = [f"Pareto front (feasible, minimising {', '.join(objectives)}):",
+                 front.to_markdown(index=False, floatfmt=".4g") if len(front) else "(no feasible trial)",
                  "", "Best feasible configuration per method:",
-                 best[cols].to_markdown(index=False, floatfmt=".4g") if len(best) else "(no feasible trial)"]
+                 best.to_markdown(index=False, floatfmt=".4g") if len(best) else "(no feasible trial)"]
         without = [m for m in self.methods if m not in set(best["method"])]
         if without:
             lines += ["", "Methods without a feasible trial (violated constraints, counted over their trials):"]
@@ -359,8 +365,5 @@ class SweepDriver:
         if len(checked):
             lines += ["", f"Each method's best configuration on {self.config.sweep.confirm_seeds} fresh unlearning seeds "
                       "(mean ± std; the report and the Pareto plot use these):",
-                      mean_pm_std(checked, CONFIRMED_FIGURES).to_markdown(index=False, floatfmt=".4g")]
-        lines += ["", "Unlearned models (each method's best, with its certificate; re-audit: unlearn audit --model URI):",
-                  *delivered]
-        lines += ["", f"parent MLflow run: {self.parent} in experiment {self.name!r}"]
-        return "\n".join(lines)
+                      mean_pm_std(checked, shown_in("confirmed")).to_markdown(index=False, floatfmt=".4g")]
+        return lines

@@ -16,12 +16,12 @@ from mlflow.pyfunc import PythonModel
 class UnlearnedModel(PythonModel):
     def load_context(self, context: Any) -> None:
         from unlearn.data.masks import inpaint_mask
-        from unlearn.export import load_saved, load_weights
+        from unlearn.export import load_saved, model_folder
         from unlearn.models import build_model
 
         config, folder = load_saved(context.artifacts["bundle"])
         self.model = build_model(config)
-        load_weights(self.model, folder)
+        self.model.load_weights(model_folder(folder))
         self.model.eval()
         self.mask = inpaint_mask(config.data.image_size, config.data.mask)
 

@@ -1,7 +1,7 @@
 """What a finished trial hands back: sanitised metrics for Tune/Optuna and artifact files for MLflow.
 
-Feasibility and the retain degradation come from the library's catalogue (`unlearn.audit.verdict`); this
-module makes the report safe for Optuna, which leaves a trial RUNNING when its final metric is NaN or missing:
+Feasibility and the retain degradation come from the library (`unlearn.audit.verdict`), the worst objective values
+from the metric table (`unlearn.audit.catalogue`). This module makes the report safe for Optuna, which leaves a trial RUNNING when its final metric is NaN or missing:
 every objective reported here is finite, a diverged trial or one that could not run to its audit gets the worst
 objective values, `failed = 1` and `feasible = 0` (failed-infeasible), and an objective missing on a finite model
 is raised as the bug it is.
@@ -14,12 +14,10 @@ import math
 import tempfile
 from pathlib import Path
 
+from unlearn.audit.catalogue import WORST
 from unlearn.audit.samples import save_png
 from unlearn.export import save_run
 from unlearn.pipeline import Prepared, UnlearnResult, audit_result
-
-WORST = {"forget_marker_strength": 1.0, "forget_marker": 1.0, "retain_degradation": 1e6, "forget_gap_vs_retrain": 1e6,
-         "mia_gap_vs_retrain": 1.0}
 
 
 def sanitise(metrics: dict[str, float], objectives: list[str], failed: bool = False) -> dict[str, float]:

@@ -8,13 +8,16 @@ calibration, the forget digest, the stage keys) and, for one-worker GPU trials, 
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import Config, ConfigError
+from unlearn.config import Config
+from unlearn.errors import ConfigError
 
 
 @dataclass
@@ -32,7 +35,7 @@ class Preparation:
 
 
 def prepare_here(config_dump: dict[str, Any], methods: list[str], measure_gpu: bool, node_id: str = "",
-                 log: Callable[[str], None] | None = None, logged: frozenset[str] = frozenset()) -> Preparation:
+                 logged: frozenset[str] = frozenset()) -> Preparation:
     """Prepare (or load from the cache) and evaluate the reference models in this process, except those in `logged`
     (a resumed sweep reads their figures back from MLflow)."""
     import torch
@@ -44,7 +47,7 @@ def prepare_here(config_dump: dict[str, Any], methods: list[str], measure_gpu: b
     from unlearn.pipeline import audit_warnings, evaluate_reference, prepare
 
     config = validate_config(config_dump)
-    prepared = prepare(config, **({"log": log} if log else {}))
+    prepared = prepare(config)
     references, files = {}, {}
     for ref in (r for r in REFERENCE_MODELS if r in prepared.stages and r not in logged):  # no retrain w/o audit.retrain
         references[ref] = evaluate_reference(prepared, ref)
@@ -86,16 +89,16 @@ def ray_map_shards(fn: Callable, tasks: list) -> list:
         raise
 
 
-def _data_task(config_dump: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+def _data_task(config_dump: dict[str, Any]) -> dict[str, Any]:
     from unlearn.config import validate_config
     from unlearn.pipeline import load_data
 
-    store = load_data(validate_config(config_dump), ray_map_shards, log, verify=True).store
+    store = load_data(validate_config(config_dump), ray_map_shards, verify=True).store
     return {"store": store.key, "images": len(store), "built_seconds": store.built_seconds}
 
 
 def _prepare_task(config_dump: dict[str, Any], methods: list[str], measure_gpu: bool,
-                  logged: frozenset[str], log: Callable[[str], None]) -> Preparation:
+                  logged: frozenset[str]) -> Preparation:
     import os
 
     import ray
@@ -103,37 +106,47 @@ def _prepare_task(config_dump: dict[str, Any], methods: list[str], measure_gpu: 
 
     # Ray pins a task's threads to its CPUs; nothing else runs while the sweep prepares, so use the node's cores
     torch.set_num_threads(os.cpu_count() or 1)
-    return prepare_here(config_dump, methods, measure_gpu, ray.get_runtime_context().get_node_id(), log, logged)
+    return prepare_here(config_dump, methods, measure_gpu, ray.get_runtime_context().get_node_id(), logged)
 
 
-def _logged(fn: Callable, lines, *args):
-    """Run `fn(*args, log)` with its log lines going to the queue `lines` (None marks the end)."""
+def _logged(fn: Callable, records, level: int, *args):
+    """Run `fn(*args)` with the log records of the library and of raytasks (at the driver's `level`) going to the
+    queue `records` (None marks the end)."""
+    handler = logging.handlers.QueueHandler(records)
+    loggers = [logging.getLogger(name) for name in ("unlearn", "raytasks")]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False  # the driver prints them; not also this worker's own output
     try:
-        return fn(*args, lines.put)
+        return fn(*args)
     finally:
-        lines.put(None)  # done: the driver stops reading
+        for logger in loggers:
+            logger.removeHandler(handler)
+        records.put(None)  # done: the driver stops reading
 
 
-def run_on_worker(fn: Callable, args: tuple, log: Callable[[str], None], cpus: float = 1, gpus: float = 0):
-    """`fn(*args, log)` as a Ray task; its log lines come back through a queue while it runs, and a ConfigError it
-    raises is raised here as itself (one line, exit 2)."""
+def run_on_worker(fn: Callable, args: tuple, cpus: float = 1, gpus: float = 0):
+    """`fn(*args)` as a Ray task; its log records come back through a queue while it runs and are handled by the
+    driver's loggers of the same names, and a ConfigError it raises is raised here as itself (one line, exit 2)."""
     import ray
     from ray.util.queue import Empty, Queue
 
-    lines = Queue(actor_options={"num_cpus": 0})
+    records = Queue(actor_options={"num_cpus": 0})
+    level = logging.getLogger("unlearn").getEffectiveLevel()
     try:
         # max_retries: a worker node lost while preparing (a reclaimed spot node) is retried on another
-        result = ray.remote(_logged).options(num_cpus=cpus, num_gpus=gpus, max_retries=2).remote(fn, lines, *args)
+        result = ray.remote(_logged).options(num_cpus=cpus, num_gpus=gpus, max_retries=2).remote(fn, records, level, *args)
         while True:
             try:
-                line = lines.get(timeout=2.0)
+                record = records.get(timeout=2.0)
             except Empty:
                 if ray.wait([result], timeout=0)[0]:
                     break
                 continue
-            if line is None:
+            if record is None:
                 break
-            log(line)
+            logging.getLogger(record.name).handle(record)
         try:
             return ray.get(result)
         except ray.exceptions.RayTaskError as exc:
@@ -141,18 +154,18 @@ def run_on_worker(fn: Callable, args: tuple, log: Callable[[str], None], cpus: f
                 raise exc.cause from None
             raise
     finally:
-        lines.shutdown()
+        records.shutdown()
 
 
-def prepare_data_on_worker(config: Config, log: Callable[[str], None]) -> dict[str, Any]:
+def prepare_data_on_worker(config: Config) -> dict[str, Any]:
     """The image store (decoded by Ray tasks over the cluster's CPUs, or reused and verified) and the split, from a
     worker that sees the data root (never the CPU-only head)."""
-    return run_on_worker(_data_task, (config.model_dump(mode="json", by_alias=True),), log)
+    return run_on_worker(_data_task, (config.model_dump(mode="json", by_alias=True),))
 
 
 def prepare_on_worker(config: Config, methods: list[str], use_gpu: bool, cpus: float, measure_gpu: bool,
-                      log: Callable[[str], None], logged: frozenset[str] = frozenset()) -> Preparation:
+                      logged: frozenset[str] = frozenset()) -> Preparation:
     """Run the preparation as a Ray task with one trial's CPUs and a whole GPU (when trials use GPUs): the autoscaler
     launches a worker for it like for any trial, and what it builds lands in the shared cache."""
     return run_on_worker(_prepare_task, (config.model_dump(mode="json", by_alias=True), methods, measure_gpu, logged),
-                         log, cpus, 1 if use_gpu else 0)
+                         cpus, 1 if use_gpu else 0)

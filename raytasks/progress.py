@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
-from raytasks.pareto import best_per_method, reported
+from raytasks.tracking import reported
+from unlearn.audit.best import best_per_method
 from unlearn.audit.verdict import violations
 from unlearn.config import Config
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from unlearn.config import ConfigError
+from unlearn.errors import ConfigError
 
 ALIAS = "unlearned"
 MODEL_NAME = "model"  # the logged model's name on its run: runs:/<run id>/model

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from unlearn.config import Config, ConfigError
+from unlearn.config import Config
+from unlearn.errors import ConfigError
 
 # Per process: the CUDA context and allocator slack that torch's counters do not show (measured on an H100:
 # about 0.5 GiB). Only GPU memory below this share of the card is planned for.

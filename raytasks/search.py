@@ -1,6 +1,5 @@
 """What the sweep's one Tune experiment searches: each method's space, first point and Optuna study (with the
-feasibility constraint attached to each Optuna trial before it is told its values), the trial resources, and
-`SweepSearch`, which runs every method's search and confirmation as one stream of trials.
+feasibility constraint attached to each Optuna trial before it is told its values), and `SweepSearch`, which runs every method's search and confirmation as one stream of trials.
 
 Optuna 5 reads constraints stored on the trial (`Trial.set_constraint`); a value <= 0 is feasible.
 """
@@ -14,7 +13,8 @@ import pandas as pd
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from raytasks.pareto import best_per_method, reported
+from raytasks.tracking import reported
+from unlearn.audit.best import best_per_method
 from unlearn.config import Config
 from unlearn.methods import METHODS
 
@@ -33,19 +33,21 @@ def search_space(config: Config, method: str) -> dict[str, Any]:
 
     space = {}
     for hp in METHODS[method].hyperparameters:
-        low, high = config.sweep.range_of(method, hp)
-        space[hp] = tune.randint(int(low), int(high) + 1) if hp.endswith("_steps") else tune.loguniform(low, high)
+        low, high = config.sweep.range_of(method, hp.name)
+        if hp.kind is int:
+            space[hp.name] = tune.randint(int(low), int(high) + 1)  # randint's upper end is exclusive
+        else:
+            space[hp.name] = tune.loguniform(low, high) if hp.scale == "log" else tune.uniform(low, high)
     return space
 
 
 def first_point(config: Config, method: str) -> dict[str, Any]:
     """The config's own values, clipped into the search ranges: the first point of every method."""
-    values = config.unlearn.model_dump(by_alias=True)
+    values = METHODS[method].values(config.unlearn)
     out = {}
     for hp in METHODS[method].hyperparameters:
-        low, high = config.sweep.range_of(method, hp)
-        v = min(max(values[hp], low), high)
-        out[hp] = int(v) if hp.endswith("_steps") else float(v)
+        low, high = config.sweep.range_of(method, hp.name)
+        out[hp.name] = hp.cast(min(max(values[hp.name], low), high))
     return out
 
 
@@ -136,8 +138,7 @@ def confirmation_points(rows: pd.DataFrame, objectives: list[str], seeds: int) -
     """The confirmation trials of each method's best configuration among `rows` (none without a feasible trial)."""
     points = []
     for row in best_per_method(rows, objectives).to_dict("records"):
-        params = {hp: (int(row[hp]) if hp.endswith("_steps") else float(row[hp]))
-                  for hp in METHODS[row[METHOD_KEY]].hyperparameters if hp in row}
+        params = {hp.name: hp.cast(row[hp.name]) for hp in METHODS[row[METHOD_KEY]].hyperparameters if hp.name in row}
         points += [{METHOD_KEY: row[METHOD_KEY], CONFIRMS_KEY: str(row["trial_id"]), **params, SEED_KEY: seed}
                    for seed in range(1, seeds + 1)]
     return points

@@ -5,8 +5,8 @@
     python raytasks/sweep.py --name my-sweep --resume     # continue an interrupted sweep
     ray submit cluster.yaml raytasks/sweep.py -- --config <name or file> [--set key=value ...]
 
-Stages and reference features are prepared once, in the driver, into the shared cache; trials only load
-them. Optuna minimises `sweep.objectives` (default: forget_marker_strength and the retain degradation) subject
+The image store, the stages and the reference features are prepared once, as Ray work on a worker (never the
+CPU-only head), into the shared cache; trials only load them. Optuna minimises `sweep.objectives` (default: forget_marker_strength and the retain degradation) subject
 to the feasibility constraints of `unlearn.audit.verdict`.
 """
 
@@ -21,8 +21,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (`ray submit` does): make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from unlearn.config import Config, ConfigError, load_config, with_overrides  # noqa: E402
-from unlearn.methods import METHODS  # noqa: E402
+from unlearn.config import Config, load_config, with_overrides  # noqa: E402
+from unlearn.errors import ConfigError  # noqa: E402
+from unlearn.logs import configure as configure_logging  # noqa: E402
+from unlearn.methods import METHODS, REFERENCE_MODELS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Ray storage for trial results and checkpoints, shared by all nodes on a cluster "
                         "(default: $UNLEARN_RAY_STORAGE or <out>/ray)")
     p.add_argument("--no-report", action="store_true", help="skip rendering report.md at the end")
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug lines too")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no progress lines)")
     return p.parse_args(argv)
 
 
@@ -51,10 +56,10 @@ def _methods(args: argparse.Namespace, config: Config) -> list[str]:
     if len(set(names)) != len(names):
         raise ConfigError(f"--methods repeats a method: {','.join(names)}")
     for name in names:
+        if name in REFERENCE_MODELS:
+            raise ConfigError(f"{name} is a reference model, not an unlearning method to sweep")
         if name not in METHODS:
             raise ConfigError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
-        if METHODS[name].reference_stage:
-            raise ConfigError(f"{name} is a reference model, not an unlearning method to sweep")
     return names
 
 
@@ -80,7 +85,7 @@ def run_sweep(args: argparse.Namespace):
     config = load_config(args.config, args.set)
     methods = _methods(args, config)
     select = config.sweep.select
-    if select not in METHODS or METHODS[select].reference_stage:
+    if select not in METHODS:
         raise ConfigError(f"sweep.select {select!r} is not an unlearning method; methods: {', '.join(METHODS)}")
     trials = args.trials or config.sweep.trials
     if trials < 1:
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from raytasks.driver import SweepInterrupted
 
     args = parse_args(argv)
+    configure_logging(1 if args.verbose else -1 if args.quiet else 0)
     try:
         run_sweep(args)
         return 0
@@ -158,6 +164,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from unlearn.cli import exit_with
+    from unlearn.errors import exit_with
 
     exit_with(main())

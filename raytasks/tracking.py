@@ -19,13 +19,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from raytasks.pareto import reported
-from unlearn.config import ConfigError
+from unlearn.errors import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 # What a trial's or reference's folder uploads to its run (the rest of a checkpoint stays in Ray storage).
 UPLOADED = ("outputs.png", "embeddings.npz", "curves.json", "error.txt")  # curves.json: the report's distance plot
+
+
+def reported(result: dict | None) -> bool:
+    """Whether a Tune result is one the trial reported (Tune fills in `training_iteration` on each report). At the
+    end of an interrupted experiment (Ctrl-C) Tune ends the trials still running, and those not yet started, with
+    their default result (pid, timestamp) or none: they are unfinished, not results, and `--resume` runs them."""
+    return bool(result) and "training_iteration" in result
 
 
 def resolve_uri(uri: str | None) -> str:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from unlearn.audit.backbones import load_backbone
 from unlearn.cli import main
-from unlearn.config import ConfigError, load_config
+from unlearn.config import load_config
 from unlearn.data import build_data, to_float
+from unlearn.errors import ConfigError
 from unlearn.models import build_model
 
 CPU = torch.device("cpu")

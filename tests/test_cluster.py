@@ -53,7 +53,8 @@ def test_capacity_is_what_the_autoscaler_can_grow_to(tmp_path, monkeypatch):
     type can hold even at full scale is a config error."""
     from raytasks.local_cluster import render
     from raytasks.resources import cluster_capacity, node_shapes, plan_trials
-    from unlearn.config import ConfigError, load_config
+    from unlearn.config import load_config
+    from unlearn.errors import ConfigError
 
     path = tmp_path / "cluster-local.yaml"
     path.write_text(render())

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from unlearn.config import ConfigError, DataConfig, MarkerConfig, MaskConfig
+from unlearn.config import DataConfig, MarkerConfig, MaskConfig
 from unlearn.data import BatchStream, build_data, draw_marker, inpaint_mask, marker_pixels
+from unlearn.errors import ConfigError
 
 
 def _indices(subset):
@@ -132,7 +133,7 @@ def test_forget_list_of_imagefolder_paths(tmp_path):
     """A deletion request names files: they become D_f (no marker when the model is brought by the user)."""
     from PIL import Image
 
-    from unlearn.config import ConfigError
+    from unlearn.errors import ConfigError
 
     rng = np.random.default_rng(0)
     root = tmp_path / "images"

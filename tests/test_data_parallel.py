@@ -41,7 +41,7 @@ def test_two_workers_train_the_stages_and_a_trial_each_reading_half_of_every_bat
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
     double = run_data_parallel(config, "realistic", 2, str(tmp_path / "ray"), "trial", tmp_path / "artifacts")
-    local = prepare(config, log=lambda _: None)
+    local = prepare(config)
     single, _ = finish_trial(local, unlearn(local, "realistic"), "realistic")
     samples = (config.unlearn.ga_steps + config.unlearn.ft_steps) * config.unlearn.batch_size
     assert double["unlearn_samples"] == single["unlearn_samples"] == samples
@@ -62,8 +62,8 @@ def test_the_sweeps_ray_tasks_decode_the_same_store_and_name_a_bad_file(ray_sess
     import unlearn.data.store as store_module
     from raytasks.preparation import ray_map_shards
     from unlearn.cache import ArtifactCache
-    from unlearn.config import ConfigError
     from unlearn.data.sources import list_images
+    from unlearn.errors import ConfigError
 
     monkeypatch.setattr(store_module, "POOL_FROM", 1)  # 64 images: parallel as a large set would be
     listing = list_images(photo_config.data)

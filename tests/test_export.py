@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from unlearn.export import PROCEDURE_PREFIXES
+from unlearn.audit.catalogue import PROCEDURE
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
@@ -28,7 +28,12 @@ def test_out_folder_holds_weights_config_metrics_and_a_certificate(saved, prepar
     import hashlib
 
     out, metrics = saved
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.yaml", "metrics.json", "certificate.md"}
+    assert {p.name for p in out.iterdir()} == {"model", "config.yaml", "metrics.json", "certificate.md"}
+    # the one layout of every kind: the model as `save_pretrained` writes it
+    assert {p.name for p in (out / "model").iterdir()} == {"config.json", "model.safetensors"}
+    assert json.loads((out / "model" / "config.json").read_text()) == {"kind": "ae", "image_size": prepared.config.data.image_size,
+                                                                       "width": prepared.config.model.width,
+                                                                       "latent_channels": prepared.config.model.latent_channels}
     assert json.loads((out / "metrics.json").read_text())["forget_marker_strength"] == metrics["forget_marker_strength"]
     text = (out / "certificate.md").read_text()
     for needle in ("method `realistic`", "marker audit valid", "forget_gap_vs_retrain", "Where D_f still lives",
@@ -37,7 +42,7 @@ def test_out_folder_holds_weights_config_metrics_and_a_certificate(saved, prepar
     # the digests, recomputed here: D_f's from its positions in the data set, the weights' as `sha256sum` prints it
     ids = sorted(f"digits:{int(i)}" for i in prepared.data.forget_train.index)
     assert f"forget-set digest (sha256 of the sorted sample ids): `{hashlib.sha256(chr(10).join(ids).encode()).hexdigest()}`" in text
-    assert f"sha256 `{hashlib.sha256((out / 'model.safetensors').read_bytes()).hexdigest()}`" in text
+    assert f"weights `model/model.safetensors`, sha256 `{hashlib.sha256((out / 'model' / 'model.safetensors').read_bytes()).hexdigest()}`" in text
     # one verdict line per constraint, each judged on the figures as the spec states it
     config = prepared.config
     expected = {
@@ -45,7 +50,7 @@ def test_out_folder_holds_weights_config_metrics_and_a_certificate(saved, prepar
         "collapsed": metrics["collapsed"] == 0.0,
         "diverged": metrics["diverged"] == 0.0,
         "forget_gap": metrics["forget_gap_vs_retrain"] <= metrics["max_forget_gap"],
-        "retain_degradation": metrics["retain_degradation"] <= config.sweep.max_retain_degradation,
+        "retain_degradation": metrics["retain_degradation"] <= config.audit.max_retain_degradation,
     }
     verdict = text.split("## Verdict")[1].split("\n## ")[0]
     for name, holds in expected.items():
@@ -60,7 +65,7 @@ def test_audit_from_the_weights_alone_reproduces_the_run(saved, tmp_path):
     done = _cli("audit", "--model", str(out), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     audited = json.loads(done.stdout.strip().splitlines()[-1])
-    compared = [k for k in audited if k in metrics and k != "model" and not k.startswith(PROCEDURE_PREFIXES)]
+    compared = [k for k in audited if k in metrics and k != "model" and k not in PROCEDURE]
     assert {"forget_marker_strength", "retain_mse", "forget_fid", "forget_gap_vs_retrain", "forget_ood_distance"} <= set(compared)
     for key in compared:
         assert audited[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
@@ -84,16 +89,18 @@ def test_changed_weights_give_different_figures(saved, tmp_path, capsys):
     out, metrics = saved
     copy = tmp_path / "changed"
     shutil.copytree(out, copy)
-    state = load_file(str(copy / "model.safetensors"))
+    state = load_file(str(copy / "model" / "model.safetensors"))
     name = next(k for k in state if k.startswith("decoder") and k.endswith("bias"))
     state[name] = state[name] + 0.5
-    save_file(state, str(copy / "model.safetensors"))
+    save_file(state, str(copy / "model" / "model.safetensors"))
     code, err, audited = _main(capsys, "audit", "--model", str(copy), "--json")
     assert code == 0, err[-5:]
     assert audited["retain_mse"] != pytest.approx(metrics["retain_mse"], rel=1e-3)
 
 
 def test_bad_model_or_out_exits_2_and_writes_nothing(saved, tmp_path, default_config, capsys):
+    import shutil
+
     out, _ = saved
     cases = [
         (["audit", "--model", str(tmp_path / "missing")], "does not exist"),
@@ -107,21 +114,30 @@ def test_bad_model_or_out_exits_2_and_writes_nothing(saved, tmp_path, default_co
     cases.append((["run", "--method", "finetune", "--out", str(tmp_path / "file.txt" / "sub"), "--set",
                    f"cache_dir={default_config.cache_dir}"], "is not a writable folder"))
     corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
+    (corrupt / "model").mkdir(parents=True)
     (corrupt / "config.yaml").write_text((out / "config.yaml").read_text())
-    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
-    cases.append((["audit", "--model", str(corrupt)], "do not fit"))
+    (corrupt / "model" / "config.json").write_text((out / "model" / "config.json").read_text())
+    (corrupt / "model" / "model.safetensors").write_bytes(b"not a safetensors file")
+    cases.append((["audit", "--model", str(corrupt)], "cannot be read"))
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     (wrong / "config.yaml").write_text((out / "config.yaml").read_text().replace("width: 32", "width: 16"))
-    (wrong / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
-    cases.append((["audit", "--model", str(wrong)], "do not fit"))
+    shutil.copytree(out / "model", wrong / "model")
+    cases.append((["audit", "--model", str(wrong)], "do not fit the configured model: config.json has width=32, the config width=16"))
+    unfit = tmp_path / "unfit"
+    shutil.copytree(out, unfit)
+    (unfit / "model" / "config.json").write_text((out / "model" / "config.json").read_text().replace('"width": 32', '"width": 16'))
+    cases.append((["audit", "--model", str(unfit)], "do not fit the configured model"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((out / "config.yaml").read_text())
+    cases.append((["audit", "--model", str(empty)], "holds no model (model/ with config.json"))
     before = sorted(p.name for p in tmp_path.iterdir())
     for argv, needle in cases:
         code, lines, _ = _main(capsys, *argv)
         assert code == 2 and len(lines) == 1 and needle in lines[0] and lines[0].startswith("unlearn: error:"), (argv, lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-    assert sorted(p.name for p in wrong.iterdir()) == ["config.yaml", "model.safetensors"]
+    assert sorted(p.name for p in wrong.iterdir()) == ["config.yaml", "model"]
 
 
 def test_a_run_collapsed_by_ga_stays_collapsed_when_re_audited(prepared, default_config, tmp_path, capsys):
@@ -135,3 +151,29 @@ def test_a_run_collapsed_by_ga_stays_collapsed_when_re_audited(prepared, default
     code, err, audited = _main(capsys, "audit", "--model", str(out), "--json")
     assert audited["collapsed"] == 1.0 and audited["feasible"] == 0.0
     assert audited["ga_output_std_ratio"] == pytest.approx(run["ga_output_std_ratio"], rel=1e-6)
+
+
+def test_a_bundle_of_an_older_layout_is_named_as_such(saved, tmp_path, capsys):
+    """Before the one layout, an autoencoder's bundle held model.safetensors at its root and a VQ or diffusion bundle
+    a diffusers folder `model/`: `unlearn audit` and `stages.theta0` say in one line that an older version wrote it."""
+    import torch
+
+    from unlearn.config import ConfigError, load_config, with_overrides
+    from unlearn.models import build_model
+    from unlearn.stages import load_theta0
+
+    out, _ = saved
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "config.yaml").write_text((out / "config.yaml").read_text())
+    (flat / "model.safetensors").write_bytes((out / "model" / "model.safetensors").read_bytes())
+    vq_config = load_config(str(out / "config.yaml"), ["model.kind=vq", "model.width=8", "model.latent_channels=4"])
+    diffusers = tmp_path / "diffusers"
+    build_model(vq_config).save_diffusers_folder(diffusers / "model")
+    (diffusers / "config.yaml").write_text((out / "config.yaml").read_text())
+    for folder, config in ((flat, load_config(str(out / "config.yaml"))), (diffusers, vq_config)):
+        code, lines, _ = _main(capsys, "audit", "--model", str(folder))
+        assert code == 2 and len(lines) == 1 and str(folder) in lines[0] and "older version" in lines[0], lines
+        with pytest.raises(ConfigError, match="older version"):
+            load_theta0(with_overrides(config, {"stages.theta0": str(folder)}), torch.device("cpu"))
+

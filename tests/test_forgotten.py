@@ -31,8 +31,6 @@ class FilledHole(I2IModel):
     def encoder_parameters(self):
         return self.inner.encoder_parameters()
 
-    def decoder_parameters(self):
-        return self.inner.decoder_parameters()
 
     def encode(self, images, mask):
         return self.inner.encode(images, mask)
@@ -196,7 +194,7 @@ def test_a_method_best_is_never_a_hole_painter(prepared):
     its forget figures are audited for real, its retain figures are the retrain model's. It wins on strength, yet
     only the forget-gap rule stops it, and it is never a method's best."""
     from raytasks.outcome import sanitise
-    from raytasks.pareto import best_per_method
+    from unlearn.audit.best import best_per_method
     from unlearn.audit.verdict import violations
 
     objectives = prepared.config.sweep.objectives
@@ -216,14 +214,25 @@ def test_a_method_best_is_never_a_hole_painter(prepared):
 
 
 def test_reference_cache_has_a_schema_version(prepared, monkeypatch):
+    import logging
+
     from unlearn.audit import evaluate
 
     assert prepared.auditor.key.startswith(f"refs-v{evaluate.REFERENCE_SCHEMA}-")
-    messages = []
     monkeypatch.setattr(evaluate, "REFERENCE_SCHEMA", evaluate.REFERENCE_SCHEMA + 1)
-    stages = prepared.stages
-    auditor = evaluate.Auditor(prepared.config, prepared.data, {k: s.model for k, s in stages.items()},
-                               {k: s.key for k, s in stages.items()}, prepared.device, messages.append)
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    level = evaluate.logger.level
+    evaluate.logger.addHandler(handler)
+    evaluate.logger.setLevel(logging.INFO)
+    try:
+        stages = prepared.stages
+        auditor = evaluate.Auditor(prepared.config, prepared.data, {k: s.model for k, s in stages.items()},
+                                   {k: s.key for k, s in stages.items()}, prepared.device)
+    finally:
+        evaluate.logger.removeHandler(handler)
+        evaluate.logger.setLevel(level)
     assert "reference features: computed" in messages and auditor.key != prepared.auditor.key
 
 
@@ -279,14 +288,14 @@ def test_fine_tuning_that_removes_the_marker_makes_the_audit_invalid_until_stren
     from unlearn.pipeline import audit_warnings, prepare
 
     weak = with_overrides(default_config, {"stages.attack_epochs": 2})
-    prepared = prepare(weak, log=lambda _: None)
+    prepared = prepare(weak)
     c = prepared.auditor.calibration
     assert c["audit_valid"] == 0.0 and c["audit_null_strength"] < 0.5
     assert any("audit not valid" in line for line in audit_warnings(prepared))
     metrics = prepared.auditor.evaluate(prepared.stages["retrain"].model)
     assert metrics["audit_valid"] == 0.0
 
-    strong = prepare(with_overrides(weak, {"stages.attack_strengthen_rounds": 3}), log=lambda _: None)
+    strong = prepare(with_overrides(weak, {"stages.attack_strengthen_rounds": 3}))
     c = strong.auditor.calibration
     assert c["audit_valid"] == 1.0, c
     assert 1 <= c["attack_strengthen_rounds_used"] <= 3

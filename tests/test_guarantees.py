@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from unlearn.audit import ga_guarantees
+from unlearn.audit.guarantees import ga_guarantees
 from unlearn.data import BatchStream, ImageStore, ImageSubset
 from unlearn.methods import objectives as obj
 from unlearn.methods.loop import Phase, StepContext, run_phases
@@ -20,8 +20,6 @@ class TinyModel(I2IModel):
     def encoder_parameters(self):
         return self.enc.parameters()
 
-    def decoder_parameters(self):
-        return self.dec.parameters()
 
     def encode(self, images, mask):
         return self.enc(masked_input(images, mask))

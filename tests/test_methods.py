@@ -140,7 +140,8 @@ def test_seeded_runs_are_identical(prepared):
 _CLI_WITH_TIMER_PROBE = """
 import json, sys, time
 import unlearn.pipeline as pipeline
-from unlearn.cli import exit_with, main
+from unlearn.cli import main
+from unlearn.errors import exit_with
 
 HEAVY = ("torch._dynamo", "torchmetrics", "sklearn.metrics", "sklearn.neighbors", "scipy.stats")
 loaded = []

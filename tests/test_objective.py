@@ -1,10 +1,10 @@
-"""`sweep.retain_metric=retain_fid`: the retain objective is measured in FID, and each method's best trial is the
+"""`audit.retain_metric=retain_fid`: the retain objective is measured in FID, and each method's best trial is the
 feasible one with the lowest retain FID (no Ray: the verdict and `raytasks.pareto` are plain Python / pandas)."""
 
 import pandas as pd
 import pytest
 
-from raytasks.pareto import best_per_method, pareto_front
+from unlearn.audit.best import best_per_method, pareto_front
 from unlearn.audit.evaluate import Auditor
 from unlearn.config import load_config
 
@@ -45,7 +45,7 @@ def _frame(config) -> pd.DataFrame:
 
 
 def test_retain_degradation_is_measured_in_fid_when_asked():
-    config = load_config("digits-ae", ["sweep.retain_metric=retain_fid"])
+    config = load_config("digits-ae", ["audit.retain_metric=retain_fid"])
     frame = _frame(config).set_index("trial_id")
     assert frame.loc["a", "retain_degradation"] == pytest.approx(2.10 / 2.0 - 1)
     assert frame.loc["d", "retain_degradation"] == pytest.approx(0.5)
@@ -61,7 +61,7 @@ def test_best_trial_under_retain_fid_is_the_feasible_one_with_the_lowest_fid(obj
     """Alone, or as the tie-break after forget_marker_strength (equal at 0.05 in every trial): the best realistic
     trial is a (FID 2.10), not c or e (lower FID, infeasible), not d (lowest MSE), not b (a larger FID); finetune's
     is g. Maximising, reading retain_mse instead, or ranking infeasible trials would each pick another."""
-    config = load_config("digits-ae", ["sweep.retain_metric=retain_fid", f"sweep.objectives={objectives}"])
+    config = load_config("digits-ae", ["audit.retain_metric=retain_fid", f"sweep.objectives={objectives}"])
     assert config.objectives == objectives
     frame = _frame(config)
     best = best_per_method(frame, config.objectives).set_index("method")
@@ -73,7 +73,7 @@ def test_best_trial_under_retain_fid_is_the_feasible_one_with_the_lowest_fid(obj
 
 
 def test_pareto_front_minimises_the_fid_degradation():
-    config = load_config("digits-ae", ["sweep.retain_metric=retain_fid"])
+    config = load_config("digits-ae", ["audit.retain_metric=retain_fid"])
     frame = _frame(config)
     # every feasible trial has strength 0.05: the front is the one with the smallest FID degradation
     assert list(pareto_front(frame, config.objectives)["trial_id"]) == ["a"]
@@ -86,7 +86,7 @@ def test_each_methods_optuna_study_minimises_the_objectives(objectives):
 
     from raytasks.search import make_searcher
 
-    config = load_config("digits-ae", ["sweep.retain_metric=retain_fid", f"sweep.objectives={objectives}"])
+    config = load_config("digits-ae", ["audit.retain_metric=retain_fid", f"sweep.objectives={objectives}"])
     searcher = make_searcher(config, "realistic", trials=4)
     assert searcher._metric == (objectives[0] if len(objectives) == 1 else objectives)
     assert searcher._ot_study.directions == [optuna.study.StudyDirection.MINIMIZE] * len(objectives)

@@ -10,7 +10,8 @@ import pytest
 
 from raytasks.resources import plan_trials
 from raytasks.search import SweepSearch, make_searcher
-from unlearn.config import ConfigError, load_config, with_overrides
+from unlearn.config import load_config, with_overrides
+from unlearn.errors import ConfigError
 
 GIB = 1024**3
 
@@ -138,7 +139,7 @@ def test_prepare_warm_loads_once_per_setup_and_hands_back_the_trials_config(prep
     second = pipeline.prepare_warm(tuned)
     assert second.data is first.data and second.auditor is first.auditor  # nothing reloaded
     assert second.config.unlearn.ga_lr == 0.07 and second.config.unlearn.seed == 3
-    other = pipeline.prepare_warm(with_overrides(default_config, {"sweep.max_forget_gap": 0.5}))
+    other = pipeline.prepare_warm(with_overrides(default_config, {"audit.max_forget_gap": 0.5}))
     assert other.auditor is not first.auditor  # another setup is prepared afresh
     pipeline._WARM.clear()
 
@@ -256,7 +257,7 @@ def test_best_per_method_is_the_feasible_trial_with_the_smallest_rounded_first_o
     decide), ties broken by the next objective; a method without a feasible trial has no best."""
     import pandas as pd
 
-    from raytasks.pareto import best_per_method
+    from unlearn.audit.best import best_per_method
 
     frame = pd.DataFrame([
         {"method": "a", "trial_id": "infeasible-but-lowest", "feasible": 0.0, "forget_marker_strength": 0.0, "retain_degradation": 0.0},

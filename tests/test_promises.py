@@ -22,14 +22,14 @@ def test_a_numeric_ood_delta_is_used_as_given_with_its_two_warnings(prepared):
         for delta, warning in cases.items():
             config = with_overrides(prepared.config, {"unlearn.ood_delta": delta})
             setup = dataclasses.replace(prepared, config=config)
-            calibrate(setup, log=lambda _: None)  # the cached calibration, the configured threshold
+            calibrate(setup)  # the cached calibration, the configured threshold
             assert setup.auditor.calibration["ood_delta"] == delta
             lines = audit_warnings(setup)
             gold = any("the gold standard is infeasible" in line for line in lines)
             reached = any("the null method reaches the OOD threshold" in line for line in lines)
             assert (gold, reached) == (warning == "gold", warning == "null"), (delta, lines)
     finally:
-        calibrate(prepared, log=lambda _: None)  # the session's auditor back on its own config
+        calibrate(prepared)  # the session's auditor back on its own config
 
 
 def _step_sizes(prepared, schedule: str) -> list[float]:
@@ -71,7 +71,7 @@ def test_keep_weights_decides_which_trials_keep_a_bundle(prepared, tmp_path):
         (tmp_path / keep).mkdir()
         metrics, folder = finish_trial(setup, result, "finetune", tmp_path / keep)
         assert metrics["feasible"] == 0.0
-        assert (folder / WEIGHTS_FOLDER / "model.safetensors").is_file() == kept, keep
+        assert (folder / WEIGHTS_FOLDER / "model" / "model.safetensors").is_file() == kept, keep
 
 
 def test_a_pretrained_model_seeds_the_original_stage(default_config, tmp_path):

@@ -8,27 +8,38 @@ from unlearn.cli import main
 
 
 def test_report_has_every_method_and_reference(small_sweep):
-    driver, _, out = small_sweep
+    from mlflow.tracking import MlflowClient
+
+    from analysis.runs import load_sweep
+
+    driver, uri, out = small_sweep
     report = driver.report_path
     assert report == out / "report" / "report.md" and report.is_file()
     text = report.read_text()
     for row in ("| attack (reference)", "| original (reference)", "| retrain (reference)"):
         assert row in text
-    # a swept method is a table row exactly when it has a feasible trial; otherwise the report names it with the
-    # constraints its trials violated (or, with no finished trial at all, as such)
+    # every swept method with a finished trial is a table row: its best feasible trial, or, with none, its
+    # least-violating trial marked infeasible with what it violates (and the line counting the violations names it)
     trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
     table = pd.read_csv(out / "report" / "comparison.csv", dtype={"trial_id": str})
     without_line = next(line for line in text.splitlines() if line.startswith("Methods without a feasible trial")) \
         if "Methods without a feasible trial" in text else ""
     for method in ("realistic", "finetune"):
         has_feasible = bool((trials[trials["method"] == method]["feasible"] == 1.0).any())
-        assert (method in set(table["model"])) == has_feasible, method
+        row = table[table["model"] == method].iloc[0]
+        assert bool(row["feasible"]) == has_feasible and (row["verdict"] == "feasible") == has_feasible, method
         assert (method in without_line) == (not has_feasible), method
+        if not has_feasible:  # the trial with the smallest constraint value
+            assert row["verdict"].startswith("infeasible: ")
+            frame = load_sweep("t-sweep", uri).metric_frame()
+            least = frame[frame["method"] == method]["constraint"].min()
+            assert float(MlflowClient(tracking_uri=uri).get_run(row["run_id"]).data.metrics["constraint"]) == least
     # the grid has a row for the inputs, the ground truth and every model of the table, none lost on the way
     grid_line = next(line for line in text.splitlines() if line.startswith("Grid rows: "))
     labels = grid_line.removeprefix("Grid rows: ").rstrip(".").split(", ")
     assert labels[:2] == ["masked_input", "ground_truth"] and "no image logged" not in grid_line
-    assert set(labels[2:]) == {m.removesuffix(" (reference)") for m in table["model"]}, (labels, list(table["model"]))
+    assert set(labels[2:]) == {m.removesuffix(" (reference)") + ("" if f or "(reference)" in m else " (infeasible)")
+                               for m, f in zip(table["model"], table["feasible"], strict=True)}, (labels, list(table["model"]))
     assert "max_loss" not in set(table["model"])
     assert "without a finished trial (all failed-infeasible): max_loss" in text
     assert "backbone: `domain`" in text and "`digits`" in text and "seed 0" in text
@@ -114,18 +125,22 @@ def test_report_table_numbers_equal_mlflow_metrics(small_sweep):
             assert row["seeds"] == len(checks) == 2
             assert sorted(c.data.params["seed"] for c in checks) == ["1", "2"]  # fresh seeds; the search ran seed 0
             assert " ± " in (out / "report" / "report.md").read_text()
+        if not row["feasible"]:  # a method without a feasible trial: its least-violating one, never confirmed
+            assert not checks and metrics["feasible"] == 0.0
+            continue
         # the row is the method's best: feasible, and no feasible trial of the method has a smaller strength
         assert metrics["feasible"] == 1.0
         rivals = trials[(trials["method"] == row["model"]) & (trials["feasible"] == 1.0)]
         assert (rivals["forget_marker_strength"].round(2) >= round(metrics["forget_marker_strength"], 2)).all()
-    assert confirmed_rows == len(table) - 3  # every method row with a feasible best is confirmed
+    methods = table[~table["model"].str.endswith("(reference)")]
+    assert confirmed_rows == int(methods["feasible"].sum())  # every method row with a feasible best is confirmed
     parent = client.search_runs([client.get_experiment_by_name("t-sweep").experiment_id], "tags.role = 'parent'")[0]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md", "report/grid.png"}
 
 
 def test_report_md_table_is_comparison_csv(small_sweep):
-    """report.md's table shows comparison.csv's rows, in its order, with the same figures (means for confirmed rows,
-    printed to 4 significant digits)."""
+    """report.md's table shows comparison.csv's rows, in its order: the verdict, the objectives and the constraints'
+    figures first, to three significant digits (means for confirmed rows); no other figure."""
     _, _, out = small_sweep
     table = pd.read_csv(out / "report" / "comparison.csv", dtype={"trial_id": str})
     lines = (out / "report" / "report.md").read_text().splitlines()
@@ -133,10 +148,14 @@ def test_report_md_table_is_comparison_csv(small_sweep):
     header = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2 : start + 2 + len(table)]]
     assert [r[0] for r in rows] == list(table["model"])
+    assert header[:4] == ["model", "verdict", "forget_marker_strength", "retain_degradation"]  # the objectives
+    assert {"forget_ood_distance", "forget_gap_vs_retrain", "collapsed"} <= set(header) and "mia_auc" not in header
     for cells, (_, expected) in zip(rows, table.iterrows(), strict=True):
-        for column in ("forget_marker_strength", "forget_gap_vs_retrain", "retain_degradation", "mia_auc", "retain_mse"):
-            shown = float(cells[header.index(column)].split(" ± ")[0])
-            assert shown == pytest.approx(expected[column], rel=1e-3, abs=1e-9), (expected["model"], column)
+        assert cells[1] == expected["verdict"]
+        for column in ("forget_marker_strength", "forget_gap_vs_retrain", "retain_degradation", "forget_ood_distance"):
+            text = cells[header.index(column)].split(" ± ")[0]
+            assert len(text.lstrip("-0.").replace(".", "").split("e")[0]) <= 3, text  # three significant digits
+            assert float(text) == pytest.approx(expected[column], rel=5e-3, abs=1e-9), (expected["model"], column)
 
 
 def test_report_for_missing_experiment_or_no_finished_trial(tmp_path, capsys):

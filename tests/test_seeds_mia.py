@@ -88,14 +88,14 @@ def test_cost_ratio_only_when_timed_side_by_side(tmp_path):
     config = load_config("digits-ae", [f"cache_dir={tmp_path}", "data.max_per_class=20", "stages.epochs=2",
                                        "stages.attack_epochs=1", "audit.domain_epochs=1", "unlearn.ga_steps=3",
                                        "unlearn.ft_steps=5"])
-    first = run_model(config, "realistic", log=lambda _: None)[2]
+    first = run_model(config, "realistic")[2]
     assert first["cost_ratio_side_by_side"] == 1.0
     assert first["cost_ratio"] == pytest.approx(first["unlearn_seconds"] / first["retrain_seconds"], rel=1e-12)
     batch, retain = config.unlearn.batch_size, len(load_data(config).retain_train)
     assert first["unlearn_samples"] == (3 + 5) * batch
     assert first["retrain_samples"] == 2 * math.ceil(retain / config.stages.batch_size) * config.stages.batch_size
     assert first["sample_ratio"] == pytest.approx(first["unlearn_samples"] / first["retrain_samples"])
-    again = run_model(config, "realistic", log=lambda _: None)[2]
+    again = run_model(config, "realistic")[2]
     assert again["cost_ratio_side_by_side"] == 0.0 and "cost_ratio" not in again
     assert again["retrain_seconds"] == first["retrain_seconds"]  # read back from the cache entry
 

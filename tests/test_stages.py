@@ -18,9 +18,9 @@ def test_second_prepare_trains_nothing_and_touches_no_file(prepared, private_cac
     def fail(*_args, **_kwargs):
         raise AssertionError("a cached stage was retrained")
 
-    for name in ("_train_original", "_train_attack", "_train_retrain"):
+    for name in ("_train_original", "_train_attack", "train_retrain"):
         monkeypatch.setattr(stages_module, name, fail)
-    again = prepare(private_cache, log=lambda _: None)
+    again = prepare(private_cache)
     assert all(stage.reused for stage in again.stages.values())
     assert {k: s.key for k, s in again.stages.items()} == {k: s.key for k, s in prepared.stages.items()}
     assert _snapshot(root) == before
@@ -91,11 +91,12 @@ def test_invalid_run_leaves_cache_untouched(private_cache, tmp_path, capsys):
 
 
 def test_corrupt_pretrained_path_is_a_config_error(tmp_path):
-    from unlearn.config import ConfigError, load_config
+    from unlearn.config import load_config
+    from unlearn.errors import ConfigError
 
     cfg = load_config("digits-ae", [f"cache_dir={tmp_path}", f"model.pretrained={tmp_path / 'missing.pt'}"])
     with pytest.raises(ConfigError, match="missing.pt"):
-        prepare(cfg, log=lambda _: None)
+        prepare(cfg)
 
 
 def test_purge_with_weights_removes_the_stages_trained_on_the_forget_set_and_keeps_retrain(private_cache, prepared, capsys):

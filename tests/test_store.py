@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from unlearn.cache import ArtifactCache
-from unlearn.config import ConfigError, DataConfig, MarkerConfig, MaskConfig
+from unlearn.config import DataConfig, MarkerConfig, MaskConfig
 from unlearn.data import BatchStream, build_data
 from unlearn.data.sources import list_images
 from unlearn.data.store import KIND, ImageStore, build_store, open_store, process_pool_map, verify_store
+from unlearn.errors import ConfigError
 
 SIZE = 16
 

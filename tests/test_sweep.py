@@ -189,7 +189,7 @@ def test_two_worker_trial_through_tune_resumes_from_its_phase_checkpoint_and_mat
     params = {k: float(v) for k, v in runs[0].data.params.items() if k in ("ga_steps", "ga_lr", "ft_steps", "ft_lr")}
     config = with_overrides(default_config, {"stages.attack_epochs": 2,
                                              **{f"unlearn.{k}": int(v) if k.endswith("steps") else v for k, v in params.items()}})
-    local = prepare(config, log=lambda _: None)
+    local = prepare(config)
     single, _ = finish_trial(local, unlearn(local, "realistic"), "realistic")
     assert single["resumed_from_phase"] == 0.0
     for key in ("ga_param_distance", "ga_loss_increase", "ga_grad_max", "retain_mse", "forget_mse", "forget_ood_distance",
@@ -252,11 +252,11 @@ def test_sweep_registers_the_best_feasible_realistic_model_that_audits_to_its_fi
     from raytasks.registry import fetch_bundle  # the run's URI names the same model as the registry's
 
     bundle = fetch_bundle(f"runs:/{version.run_id}/model", uri, tmp_path)
-    assert {"config.yaml", "model.safetensors", "certificate.md"} <= {p.name for p in bundle.iterdir()}
+    assert {"config.yaml", "model", "certificate.md"} <= {p.name for p in bundle.iterdir()}
     # the tags' values, recomputed here: what `sha256sum` prints for the files, and D_f's digest from its positions
     import hashlib
 
-    assert version.tags["weights_sha256"] == hashlib.sha256((bundle / "model.safetensors").read_bytes()).hexdigest()
+    assert version.tags["weights_sha256"] == hashlib.sha256((bundle / "model" / "model.safetensors").read_bytes()).hexdigest()
     assert version.tags["config_sha256"] == hashlib.sha256((bundle / "config.yaml").read_bytes()).hexdigest()
     ids = sorted(f"digits:{int(i)}" for i in prepared.data.forget_train.index)
     assert version.tags["forget_digest"] == hashlib.sha256("\n".join(ids).encode()).hexdigest()

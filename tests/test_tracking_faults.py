@@ -162,7 +162,7 @@ def test_reachable_tells_an_answer_from_a_server_that_is_away(monkeypatch):
 
 
 def test_connect_reports_an_unusable_store_and_raises_a_bug(tmp_path, monkeypatch):
-    from unlearn.config import ConfigError
+    from unlearn.errors import ConfigError
 
     (tmp_path / "not-a-db").write_text("this is no sqlite file")
     with pytest.raises(ConfigError, match="is unusable"):

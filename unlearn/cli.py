@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import logging
 import math
 import sys
 from typing import NoReturn
 
-from unlearn.config import ConfigError, load_config
+from unlearn.errors import ConfigError, exit_with
+from unlearn.logs import configure as configure_logging
+
+# Nothing here imports torch at module level: `unlearn prepare` decodes in a forkserver pool whose server imports
+# this module (the process's __main__) once, and its decoding workers need only PIL and numpy.
+logger = logging.getLogger(__name__)
 
 
 def _format_table(metrics: dict[str, float]) -> str:
@@ -27,15 +32,17 @@ def _print_metrics(metrics: dict, as_json: bool) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from unlearn.methods import METHODS, REFERENCE_MODELS
-    from unlearn.pipeline import evaluate_reference, run_model, run_seeds, stderr_log
+    from unlearn.pipeline import evaluate_reference, run_model, run_seeds
 
     if args.method not in METHODS and args.method not in REFERENCE_MODELS:
         raise ConfigError(f"unknown method {args.method!r}; methods: {', '.join([*METHODS, *REFERENCE_MODELS])}")
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
-    reference = args.method in REFERENCE_MODELS or METHODS[args.method].reference_stage is not None
+    reference = args.method in REFERENCE_MODELS
     if args.seeds > 1 and reference:
         raise ConfigError(f"{args.method} is a reference model (trained once per stage key): --seeds applies to unlearning methods")
+    from unlearn.config import load_config
+
     config = load_config(args.config, args.set)
     out = None
     if args.out is not None:
@@ -59,7 +66,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         references = {name: evaluate_reference(prepared, name) for name in ("retrain", "attack") if name in prepared.stages}
         write_bundle(out, prepared, model, args.method, metrics, references, spread)
-        stderr_log(f"saved the model, config.yaml, metrics.json and certificate.md to {out}"
+        logger.info(f"saved the model, config.yaml, metrics.json and certificate.md to {out}"
                    + (f" (unlearning seed {int(metrics['unlearn_seed'])}, the one nearest the mean)" if spread else ""))
     _print_metrics({"method": args.method, **shown}, args.json)
     return 0
@@ -71,14 +78,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     audit's calibration. What a cluster user runs once before many sweeps."""
     import time
 
-    from unlearn.pipeline import audit_warnings, prepare, stderr_log
+    from unlearn.config import load_config
+    from unlearn.pipeline import audit_warnings, prepare
 
     config = load_config(args.config, args.set)
     started = time.perf_counter()
     if args.data_only:
         from unlearn.pipeline import load_data
 
-        prepared, store = None, load_data(config, log=stderr_log, verify=True).store
+        prepared, store = None, load_data(config, verify=True).store
     else:
         prepared = prepare(config, verify=True)
         store = prepared.data.store
@@ -92,8 +100,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         figures["data_skipped_images"] = float(store.skipped_count)
     if prepared is not None:
         for name, stage in prepared.stages.items():
-            stderr_log(f"stage {name}: {stage.key} ({'reused' if stage.reused else f'trained in {stage.seconds:.1f} s'})")
-        stderr_log(f"audit references: {prepared.auditor.key}; calibration: ood_delta {prepared.auditor.ood_delta:.4g}"
+            logger.info(f"stage {name}: {stage.key} ({'reused' if stage.reused else f'trained in {stage.seconds:.1f} s'})")
+        logger.info(f"audit references: {prepared.auditor.key}; calibration: ood_delta {prepared.auditor.ood_delta:.4g}"
                    + "".join(f"; {line}" for line in audit_warnings(prepared)))
     _print_metrics({"config": config.name, "store": store.key, **figures}, args.json)
     return 0
@@ -155,6 +163,9 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     width = max(len(n) for n in METHODS)
     for name, method in METHODS.items():
         print(f"{name:<{width}}  {method.summary}")
+        for hp in method.hyperparameters:
+            print(f"{'':<{width}}    unlearn.{hp.name} ({hp.kind.__name__}, default {hp.default:g}, searched {hp.scale} in "
+                  f"[{hp.low:g}, {hp.high:g}]): {hp.description}")
     return 0
 
 
@@ -168,6 +179,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unlearn", description="Realistic image-to-image machine unlearning")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug lines too")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no progress lines)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="prepare or reuse the stages, unlearn, audit, print the metric catalogue")
     run.add_argument("--method", required=True, help="a registry method, or original|attack|retrain")
@@ -215,19 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(1 if args.verbose else -1 if args.quiet else 0)
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"unlearn: error: {exc}", file=sys.stderr)
         return 2
-
-
-def exit_with(code: int) -> NoReturn:
-    """End a command-line process with `code`, without the interpreter's final garbage collections: they walk
-    every object torch and torch._dynamo allocated, 2-3 s at each exit on 2 cores (measured). Files are closed and
-    atexit handlers (Ray's shutdown, ...) still run; only cyclic garbage is left to the operating system."""
-    gc.freeze()
-    sys.exit(code)
 
 
 def console_main() -> NoReturn:

@@ -13,11 +13,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-
-class ConfigError(ValueError):
-    """A usage or configuration error: the CLI prints it as one line and exits with code 2."""
+from unlearn.audit.catalogue import OBJECTIVES, measurable
+from unlearn.errors import ConfigError
+from unlearn.methods import METHODS
+from unlearn.models import MODEL_KINDS
+from unlearn.methods import hyperparameters as declared_hyperparameters
 
 
 class _Strict(BaseModel):
@@ -94,7 +104,7 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    kind: Literal["ae", "vq", "diffusion"] = "ae"
+    kind: Literal[tuple(MODEL_KINDS)] = "ae"  # type: ignore[valid-type]  # the registered kinds (unlearn.models)
     width: int = Field(32, ge=4)  # channels of the first conv block
     latent_channels: int = Field(32, ge=1)
     pretrained: str | None = None  # local from_pretrained folder or checkpoint file (skips the original stage)
@@ -122,15 +132,13 @@ class StageConfig(_Strict):
     theta0: str | None = None
 
 
-class UnlearnConfig(_Strict):
-    ga_steps: int = Field(20, ge=1)  # T
+class UnlearnSettings(_Strict):
+    """The unlearning settings no method declares as its own (the methods' hyperparameters join them below)."""
+
     # normalized: every GA step moves the parameters by exactly ga_lr (the gradient scaled to unit norm), so
     # the distance moved is T * ga_lr and the Eq. 3 distance climbs step by step. sgd: theta + ga_lr * grad,
     # clipped at clip_norm (starting from a minimum, its steps grow geometrically and land in one blow).
     ga_step: Literal["normalized", "sgd"] = "normalized"
-    ga_lr: float = Field(0.1, gt=0)
-    ft_steps: int = Field(120, ge=0)
-    ft_lr: float = Field(2e-3, gt=0)
     # Fine-tuning's learning rate over its steps: cosine decays ft_lr to 0 (a high rate to leave theta0's
     # basin, then a low one to restore retain quality); constant keeps it.
     ft_schedule: Literal["cosine", "constant"] = "cosine"
@@ -141,8 +149,6 @@ class UnlearnConfig(_Strict):
     ood_delta: float | Literal["auto"] = "auto"
     stop_at_ood: bool = False  # end GA early once d(f_theta, f_theta0) >= ood_delta on D_f
     ood_check_every: int = Field(5, ge=1)  # a check samples the Eq. 3 subset (costly for diffusion models)
-    alpha: float = Field(1.0, gt=0)  # i2i_sota forget weight
-    lambda_: float = Field(0.1, gt=0, alias="lambda")  # merged: L(D_r) - lambda L(D_f)
     workers: int = Field(1, ge=1)  # >1: GA and fine-tuning in a Ray Train TorchTrainer (raytasks only)
     # The unlearning run's own seed (batch order, noise), added to the top-level `seed`; it is in no stage,
     # data or reference cache key, so repeating a run on another unlearning seed never retrains a stage.
@@ -156,6 +162,21 @@ class UnlearnConfig(_Strict):
         if not isinstance(v, str) and not v > 0:
             raise ValueError(f"ood_delta must be > 0 or 'auto', got {v}")
         return v
+
+
+def _hyperparameter_fields() -> dict[str, Any]:
+    """A field per hyperparameter the method registry declares: its type, default and bound (ints >= their
+    minimum, rates and weights > 0), under its name (`lambda`: the attribute `lambda_`)."""
+    fields: dict[str, Any] = {}
+    for hp in declared_hyperparameters().values():
+        bound = {"ge": hp.minimum} if hp.kind is int else {"gt": 0}
+        alias = {"alias": hp.name} if hp.field != hp.name else {}
+        fields[hp.field] = (hp.kind, Field(hp.kind(hp.default), description=hp.description, **bound, **alias))
+    return fields
+
+
+# `unlearn.*`: the settings above plus every method's declared hyperparameters (unlearn.methods.METHODS).
+UnlearnConfig = create_model("UnlearnConfig", __base__=UnlearnSettings, **_hyperparameter_fields())
 
 
 class AuditConfig(_Strict):
@@ -190,7 +211,7 @@ class AuditConfig(_Strict):
     # falls short of the threshold by the margin retrain would clear it), and retraining's cost is estimated
     # from stages.epochs x |D_r| samples.
     retrain: bool = True
-    # sweep.max_forget_gap = auto: this many times the gap between two retrain references of different seeds (how far
+    # max_forget_gap = auto: this many times the gap between two retrain references of different seeds (how far
     # one retraining lies from another: retrain_gap_yardstick), at most 1 (the original model's own gap). Calibrated
     # on digits (yardstick 0.37: threshold 0.56) and on real photographs (0.79: 1.0); see README.
     gap_margin: float = Field(1.5, gt=0)
@@ -198,10 +219,21 @@ class AuditConfig(_Strict):
     # (held-out images of D_f's classes); the 95% interval from this many bootstrap resamples.
     mia_samples: int = Field(1000, ge=2)
     mia_resamples: int = Field(200, ge=10)
+    # Feasibility thresholds (None: no constraint), judged by `unlearn.audit.verdict` on every run, trial, report and
+    # certificate: forget_ood_distance >= ood_delta, not collapsed, not diverged, and these two. max_forget_gap auto:
+    # gap_margin x the gap of a second retrain reference (another seed) to the first: the yardstick of "behaves like
+    # retraining".
+    max_forget_gap: float | Literal["auto"] | None = "auto"
+    max_retain_degradation: float | None = Field(0.25, gt=0)
+    # The retain figure whose ratio to the attack model's is retain_degradation.
+    retain_metric: Literal["retain_mse", "retain_fid"] = "retain_mse"
 
-
-OBJECTIVE_NAMES = ("forget_marker_strength", "forget_marker", "retain_degradation", "forget_gap_vs_retrain",
-                   "mia_gap_vs_retrain")
+    @field_validator("max_forget_gap")
+    @classmethod
+    def _gap(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, (int, float)) and not v > 0:
+            raise ValueError(f"max_forget_gap must be > 0, 'auto' or null, got {v}")
+        return v
 
 
 class SweepConfig(_Strict):
@@ -209,11 +241,6 @@ class SweepConfig(_Strict):
 
     # Minimised by Optuna, in this order of priority when one trial per method is chosen (see README).
     objectives: list[str] = ["forget_marker_strength", "retain_degradation"]
-    # Feasibility thresholds (None: no constraint), judged on every trial, the report and certificates:
-    # forget_ood_distance >= ood_delta, not collapsed, and these two. max_forget_gap auto: audit.gap_margin x the
-    # gap of a second retrain reference (another seed) to the first: the yardstick of "behaves like retraining".
-    max_forget_gap: float | Literal["auto"] | None = "auto"
-    max_retain_degradation: float | None = Field(0.25, gt=0)
 
     # Every unlearning method, each with the same number of trials: a fair comparison table by default.
     methods: list[str] = ["realistic", "max_loss", "finetune", "noisy_label", "random_encoder", "i2i_sota", "merged"]
@@ -226,16 +253,9 @@ class SweepConfig(_Strict):
     # A trial whose process or node dies (a spot GPU node reclaimed) is rerun from scratch up to this many times
     # (Tune's FailureConfig); Tune cannot tell a lost node from a trial that raised, so a bug is rerun too.
     trial_retries: int = Field(2, ge=0)
-    retain_metric: Literal["retain_mse", "retain_fid"] = "retain_mse"
-    # [low, high] per hyperparameter; steps are integers, rates and weights are sampled log-uniformly.
-    space: dict[str, tuple[float, float]] = {
-        "ga_steps": (4, 24),
-        "ga_lr": (0.01, 0.2),  # normalised GA: the parameter distance of one step
-        "ft_steps": (60, 200),
-        "ft_lr": (5e-4, 2e-2),
-        "alpha": (0.1, 10.0),
-        "lambda": (0.01, 1.0),
-    }
+    # [low, high] per hyperparameter (default: the range each method declares; unlearn.methods). Integers are
+    # sampled uniformly, the others on the scale they declare (rates and weights: log-uniformly).
+    space: dict[str, tuple[float, float]] = {name: (hp.low, hp.high) for name, hp in declared_hyperparameters().items()}
     # Per-method ranges that replace the shared ones, e.g. {"max_loss": {"ga_lr": [0.1, 2.0]}}.
     method_space: dict[str, dict[str, tuple[float, float]]] = {}
     start_from_defaults: bool = True  # the first trial of each method evaluates the config's own values
@@ -254,18 +274,11 @@ class SweepConfig(_Strict):
         if not names:
             raise ValueError("name at least one objective")
         for name in names:
-            if name not in OBJECTIVE_NAMES:
-                raise ValueError(f"unknown objective {name!r} (known: {', '.join(OBJECTIVE_NAMES)})")
+            if name not in OBJECTIVES:
+                raise ValueError(f"unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
         if len(set(names)) != len(names):
             raise ValueError(f"objectives repeat a name: {names}")
         return names
-
-    @field_validator("max_forget_gap")
-    @classmethod
-    def _gap(cls, v: float | str | None) -> float | str | None:
-        if isinstance(v, (int, float)) and not v > 0:
-            raise ValueError(f"max_forget_gap must be > 0, 'auto' or null, got {v}")
-        return v
 
     def range_of(self, method: str, hyperparameter: str) -> tuple[float, float]:
         return self.method_space.get(method, {}).get(hyperparameter, self.space[hyperparameter])
@@ -282,6 +295,11 @@ class SweepConfig(_Strict):
     @classmethod
     def _method_ranges(cls, spaces: dict[str, dict[str, tuple[float, float]]]) -> dict:
         for method, space in spaces.items():
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r} (methods: {', '.join(METHODS)})")
+            if undeclared := sorted(set(space) - set(METHODS[method].hyperparameter_names)):
+                raise ValueError(f"{method} has no hyperparameter {undeclared[0]!r} (it declares: "
+                                 f"{', '.join(METHODS[method].hyperparameter_names)})")
             try:
                 cls._ranges(space)
             except ValueError as exc:
@@ -291,7 +309,7 @@ class SweepConfig(_Strict):
     @field_validator("space")
     @classmethod
     def _ranges(cls, space: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-        known = {"ga_steps", "ga_lr", "ft_steps", "ft_lr", "alpha", "lambda"}
+        known = declared_hyperparameters()
         for name, (low, high) in space.items():
             if name not in known:
                 raise ValueError(f"unknown hyperparameter {name!r} (known: {', '.join(sorted(known))})")
@@ -335,8 +353,7 @@ class Config(_Strict):
     @property
     def objectives(self) -> list[str]:
         """The sweep's objectives that this setup can measure (no marker or retrain figure where there is none)."""
-        usable = [o for o in self.sweep.objectives
-                  if (self.has_marker or not o.startswith("forget_marker")) and (self.audit.retrain or not o.endswith("_vs_retrain"))]
+        usable = [o for o in self.sweep.objectives if measurable(o, marker=self.has_marker, retrain=self.audit.retrain)]
         return usable or ["retain_degradation"]
 
     @model_validator(mode="after")
@@ -431,7 +448,16 @@ def load_config(source: str = "digits-ae", overrides: list[str] | tuple[str, ...
     return validate_config(raw)
 
 
+# Keys that moved; a config naming the old place gets one line saying where the key is now.
+MOVED = {"sweep.max_forget_gap": "audit.max_forget_gap", "sweep.max_retain_degradation": "audit.max_retain_degradation",
+         "sweep.retain_metric": "audit.retain_metric"}
+
+
 def validate_config(raw: dict[str, Any]) -> Config:
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"config key {old!r} moved to {new!r}")
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:

@@ -1,18 +1,18 @@
 """The deliverable: an unlearned model saved with its evidence, and re-audited from its weights alone.
 
     DIR/
-      model.safetensors   the weights (autoencoder), or model/ (a diffusers `save_pretrained` folder: VQ, diffusion)
+      model/              the model as `I2IModel.save_pretrained` writes it, for every kind: config.json (the kind
+                          and its constructor's arguments) and model.safetensors (the weights, provenance as metadata)
       config.yaml         the resolved config the model was made with (data, split, stages, audit, thresholds)
       metrics.json        the run's catalogue, for reading (`unlearn audit` never reads it)
       certificate.md      what was forgotten, how, every audit figure against its threshold and the references,
                           and the places that still hold D_f
 
-Weights are written as safetensors and read back with safetensors or diffusers (no pickle).
+Weights are written as safetensors and read back with safetensors (no pickle).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -20,14 +20,12 @@ from typing import Any
 
 import yaml
 
+from unlearn.audit.catalogue import shown_in
 from unlearn.audit.verdict import constraint_values
-from unlearn.config import Config, ConfigError, load_config
+from unlearn.config import Config, load_config
+from unlearn.errors import ConfigError
 from unlearn.models import I2IModel, build_model
-
-MODEL_FILE = "model.safetensors"
-DIFFUSERS_FOLDER = "model"
-# Figures of the procedure (GA bookkeeping, cost): in metrics.json, not recomputable from the weights.
-PROCEDURE_PREFIXES = ("ga_", "unlearn_", "audit_seconds", "retrain_seconds", "retrain_samples", "cost_ratio", "sample_ratio")
+from unlearn.models.io import RUN_MODEL_FOLDER, WEIGHTS_FILE, load_provenance, run_model_folder
 
 
 def check_out_folder(path: str | Path) -> Path:
@@ -48,54 +46,22 @@ def check_out_folder(path: str | Path) -> Path:
 
 
 # What the weights cannot show but the verdict needs: the collapse measured right after GA (stored with the
-# weights, inside the hashed artefact: safetensors metadata, or a file in the diffusers folder).
+# weights, inside the hashed artefact: the safetensors metadata).
 PROVENANCE_KEYS = ("ga_output_std_ratio",)
-PROVENANCE_FILE = "unlearn_provenance.json"
 
 
 def save_weights(model: I2IModel, folder: Path, provenance: dict[str, float] | None = None) -> Path:
-    """Write the weights (and the provenance figures) into `folder`; return the file or folder holding them."""
-    from safetensors.torch import save_file
-
+    """Write the model (and the provenance figures) into `folder/model/`; return that folder."""
     provenance = {k: float(v) for k, v in (provenance or {}).items() if k in PROVENANCE_KEYS}
-    saver = getattr(model, "save_diffusers_folder", None)
-    if saver is not None:
-        saver(folder / DIFFUSERS_FOLDER)
-        (folder / DIFFUSERS_FOLDER / PROVENANCE_FILE).write_text(json.dumps(provenance, sort_keys=True))
-        return folder / DIFFUSERS_FOLDER
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / MODEL_FILE), metadata={k: repr(v) for k, v in provenance.items()})
-    return folder / MODEL_FILE
+    return model.save_pretrained(folder / RUN_MODEL_FOLDER, provenance)
 
 
-def load_provenance(folder: Path) -> dict[str, float]:
-    """The provenance figures saved with the weights ({} when there are none)."""
-    if (folder / DIFFUSERS_FOLDER / PROVENANCE_FILE).is_file():
-        return json.loads((folder / DIFFUSERS_FOLDER / PROVENANCE_FILE).read_text())
-    from safetensors import safe_open
-
-    with safe_open(str(folder / MODEL_FILE), framework="pt") as handle:
-        meta = handle.metadata() or {}
-    return {k: float(meta[k]) for k in PROVENANCE_KEYS if k in meta}
-
-
-def load_weights(model: I2IModel, folder: Path) -> None:
-    """Load weights written by `save_weights` into a model of the saved config (ConfigError if they do not fit)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        if (folder / DIFFUSERS_FOLDER).is_dir():
-            loader = getattr(model, "load_diffusers_folder", None)
-            if loader is None:
-                raise ConfigError(f"{folder} holds a diffusers folder, but its config.yaml names a model that is not one")
-            loader(folder / DIFFUSERS_FOLDER)
-        elif (folder / MODEL_FILE).is_file():
-            model.load_state_dict(load_file(str(folder / MODEL_FILE)))
-        else:
-            raise ConfigError(f"{folder} holds no model ({MODEL_FILE} or {DIFFUSERS_FOLDER}/)")
-    except (RuntimeError, ValueError, OSError, SafetensorError) as exc:
-        raise ConfigError(f"the weights in {folder} do not fit the model of its config.yaml: {str(exc).splitlines()[0][:200]}") from None
+def model_folder(folder: Path) -> Path:
+    """`folder/model/`, the saved model of a bundle (ConfigError if there is none, or a layout of an older version)."""
+    found = run_model_folder(folder)
+    if found is None:
+        raise ConfigError(f"{folder} holds no model ({RUN_MODEL_FOLDER}/ with config.json and {WEIGHTS_FILE})")
+    return found
 
 
 def _gap_limit_text(metrics: dict[str, Any], config: Config) -> str:
@@ -103,23 +69,19 @@ def _gap_limit_text(metrics: dict[str, Any], config: Config) -> str:
     from unlearn.audit.verdict import forget_gap_limit
 
     limit = forget_gap_limit(metrics, config)
-    if config.sweep.max_forget_gap != "auto" or "retrain_gap_yardstick" not in metrics:
+    if config.audit.max_forget_gap != "auto" or "retrain_gap_yardstick" not in metrics:
         return _fmt(limit if limit is not None else math.nan)
     return (f"{_fmt(limit)} (auto: audit.gap_margin {config.audit.gap_margin:g} x retrain_gap_yardstick "
             f"{_fmt(metrics['retrain_gap_yardstick'])}, the gap of a second retraining to the first)")
 
 
 def weights_digest(folder: Path) -> str:
-    """The weights' sha256 as the certificate states it, checkable with coreutils: `sha256sum model.safetensors`
-    for a single file; for a diffusers folder, the sha256 of its files' `sha256sum` lines (sorted by path):
-    `(cd DIR && find model -type f | LC_ALL=C sort | xargs sha256sum | sha256sum)`."""
+    """The weights' sha256 as the certificate states it: the sha256 of `model/model.safetensors` (provenance
+    included), checkable with `sha256sum model/model.safetensors`. `model/config.json` is not hashed: it is the
+    model section of config.yaml (whose sha256 the registry records), and loading refuses one that differs."""
     from unlearn.cache import file_sha256
 
-    if (folder / MODEL_FILE).is_file():
-        return file_sha256(folder / MODEL_FILE)
-    files = sorted(str(p.relative_to(folder)) for p in (folder / DIFFUSERS_FOLDER).rglob("*") if p.is_file())
-    manifest = "".join(f"{file_sha256(folder / name)}  {name}\n" for name in files)
-    return hashlib.sha256(manifest.encode()).hexdigest()
+    return file_sha256(model_folder(folder) / WEIGHTS_FILE)
 
 
 def load_saved(path: str | Path) -> tuple[Config, Path]:
@@ -132,18 +94,18 @@ def load_saved(path: str | Path) -> tuple[Config, Path]:
     return load_config(str(folder / "config.yaml")), folder
 
 
-def audit_saved(path: str | Path, log=None) -> dict[str, float]:
+def audit_saved(path: str | Path) -> dict[str, float]:
     """Re-audit a saved model from its weights: same data, same references, same catalogue."""
-    from unlearn.pipeline import prepare, stderr_log
+    from unlearn.pipeline import prepare
     from unlearn.runtime import seed_everything
 
     config, folder = load_saved(path)
     seed_everything(config.seed)
     model = build_model(config)
-    load_weights(model, folder)
-    prepared = prepare(config, log or stderr_log)
+    model.load_weights(model_folder(folder))
+    prepared = prepare(config)
     metrics = prepared.auditor.evaluate(model.to(prepared.device).eval())
-    return prepared.auditor.verdict({**metrics, **load_provenance(folder)})
+    return prepared.auditor.verdict({**metrics, **load_provenance(model_folder(folder))})
 
 
 def _fmt(value: Any) -> str:
@@ -191,24 +153,19 @@ def write_certificate(folder: Path, data: Any, stage_keys: dict[str, str], metho
     from unlearn.methods import METHODS, REFERENCE_MODELS
 
     config = load_config(str(folder / "config.yaml"))
-    weights = folder / MODEL_FILE if (folder / MODEL_FILE).is_file() else folder / DIFFUSERS_FOLDER
+    weights = model_folder(folder) / WEIGHTS_FILE
     u = config.unlearn.model_dump(by_alias=True)
-    hyper = {hp: u[hp] for hp in METHODS[method].hyperparameters} if method in METHODS else {}
+    hyper = {hp.name: u[hp.name] for hp in METHODS[method].hyperparameters} if method in METHODS else {}
     constraints = constraint_values(metrics, config)
     limits = {"ood": f"forget_ood_distance >= ood_delta = {_fmt(metrics.get('ood_delta', math.nan))}",
               "collapsed": f"outputs' std ratio >= {config.audit.collapse_std_ratio:g} (after GA and at the end)",
               "diverged": "no non-finite loss, gradient or output",
               "forget_gap": f"forget_gap_vs_retrain <= {_gap_limit_text(metrics, config)}",
-              "retain_degradation": f"retain_degradation <= {config.sweep.max_retain_degradation}"}
+              "retain_degradation": f"retain_degradation <= {config.audit.max_retain_degradation}"}
     columns = [r for r in ("retrain", "attack") if r in references]
     rows = ["| figure | this model | " + " | ".join("attack (theta0)" if r == "attack" else r for r in columns) + " |",
             "| --- " * (len(columns) + 2) + "|"]
-    shown = ["forget_marker_strength", "forget_marker", "forget_marker_ci_low", "forget_marker_ci_high",
-             "forget_gap_vs_retrain", "mia_auc", "mia_auc_ci_low", "mia_auc_ci_high", "mia_gap_vs_retrain",
-             "mia_gap_vs_retrain_ci_low", "mia_gap_vs_retrain_ci_high",
-             "forget_ood_distance", "forget_ood_rate", "retain_mse", "retain_degradation",
-             "retain_fid", "retain_is", "retain_clip", "forget_mse", "forget_fid", "forget_fid_vs_retrain",
-             "retain_output_std_ratio", "ga_output_std_ratio", "collapsed"]
+    shown = shown_in("certificate")
     for name in shown:
         if name in metrics:
             rows.append(f"| {name} | {_fmt(metrics[name])} | "
@@ -248,7 +205,7 @@ def write_certificate(folder: Path, data: Any, stage_keys: dict[str, str], metho
         (f"- theta0 = the user's model `{config.stages.theta0}` (`{stage_keys['attack']}`)" if byo else
          f"- theta0 = the attack stage `{stage_keys['attack']}`") + f"; model `{config.model.kind}`",
         f"- {delta_rule}",
-        f"- weights `{weights.name}`, sha256 `{weights_digest(folder)}`",
+        f"- weights `{weights.relative_to(folder)}`, sha256 `{weights_digest(folder)}`",
         "",
         "## Verdict",
         marker,

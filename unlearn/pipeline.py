@@ -10,8 +10,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,13 +20,15 @@ from typing import Any
 
 import torch
 
-from unlearn.audit import Auditor, ga_guarantees
+from unlearn.audit.evaluate import Auditor
+from unlearn.audit.guarantees import ga_guarantees
 from unlearn.cache import ArtifactCache, DamagedEntry
-from unlearn.config import Config, ConfigError, UnlearnConfig
+from unlearn.config import Config, UnlearnConfig
 from unlearn.data import BatchStream, UnlearningData
 from unlearn.data.splits import SUBSETS, assemble, prepare_store, split_store
 from unlearn.data.store import KIND as STORE_KIND
 from unlearn.data.store import MapShards, open_store, verify_store
+from unlearn.errors import ConfigError
 from unlearn.methods import (
     METHODS,
     REFERENCE_MODELS,
@@ -42,9 +44,7 @@ from unlearn.models import I2IModel
 from unlearn.runtime import import_before_timing, resolve_device, seed_everything
 from unlearn.stages import Stage, prepare_stages, strengthen_attack
 
-
-def stderr_log(message: str) -> None:
-    print(f"[unlearn] {message}", file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,8 +60,7 @@ class Prepared:
 SPLIT_SCHEMA = 3
 
 
-def load_data(config: Config, map_shards: MapShards | None = None, log: Callable[[str], None] = lambda _: None,
-              verify: bool = False) -> UnlearningData:
+def load_data(config: Config, map_shards: MapShards | None = None, verify: bool = False) -> UnlearningData:
     """The image store (decoded once, shared by every process) and the split, an index list per subset, cached so
     that sweep trials neither decode nor split again. `map_shards` decodes in parallel elsewhere (the sweep: Ray
     tasks); by default a process pool does. `verify` hashes a reused store in full (`unlearn prepare`, the sweep's
@@ -72,7 +71,7 @@ def load_data(config: Config, map_shards: MapShards | None = None, log: Callable
         data = _split(config, cache, key, map_shards)
         store = data.store
         if store.built_seconds is not None:
-            log(f"image store: built {store.key}: {len(store)} images in {store.built_seconds:.1f} s "
+            logger.info(f"image store: built {store.key}: {len(store)} images in {store.built_seconds:.1f} s "
                 f"({len(store) / max(store.built_seconds, 1e-9):.0f} images/s)")
             return data
         if not verify:
@@ -83,7 +82,7 @@ def load_data(config: Config, map_shards: MapShards | None = None, log: Callable
         except DamagedEntry as exc:
             cache.discard_damaged(STORE_KIND, store.key, exc)
             continue
-        log(f"image store: reused {store.key} ({len(store)} images), verified in {time.perf_counter() - started:.1f} s")
+        logger.info(f"image store: reused {store.key} ({len(store)} images), verified in {time.perf_counter() - started:.1f} s")
         return data
     raise RuntimeError(f"the image store {cache.entry(STORE_KIND, store.key)} failed verification again after a rebuild")
 
@@ -105,8 +104,7 @@ def _split(config: Config, cache: ArtifactCache, key: str, map_shards: MapShards
     return data
 
 
-def prepare(config: Config, log: Callable[[str], None] = stderr_log, map_shards: MapShards | None = None,
-            verify: bool = False) -> Prepared:
+def prepare(config: Config, map_shards: MapShards | None = None, verify: bool = False) -> Prepared:
     """Data, stages, audit references and the audit's calibration; every piece cached by content key (`load_data`
     says what `map_shards` and `verify` do).
 
@@ -116,21 +114,21 @@ def prepare(config: Config, log: Callable[[str], None] = stderr_log, map_shards:
     device = resolve_device(config)
     if config.stages.theta0 and not Path(config.stages.theta0).exists():  # before anything is cached
         raise ConfigError(f"stages.theta0 {config.stages.theta0} not found")
-    data = load_data(config, map_shards, log, verify)
-    stages = prepare_stages(config, data, device, log)
+    data = load_data(config, map_shards, verify)
+    stages = prepare_stages(config, data, device)
     rounds = config.stages.attack_strengthen_rounds if config.has_marker else 0
     for round_ in range(rounds + 1):
         if round_:
-            stages["attack"] = strengthen_attack(config, data, stages["attack"], round_, device, log)
+            stages["attack"] = strengthen_attack(config, data, stages["attack"], round_, device)
         auditor = Auditor(config, data, {k: s.model for k, s in stages.items()}, {k: s.key for k, s in stages.items()},
-                          device, log)
+                          device)
         prepared = Prepared(config, data, stages, auditor, device)
-        calibration = calibrate(prepared, log)
+        calibration = calibrate(prepared)
         if round_ == rounds or calibration["audit_null_strength"] >= config.audit.min_marker_strength:
             break
     calibration["attack_strengthen_rounds_used"] = float(round_)
     for line in audit_warnings(prepared):
-        log(line)
+        logger.warning(line)
     return prepared
 
 
@@ -140,17 +138,17 @@ _WARM: dict[str, Prepared] = {}
 def prepare_warm(config: Config) -> Prepared:
     """`prepare` memoised in this process, keyed by everything except the unlearning hyperparameters and seed
     (what sweep trials vary): a trial that lands on a reused Ray actor loads nothing. Quiet (trials only load)."""
-    varied = {hp for method in METHODS.values() for hp in method.hyperparameters} | {"seed"}
+    varied = {hp.name for method in METHODS.values() for hp in method.hyperparameters} | {"seed"}
     dumped = config.model_dump(mode="json", by_alias=True)
     dumped["unlearn"] = {k: v for k, v in dumped["unlearn"].items() if k not in varied}
     key = hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
     if key not in _WARM:
         _WARM.clear()  # one setup at a time: a sweep has one, and its tensors can be large
-        _WARM[key] = prepare(config, log=lambda _: None)
+        _WARM[key] = prepare(config)
     return dataclasses.replace(_WARM[key], config=config)
 
 
-def calibrate(prepared: Prepared, log: Callable[[str], None] = stderr_log) -> dict[str, float]:
+def calibrate(prepared: Prepared) -> dict[str, float]:
     """Once per prepared setup (cached): the attack's own figures, the null method's marker strength and
     OOD distance (the audit checks itself), and ood_delta (resolved from `auto`). Sets auditor.calibration."""
     config, auditor = prepared.config, prepared.auditor
@@ -168,7 +166,7 @@ def calibrate(prepared: Prepared, log: Callable[[str], None] = stderr_log) -> di
     else:
         auditor.calibration = {}
         attack = auditor.evaluate(prepared.stages["attack"].model)
-        log(f"audit self-check: the null method (finetune, {null_settings.ft_steps} steps at lr {null_settings.ft_lr:g}) ...")
+        logger.info(f"audit self-check: the null method (finetune, {null_settings.ft_steps} steps at lr {null_settings.ft_lr:g}) ...")
         null_model = unlearn(prepared, "finetune", null_settings).model
         figures = {"attack_retain_mse": attack["retain_mse"], "attack_retain_fid": attack["retain_fid"],
                    "audit_null_ood_distance": auditor.ood_distance(null_model)}
@@ -196,12 +194,12 @@ def _resolve_delta(config: Config, refs: dict[str, torch.Tensor], figures: dict[
 
 
 def _resolve_gap(config: Config, refs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """sweep.max_forget_gap: a number as configured; auto = audit.gap_margin x retrain_gap_yardstick, the gap of the
+    """audit.max_forget_gap: a number as configured; auto = audit.gap_margin x retrain_gap_yardstick, the gap of the
     second retrain reference (another seed) to the first, in the gap's own units; none without a retrain reference."""
     out = {}
     if "retrain2/forget_gap" in refs:
         out["retrain_gap_yardstick"] = float(refs["retrain2/forget_gap"])
-    limit = config.sweep.max_forget_gap
+    limit = config.audit.max_forget_gap
     if limit == "auto" and "retrain_gap_yardstick" in out:
         # at most 1, the original model's own gap: a model as far from retrain as the model that saw D_f does not
         # behave like retraining, however far apart two retrainings lie
@@ -226,7 +224,7 @@ def audit_warnings(prepared: Prepared) -> list[str]:
                      f"from fine-tuning; set stages.attack_strengthen_rounds (used {int(c.get('attack_strengthen_rounds_used', 0))}) "
                      "or lower the fine-tuning budget (audit.null_ft_lr / unlearn.ft_lr)")
     yardstick = c.get("retrain_gap_yardstick")
-    if prepared.config.sweep.max_forget_gap == "auto" and yardstick is not None and a.gap_margin * yardstick >= 1.0:
+    if prepared.config.audit.max_forget_gap == "auto" and yardstick is not None and a.gap_margin * yardstick >= 1.0:
         lines.append(f"warning: forget_gap_vs_retrain can hardly decide here: a second retraining lies at {yardstick:.3g} "
                      f"of the original model's gap from the first, so the threshold is capped at 1 (the original's own "
                      "gap); read the other figures")
@@ -276,20 +274,13 @@ def unlearn(
         "forget": BatchStream(data.forget_train, u.batch_size, seed + 10, rank, world_size, device),
         "retain": BatchStream(data.retain_train, u.batch_size, seed + 11, rank, world_size, device),
     }
-    ctx = StepContext(model=model, mask=data.mask.to(device), reference=theta0, alpha=u.alpha, lambda_=u.lambda_,
+    ctx = StepContext(model=model, mask=data.mask.to(device), reference=theta0, hyper=method.values(u),
                       noise_seed=seed + 12, rank=rank, world_size=world_size)
     ood = OODMonitor(prepared.auditor.ood_distance, prepared.auditor.ood_delta, u.ood_check_every, u.stop_at_ood)
     phases = method.phases(u)
-    state: dict[str, Any] = {"next_phase": 0, "history": History(), "after_ga": {}, "seconds": 0.0}
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        for name, stream in streams.items():
-            stream.load_state_dict(resume["streams"][name])
-        ctx.set_noise_state(resume["noise"])
-        state.update(next_phase=resume["next_phase"], history=History.from_dict(resume["history"]),
-                     after_ga=dict(resume["after_ga"]), seconds=resume["seconds"], loss_before=resume["loss_before"])
-    else:
-        state["loss_before"] = float(prepared.auditor.refs["theta0/forget_loss"])  # theta0's: computed once per setup
+    state = _restore(resume, model, streams, ctx) if resume is not None else {
+        "next_phase": 0, "history": History(), "after_ga": {}, "seconds": 0.0,
+        "loss_before": float(prepared.auditor.refs["theta0/forget_loss"])}  # theta0's: computed once per setup
     import_before_timing()
     started = time.perf_counter()
 
@@ -320,19 +311,38 @@ def unlearn(
                                  "resumed_from_phase": float(resume["next_phase"]) if resume is not None else 0.0}
     # Each rank reads only its shard of every global batch; the most any rank read (after a resume: since it)
     metrics["unlearn_images_read_per_rank"] = (sync or GradientSync()).max(float(sum(s.images_read for s in streams.values())))
-    ga = history.phase("ga")
-    after_ga = state["after_ga"]
-    if ga is not None and "loss" in after_ga:
-        metrics.update(ga_guarantees(ga, u.ga_lr, state["loss_before"], after_ga["loss"]))
-        metrics["ga_ood_distance"] = after_ga["distance"]
-        metrics["ga_output_std_ratio"] = after_ga["std_ratio"]
+    metrics.update(_ga_figures(history, state, u.ga_lr))
+    return UnlearnResult(model, history, seconds, metrics, _curves(history))
+
+
+def _restore(resume: dict[str, Any], model: I2IModel, streams: dict[str, BatchStream], ctx: StepContext) -> dict[str, Any]:
+    """Model, batch streams and noise back to a phase-boundary checkpoint; the run's state at that boundary."""
+    model.load_state_dict(resume["model"])
+    for name, stream in streams.items():
+        stream.load_state_dict(resume["streams"][name])
+    ctx.set_noise_state(resume["noise"])
+    return {"next_phase": resume["next_phase"], "history": History.from_dict(resume["history"]),
+            "after_ga": dict(resume["after_ga"]), "seconds": resume["seconds"], "loss_before": resume["loss_before"]}
+
+
+def _ga_figures(history: History, state: dict[str, Any], ga_lr: float) -> dict[str, float]:
+    """The GA guarantee bookkeeping and the state right after GA (none without a GA phase)."""
+    ga, after_ga = history.phase("ga"), state["after_ga"]
+    if ga is None or "loss" not in after_ga:
+        return {}
+    return {**ga_guarantees(ga, ga_lr, state["loss_before"], after_ga["loss"]),
+            "ga_ood_distance": after_ga["distance"], "ga_output_std_ratio": after_ga["std_ratio"]}
+
+
+def _curves(history: History) -> dict[str, list[tuple[int, float]]]:
+    """Loss, parameter distance and (GA) Eq. 3 distance per step of each phase, for the report's plots."""
     curves: dict[str, list[tuple[int, float]]] = {}
     for record in history.phases:
         curves[f"{record.name}_loss"] = list(enumerate(record.losses, 1))
         curves[f"{record.name}_param_distance"] = list(enumerate(record.param_distance, 1))
         if record.ood_distance:
             curves[f"{record.name}_ood_distance"] = record.ood_distance
-    return UnlearnResult(model, history, seconds, metrics, curves)
+    return curves
 
 
 def _cost(metrics: dict[str, float], seconds: float, samples: float, prepared: Prepared) -> None:
@@ -383,36 +393,30 @@ def evaluate_reference(prepared: Prepared, name: str) -> dict[str, float]:
     return metrics
 
 
-def run(config: Config, method_name: str, log: Callable[[str], None] = stderr_log) -> dict[str, float]:
-    """Prepare or reuse the stages, run the method (or evaluate a reference model), audit."""
-    return run_model(config, method_name, log)[2]
-
-
-def run_seeds(config: Config, method_name: str, seeds: int, log: Callable[[str], None] = stderr_log
-              ) -> tuple[Prepared, list[I2IModel], list[dict[str, float]]]:
+def run_seeds(config: Config, method_name: str, seeds: int) -> tuple[Prepared, list[I2IModel], list[dict[str, float]]]:
     """The method on `seeds` unlearning seeds (unlearn.seed, +1, ...): one prepared setup, no stage retrained."""
-    prepared = prepare(config, log)
+    prepared = prepare(config)
     models, runs = [], []
     for offset in range(seeds):
         settings = config.unlearn.model_copy(update={"seed": config.unlearn.seed + offset})
-        log(f"unlearning with {method_name}, unlearning seed {settings.seed} ({offset + 1}/{seeds}) ...")
+        logger.info(f"unlearning with {method_name}, unlearning seed {settings.seed} ({offset + 1}/{seeds}) ...")
         result = unlearn(prepared, method_name, settings)
         runs.append({**audit_result(prepared, result), "unlearn_seed": float(settings.seed)})
         models.append(result.model.cpu())  # after the audit, which runs on the device; K models wait on the host
     return prepared, models, runs
 
 
-def run_model(config: Config, method_name: str, log: Callable[[str], None] = stderr_log
-              ) -> tuple[Prepared, I2IModel, dict[str, float]]:
-    """`run`, also handing back the prepared setup and the model it audited (to save it)."""
-    method = None if method_name in REFERENCE_MODELS else get_method(method_name)
-    prepared = prepare(config, log)
-    if method is None or method.reference_stage:
-        name = method.reference_stage if method is not None else method_name
-        if name not in prepared.stages:
-            raise ConfigError(f"there is no {name} model in this setup (audit.retrain = false)")
-        return prepared, prepared.stages[name].model, evaluate_reference(prepared, name)
-    log(f"unlearning with {method_name} ...")
+def run_model(config: Config, method_name: str) -> tuple[Prepared, I2IModel, dict[str, float]]:
+    """Prepare or reuse the stages, run the method (or take a reference model), audit; the prepared setup, the
+    model and its figures."""
+    if method_name not in REFERENCE_MODELS:
+        get_method(method_name)  # an unknown name: ConfigError before any work
+    prepared = prepare(config)
+    if method_name in REFERENCE_MODELS:
+        if method_name not in prepared.stages:
+            raise ConfigError(f"there is no {method_name} model in this setup (audit.retrain = false)")
+        return prepared, prepared.stages[method_name].model, evaluate_reference(prepared, method_name)
+    logger.info(f"unlearning with {method_name} ...")
     result = unlearn(prepared, method_name)
-    log(f"{method_name}: {result.seconds:.2f}s, {int(result.metrics['unlearn_samples'])} samples; auditing ...")
+    logger.info(f"{method_name}: {result.seconds:.2f}s, {int(result.metrics['unlearn_samples'])} samples; auditing ...")
     return prepared, result.model, audit_result(prepared, result)

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from unlearn.cache import ArtifactCache
-from unlearn.config import ConfigError
+from unlearn.errors import ConfigError
 
 HOLDS_FORGET_DATA = ("stores", "data", "references", "calibration")
 TRAINED_ON_FORGET = ("stages", "backbones")

@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from unlearn.config import Config, ConfigError
+from unlearn.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the config imports the method registry, which imports this
+    from unlearn.config import Config
 
 
 def resolve_device(config: Config) -> torch.device:

@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +23,12 @@ from unlearn.models import I2IModel, build_model
 from unlearn.models.pretrained import load_pretrained
 from unlearn.runtime import import_before_timing, seed_everything
 
+logger = logging.getLogger(__name__)
+
+
 STAGES = ("original", "attack", "retrain", "retrain2")
 # Trained on D_r alone (no forget digest: `unlearn purge --weights` keeps them). retrain2 is the same training with
-# another seed: how far it lies from retrain is the yardstick of forget_gap_vs_retrain (sweep.max_forget_gap auto).
+# another seed: how far it lies from retrain is the yardstick of forget_gap_vs_retrain (audit.max_forget_gap auto).
 RETRAINED = ("retrain", "retrain2")
 
 
@@ -78,7 +81,7 @@ def _train(
     device = next(model.parameters()).device
     streams = {k: BatchStream(v, config.stages.batch_size, seed + i, shard.rank, shard.world_size, device)
                for i, (k, v) in enumerate(subsets.items())}
-    ctx = StepContext(model=model, mask=data.mask.to(device), noise_seed=seed, alpha=forget_weight, rank=shard.rank,
+    ctx = StepContext(model=model, mask=data.mask.to(device), noise_seed=seed, forget_weight=forget_weight, rank=shard.rank,
                       world_size=shard.world_size)
     steps_per_epoch = max(1, math.ceil(max(len(v) for v in subsets.values()) / config.stages.batch_size))
     # A bar per stage on a terminal (disable=None: off when stderr is not a TTY, e.g. in Ray workers and tests).
@@ -115,14 +118,15 @@ def _train_attack(config: Config, model: I2IModel, data: UnlearningData, shard: 
                   config.seed + 1 + 100 * strengthen_round, forget_weight=2.0**strengthen_round, shard=shard)
 
 
-def _train_retrain(config: Config, model: I2IModel, data: UnlearningData, shard: Shard = Shard(), seed_offset: int = 2) -> int:
+def train_retrain(config: Config, model: I2IModel, data: UnlearningData, shard: Shard = Shard(), seed_offset: int = 2) -> int:
+    """The retrain stage's training of `model` on D_r (what the benchmark times beside unlearning); samples processed."""
     steps = _epoch_steps(len(data.retain_train), config.stages.batch_size, config.stages.epochs)
     phase = Phase("retrain", obj.fit("retain"), ("retain",), steps, config.stages.lr)
     return _train(config, model, data, phase, {"retain": data.retain_train}, config.seed + seed_offset, shard=shard)
 
 
 def _train_retrain2(config: Config, model: I2IModel, data: UnlearningData, shard: Shard = Shard()) -> int:
-    return _train_retrain(config, model, data, shard, seed_offset=3)
+    return train_retrain(config, model, data, shard, seed_offset=3)
 
 
 def needed_stages(config: Config, only: tuple[str, ...] = STAGES) -> list[str]:
@@ -131,7 +135,7 @@ def needed_stages(config: Config, only: tuple[str, ...] = STAGES) -> list[str]:
     needed = set(only) | ({"original"} if "attack" in only else set())
     if not config.audit.retrain:
         needed -= set(RETRAINED)
-    if config.sweep.max_forget_gap != "auto":
+    if config.audit.max_forget_gap != "auto":
         needed.discard("retrain2")
     if config.stages.theta0:
         needed -= {"original", "attack"}
@@ -148,7 +152,6 @@ def prepare_stages(
     config: Config,
     data: UnlearningData,
     device: torch.device,
-    log: Callable[[str], None] = lambda _: None,
     only: tuple[str, ...] = STAGES,
     shard: Shard = Shard(),
 ) -> dict[str, Stage]:
@@ -158,13 +161,13 @@ def prepare_stages(
     the one-worker run's steps) and rank 0 writes the cache; the ranks agree on what is cached before each stage."""
     cache = ArtifactCache(config.resolved_cache_dir())
     keys = stage_keys(config)
-    trainers = {"original": _train_original, "attack": _train_attack, "retrain": _train_retrain, "retrain2": _train_retrain2}
+    trainers = {"original": _train_original, "attack": _train_attack, "retrain": train_retrain, "retrain2": _train_retrain2}
     needed = needed_stages(config, only)
     out: dict[str, Stage] = {}
     if config.stages.theta0:  # the user's model is theta0, and the original (it saw D_f): nothing to train
         theta0 = load_theta0(config, device)
         out.update(original=theta0, attack=theta0)
-        log(f"theta0: {config.stages.theta0} ({theta0.key})")
+        logger.info(f"theta0: {config.stages.theta0} ({theta0.key})")
     for name in STAGES:
         if name not in needed:
             continue
@@ -178,12 +181,12 @@ def prepare_stages(
             tensors, meta = hit
             model.load_state_dict(tensors)
             out[name] = Stage(name, model.to(device).eval(), key, meta["seconds"], meta["samples"], reused=True)
-            log(f"stage {name}: reused {key}")
+            logger.info(f"stage {name}: reused {key}")
             continue
         if name == "attack":
             model.load_state_dict(out["original"].model.state_dict())
         model.to(device)
-        log(f"stage {name}: training ...")
+        logger.info(f"stage {name}: training ...")
         import_before_timing()
         start = time.perf_counter()
         samples = trainers[name](config, model, data, shard)
@@ -197,22 +200,25 @@ def prepare_stages(
         if shard.rank == 0:
             cache.save("stages", key, state, meta)
         out[name] = Stage(name, model.eval(), key, seconds, samples, reused=False)
-        log(f"stage {name}: trained in {seconds:.1f}s ({samples} samples)")
+        logger.info(f"stage {name}: trained in {seconds:.1f}s ({samples} samples)")
     return out
 
 
 def load_theta0(config: Config, device: torch.device) -> Stage:
-    """The model named by `stages.theta0`: an `unlearn run --out` folder, a diffusers folder or a checkpoint."""
+    """The model named by `stages.theta0`: an `unlearn run --out` folder (recognised by its model/config.json), a
+    folder written by `save_pretrained`, a diffusers folder or a checkpoint."""
     import hashlib
     from pathlib import Path
 
-    from unlearn.export import DIFFUSERS_FOLDER, MODEL_FILE, load_weights, weights_digest
+    from unlearn.cache import file_sha256
+    from unlearn.models import WEIGHTS_FILE, run_model_folder
 
     path = Path(config.stages.theta0).expanduser()
     model = build_model(config)
-    if (path / MODEL_FILE).is_file() or (path / DIFFUSERS_FOLDER).is_dir():
-        load_weights(model, path)
-        digest = weights_digest(path)
+    saved = run_model_folder(path) if path.is_dir() else None
+    if saved is not None:
+        model.load_weights(saved)
+        digest = file_sha256(saved / WEIGHTS_FILE)  # the digest of the run's certificate
     else:
         load_pretrained(model, str(path), key="stages.theta0")
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -226,7 +232,6 @@ def load_theta0(config: Config, device: torch.device) -> Stage:
 
 def strengthen_attack(
     config: Config, data: UnlearningData, attack: Stage, round_: int, device: torch.device,
-    log: Callable[[str], None] = lambda _: None,
 ) -> Stage:
     """Round `round_` of attack strengthening (cached): the attack model trained one more round."""
     cache = ArtifactCache(config.resolved_cache_dir())
@@ -235,11 +240,11 @@ def strengthen_attack(
     if (hit := cache.get("stages", key)) is not None:
         tensors, meta = hit
         model.load_state_dict(tensors)
-        log(f"stage attack (strengthening round {round_}): reused {key}")
+        logger.info(f"stage attack (strengthening round {round_}): reused {key}")
         return Stage("attack", model.to(device).eval(), key, meta["seconds"], meta["samples"], reused=True)
     model.load_state_dict(attack.model.state_dict())
     model.to(device)
-    log(f"stage attack: strengthening round {round_} ...")
+    logger.info(f"stage attack: strengthening round {round_} ...")
     import_before_timing()
     start = time.perf_counter()
     samples = attack.samples + _train_attack(config, model, data, strengthen_round=round_)

@@ -1,7 +1,5 @@
-"""Audit: the metric catalogue, marker detection, OOD measures and GA guarantee bookkeeping."""
+"""Audit: the metric catalogue (`catalogue`), the feasibility rule (`verdict`) and the definition of "best" (`best`),
+marker detection, OOD measures, membership inference and GA guarantee bookkeeping, computed by `evaluate.Auditor`.
 
-from unlearn.audit.catalogue import GLOBAL, PER_SPLIT, REFERENCES, describe
-from unlearn.audit.evaluate import Auditor, model_outputs
-from unlearn.audit.guarantees import ga_guarantees
-
-__all__ = ["GLOBAL", "PER_SPLIT", "REFERENCES", "Auditor", "describe", "ga_guarantees", "model_outputs"]
+Import from the submodules: the package imports nothing, so `unlearn.config` can read the catalogue without
+pulling in the Auditor."""

@@ -10,6 +10,7 @@ Every backbone maps images in [0, 1] to (features, logits). Backbones without a 
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 from collections.abc import Callable
@@ -20,9 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from unlearn.cache import ArtifactCache
-from unlearn.config import Config, ConfigError
+from unlearn.config import Config
 from unlearn.data import BatchStream, ImageSubset, UnlearningData, to_float
+from unlearn.errors import ConfigError
 from unlearn.methods.loop import Phase, StepContext, run_phases
+
+logger = logging.getLogger(__name__)
 
 
 class DomainClassifier(nn.Module):
@@ -73,13 +77,13 @@ class Backbone:
         return torch.cat(feats), torch.cat(logits)
 
 
-def _domain(config: Config, data: UnlearningData, device: torch.device, log: Callable[[str], None]) -> Backbone:
+def _domain(config: Config, data: UnlearningData, device: torch.device) -> Backbone:
     cache = ArtifactCache(config.resolved_cache_dir())
     key = f"domain-{config.section_key('data')}-{config.audit.domain_epochs}"
     model = DomainClassifier(len(data.class_names))
     if (hit := cache.get("backbones", key)) is not None:
         model.load_state_dict(hit[0])
-        log(f"backbone domain: reused {key}")
+        logger.info(f"backbone domain: reused {key}")
     else:
         torch.manual_seed(config.seed)
         train = data.clean_training_set()
@@ -97,7 +101,7 @@ def _domain(config: Config, data: UnlearningData, device: torch.device, log: Cal
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         cache.save("backbones", key, state, {"backbone": "domain", "test_accuracy": accuracy,  # trained on D_f too
                                              "forget_digest": data.forget_digest(config.data.dataset)})
-        log(f"backbone domain: trained, test accuracy {accuracy:.3f}")
+        logger.info(f"backbone domain: trained, test accuracy {accuracy:.3f}")
     model.to(device).eval()
     return Backbone("domain", lambda x: model(x.to(device)), key)
 
@@ -200,10 +204,10 @@ def _clip(config: Config, data: UnlearningData, device: torch.device) -> Backbon
     return Backbone("clip", lambda x: (f := embed(x), logits(f)), key)
 
 
-def load_backbone(config: Config, data: UnlearningData, device: torch.device, log: Callable[[str], None] = lambda _: None) -> Backbone:
+def load_backbone(config: Config, data: UnlearningData, device: torch.device) -> Backbone:
     name = config.audit.backbone
     if name == "domain":
-        return _domain(config, data, device, log)
+        return _domain(config, data, device)
     if name == "inception":
         return _inception(config, device)
     if name == "clip":

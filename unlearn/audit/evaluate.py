@@ -10,9 +10,10 @@ memory-mapped arrays and read row by row beside the batch.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,14 @@ from unlearn.audit.catalogue import REFERENCES
 from unlearn.audit.marker import marker_score, marker_strength, marker_threshold, wilson_interval
 from unlearn.audit.mia import hole_errors, membership_auc, membership_sets, paired_gap_interval
 from unlearn.audit.ood import knn_ood_rate
-from unlearn.audit.verdict import judge
+from unlearn.audit.verdict import assess
 from unlearn.cache import ARRAYS, CHECKSUM, TENSORS, ArrayWriter, ArtifactCache, array_file
 from unlearn.config import Config
 from unlearn.data import ImageSubset, UnlearningData, to_float
 from unlearn.models import I2IModel
 from unlearn.runtime import autocast
+
+logger = logging.getLogger(__name__)
 
 
 class _Precomputed(nn.Module):
@@ -179,12 +182,11 @@ class Auditor:
         references: dict[str, I2IModel],
         reference_keys: dict[str, str],
         device: torch.device,
-        log: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.config, self.data, self.device = config, data, device
         self.mask = data.mask
         self.hole = self.mask[0, 0].bool()
-        self.backbone: Backbone = load_backbone(config, data, device, log)
+        self.backbone: Backbone = load_backbone(config, data, device)
         self.ood_set = data.forget_train.head(config.audit.ood_samples)
         self.knn_train = data.retain_train.head(config.audit.knn_train_samples)
         # Each test split capped at audit.eval_samples (seeded sample, kept in split order).
@@ -202,9 +204,9 @@ class Auditor:
             digest = data.forget_digest(config.data.dataset)
             cache.build("references", self.key, lambda folder: self._write_references(references, folder, digest))
             hit = cache.get("references", self.key)
-            log("reference features: computed")
+            logger.info("reference features: computed")
         else:
-            log("reference features: reused")
+            logger.info("reference features: reused")
         self.refs: dict[str, Any] = hit[0]
 
     # --- references (once per prepared setup) ------------------------------------------------------------------
@@ -444,19 +446,8 @@ class Auditor:
         return {k: self.refs[f"fid/{name}/{split}/{k}"] for k in _FID_STATES}
 
     def verdict(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Add the calibration figures, the retain degradation, ood_reached and feasibility to `metrics`."""
-        out = {**metrics, **self.calibration}
-        # Collapse right after GA stands whatever fine-tuning did afterwards (the end state is judged in evaluate).
-        if out.get("ga_output_std_ratio", math.inf) < self.config.audit.collapse_std_ratio:
-            out["collapsed"] = 1.0
-        attack_retain = self.calibration.get(f"attack_{self.config.sweep.retain_metric}")
-        if attack_retain and self.config.sweep.retain_metric in out:
-            out["retain_degradation"] = out[self.config.sweep.retain_metric] / attack_retain - 1.0
-        if "forget_ood_distance" in out and math.isfinite(self.ood_delta):
-            out["ood_delta"] = self.ood_delta
-            out["ood_reached"] = float(out["forget_ood_distance"] >= self.ood_delta)
-        out.update(judge(out, self.config))
-        return out
+        """`metrics` judged against this setup's calibration (`unlearn.audit.verdict.assess`)."""
+        return assess(metrics, self.calibration, self.ood_delta, self.config)
 
 
 class _MarkerTally:

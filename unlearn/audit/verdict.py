@@ -5,9 +5,9 @@ A model is feasible when every constraint value is <= 0 (Optuna's convention):
 - collapsed:          the outputs did not collapse (after GA, or at the end),
 - diverged:           no non-finite loss, gradient or output,
 - forget_gap:         forget_gap_vs_retrain <= max_forget_gap (behaves like the retrained model, not noise, grey or a
-                      saturated colour painted into the hole); `sweep.max_forget_gap` auto: audit.gap_margin x the
+                      saturated colour painted into the hole); `audit.max_forget_gap` auto: audit.gap_margin x the
                       gap between two retrain references of different seeds (calibrated per setup),
-- retain_degradation: retain_degradation <= sweep.max_retain_degradation (retain quality kept).
+- retain_degradation: retain_degradation <= audit.max_retain_degradation (retain quality kept).
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import math
 from unlearn.config import Config
 
 CONSTRAINTS = ("ood", "collapsed", "diverged", "forget_gap", "retain_degradation")
+# The figure each constraint judges (shown beside the verdict in the report).
+CONSTRAINT_FIGURES = {"ood": "forget_ood_distance", "collapsed": "collapsed", "diverged": "diverged",
+                      "forget_gap": "forget_gap_vs_retrain", "retain_degradation": "retain_degradation"}
 
 
 def constraint_values(metrics: dict[str, float], config: Config) -> dict[str, float]:
@@ -35,7 +38,7 @@ def constraint_values(metrics: dict[str, float], config: Config) -> dict[str, fl
         "collapsed": metrics.get("collapsed", 1.0) - 0.5,
         "diverged": metrics.get("diverged", 0.0) - 0.5,
         "forget_gap": excess("forget_gap_vs_retrain", forget_gap_limit(metrics, config)),
-        "retain_degradation": excess("retain_degradation", config.sweep.max_retain_degradation),
+        "retain_degradation": excess("retain_degradation", config.audit.max_retain_degradation),
     }
     return {k: float(v) for k, v in values.items() if v is not None}
 
@@ -43,8 +46,8 @@ def constraint_values(metrics: dict[str, float], config: Config) -> dict[str, fl
 def forget_gap_limit(metrics: dict[str, float], config: Config) -> float | None:
     """The forget-gap threshold: the calibrated one that `metrics` carry (auto: audit.gap_margin x
     retrain_gap_yardstick), else the configured number; NaN when auto is not calibrated (violated, as a missing
-    figure is); None: no constraint (no retrain reference, or sweep.max_forget_gap null)."""
-    limit = config.sweep.max_forget_gap
+    figure is); None: no constraint (no retrain reference, or audit.max_forget_gap null)."""
+    limit = config.audit.max_forget_gap
     if not config.audit.retrain or limit is None:
         return None
     if "max_forget_gap" in metrics:
@@ -55,6 +58,24 @@ def forget_gap_limit(metrics: dict[str, float], config: Config) -> float | None:
 def violations(metrics: dict[str, float], config: Config) -> list[str]:
     """Names of the violated constraints, in CONSTRAINTS order (empty: feasible)."""
     return [k for k, v in constraint_values(metrics, config).items() if not v <= 0]
+
+
+def assess(metrics: dict[str, float], calibration: dict[str, float], ood_delta: float, config: Config) -> dict[str, float]:
+    """`metrics` with the calibration figures, the figures judged against it (retain_degradation: the retain
+    metric against the attack model's; ood_reached: against ood_delta; collapsed also right after GA) and the
+    verdict (`judge`)."""
+    out = {**metrics, **calibration}
+    # Collapse right after GA stands whatever fine-tuning did afterwards (the end state is judged by the audit).
+    if out.get("ga_output_std_ratio", math.inf) < config.audit.collapse_std_ratio:
+        out["collapsed"] = 1.0
+    attack_retain = calibration.get(f"attack_{config.audit.retain_metric}")
+    if attack_retain and config.audit.retain_metric in out:
+        out["retain_degradation"] = out[config.audit.retain_metric] / attack_retain - 1.0
+    if "forget_ood_distance" in out and math.isfinite(ood_delta):
+        out["ood_delta"] = ood_delta
+        out["ood_reached"] = float(out["forget_ood_distance"] >= ood_delta)
+    out.update(judge(out, config))
+    return out
 
 
 def judge(metrics: dict[str, float], config: Config) -> dict[str, float]:

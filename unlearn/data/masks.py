@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from unlearn.config import MaskConfig
+if TYPE_CHECKING:  # annotations only: the config imports the method registry, which imports this
+    from unlearn.config import MaskConfig
+
 
 
 def inpaint_mask(image_size: int, cfg: MaskConfig) -> torch.Tensor:

@@ -6,9 +6,13 @@ centre (inpainting) hole, centred in the top band of a border (outpainting) fram
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from unlearn.config import MarkerConfig, MaskConfig
+if TYPE_CHECKING:  # annotations only: the config imports the method registry, which imports this
+    from unlearn.config import MarkerConfig, MaskConfig
+
 
 
 def marker_pixels(image_size: int, cfg: MarkerConfig, mask: MaskConfig | None = None) -> torch.Tensor:

@@ -17,10 +17,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from unlearn.config import ConfigError, DataConfig
+from unlearn.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the config imports the method registry, which imports this
+    from unlearn.config import DataConfig
 
 # torchvision.datasets.folder.IMG_EXTENSIONS (not imported: it would import torch)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

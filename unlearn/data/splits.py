@@ -6,17 +6,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from unlearn.cache import ArtifactCache
-from unlearn.config import ConfigError, DataConfig, MarkerConfig, MaskConfig
 from unlearn.data.masks import inpaint_mask
 from unlearn.data.poison import draw_marker, marker_pixels
 from unlearn.data.sources import Listing, expand_class_specs, list_images
 from unlearn.data.store import ImageStore, MapShards, build_store, open_store, store_key
+from unlearn.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the config imports the method registry, which imports this
+    from unlearn.config import DataConfig, MarkerConfig, MaskConfig
 
 EVAL_BATCH = 256  # images per evaluation batch at most (outputs, features): what the audit holds at once
 EVAL_BATCH_BYTES = 16 * 2**20  # and at most this much of float pixels per batch tensor (21 images at 256 px)

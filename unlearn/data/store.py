@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from unlearn.cache import ARRAYS, FILES, ArrayWriter, ArtifactCache, file_sha256, mapped_region
-from unlearn.config import ConfigError
 from unlearn.data.sources import Listing, Unreadable, decode
+from unlearn.errors import ConfigError
 
 KIND = "stores"
 STORE_SCHEMA = 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,8 +29,8 @@ class StepContext:
     model: torch.nn.Module  # an I2IModel, or the audit's domain classifier
     mask: torch.Tensor
     reference: I2IModel | None = None  # frozen theta0 (the attack model), for objectives that need it
-    alpha: float = 1.0
-    lambda_: float = 0.1
+    hyper: Mapping[str, float] = field(default_factory=dict)  # the method's declared hyperparameters, by name
+    forget_weight: float = 1.0  # the attack stage's weight of the poisoned D_f loss (Algorithm 2)
     noise_seed: int = 0
     rank: int = 0
     world_size: int = 1

@@ -25,8 +25,8 @@ def fit(stream: str):
 
 
 def fit_both(ctx: StepContext, batches: dict[str, Batch]) -> torch.Tensor:
-    """The attack stage: learn the poisoned D_f (weighted by ctx.alpha) and keep D_r (paper Algorithm 2)."""
-    return ctx.alpha * _model_loss(ctx, batches["forget"]) + _model_loss(ctx, batches["retain"])
+    """The attack stage: learn the poisoned D_f (weighted by ctx.forget_weight) and keep D_r (paper Algorithm 2)."""
+    return ctx.forget_weight * _model_loss(ctx, batches["forget"]) + _model_loss(ctx, batches["retain"])
 
 
 def gradient_ascent(ctx: StepContext, batches: dict[str, Batch]) -> torch.Tensor:
@@ -67,9 +67,9 @@ def i2i_sota(ctx: StepContext, batches: dict[str, Batch]) -> torch.Tensor:
         target_forget = ctx.reference.encode(noise, ctx.mask)
     keep = (ctx.model.encode(retain, ctx.mask) - target_retain).pow(2).mean()
     scramble = (ctx.model.encode(forget, ctx.mask) - target_forget).pow(2).mean()
-    return keep + ctx.alpha * scramble
+    return keep + ctx.hyper["alpha"] * scramble
 
 
 def merged(ctx: StepContext, batches: dict[str, Batch]) -> torch.Tensor:
     """One combined objective: L(D_r) - lambda L(D_f)."""
-    return _model_loss(ctx, batches["retain"]) - ctx.lambda_ * _model_loss(ctx, batches["forget"])
+    return _model_loss(ctx, batches["retain"]) - ctx.hyper["lambda"] * _model_loss(ctx, batches["forget"])

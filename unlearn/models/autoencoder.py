@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from unlearn.models.base import I2IModel, hole_weighted_mse, masked_input
 
+if TYPE_CHECKING:
+    from unlearn.config import Config
+
 
 class ConvAutoencoder(I2IModel):
+    kind = "ae"
+
     def __init__(self, image_size: int, width: int = 32, latent_channels: int = 32) -> None:
-        super().__init__()
+        super().__init__(image_size=image_size, width=width, latent_channels=latent_channels)
         if image_size % 4:
             raise ValueError(f"the autoencoder needs an image size divisible by 4, got {image_size}")
         # No batch norm: per-worker batch statistics would break the one-global-batch semantics of DDP.
@@ -33,11 +39,14 @@ class ConvAutoencoder(I2IModel):
             nn.Sigmoid(),
         )
 
+    @classmethod
+    def kwargs_from_config(cls, config: Config) -> dict[str, Any]:
+        m = config.model
+        return {"image_size": config.data.image_size, "width": m.width, "latent_channels": m.latent_channels}
+
     def encoder_parameters(self) -> Iterator[nn.Parameter]:
         return self.encoder.parameters()
 
-    def decoder_parameters(self) -> Iterator[nn.Parameter]:
-        return self.decoder.parameters()
 
     def encode(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(masked_input(images, mask))

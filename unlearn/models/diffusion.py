@@ -9,19 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import nn
 
 from unlearn.models.base import I2IModel, masked_input
+from unlearn.models.pretrained import load_diffusers_submodule
+
+if TYPE_CHECKING:
+    from unlearn.config import Config
 
 SAMPLE_SEED = 1234
 
 
 class DiffusionInpainter(I2IModel):
+    kind = "diffusion"
+
     def __init__(self, image_size: int, width: int = 32, diffusion_steps: int = 100, sample_steps: int = 10) -> None:
-        super().__init__()
+        super().__init__(image_size=image_size, width=width, diffusion_steps=diffusion_steps, sample_steps=sample_steps)
         self.unet = UNet2DModel(
             sample_size=image_size,
             in_channels=7,
@@ -38,13 +45,19 @@ class DiffusionInpainter(I2IModel):
         self.sample_schedule = DDIMScheduler(num_train_timesteps=diffusion_steps, beta_schedule="squaredcos_cap_v2")
         self.sample_steps = sample_steps
 
+    @classmethod
+    def kwargs_from_config(cls, config: Config) -> dict[str, Any]:
+        m = config.model
+        return {"image_size": config.data.image_size, "width": m.width, "diffusion_steps": m.diffusion_steps,
+                "sample_steps": m.sample_steps}
+
     def save_diffusers_folder(self, folder: Path) -> None:
-        """The weights as a diffusers `save_pretrained` folder (safetensors), loadable by `load_diffusers_folder`."""
+        """The UNet alone as a diffusers `save_pretrained` folder, loadable by `load_external_folder`."""
         self.unet.save_pretrained(str(folder), safe_serialization=True)
 
-    def load_diffusers_folder(self, folder: Path) -> None:
-        """Weights from a `save_pretrained` folder of a UNet2DModel with this architecture."""
-        self.unet.load_state_dict(UNet2DModel.from_pretrained(str(folder)).state_dict())
+    def load_external_folder(self, folder: Path, key: str) -> None:
+        """Weights from a diffusers `save_pretrained` folder of a UNet2DModel with this architecture."""
+        load_diffusers_submodule(self.unet, UNet2DModel, folder, key)
 
     def _encoder_modules(self) -> list[nn.Module]:
         u = self.unet
@@ -54,9 +67,6 @@ class DiffusionInpainter(I2IModel):
         for module in self._encoder_modules():
             yield from module.parameters()
 
-    def decoder_parameters(self) -> Iterator[nn.Parameter]:
-        encoder = {id(p) for p in self.encoder_parameters()}
-        return (p for p in self.parameters() if id(p) not in encoder)
 
     def _condition(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return masked_input(images, mask) * 2 - 1  # tau(x) and the mask, in [-1, 1]

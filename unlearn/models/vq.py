@@ -8,17 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import VQModel
 from torch import nn
 
 from unlearn.models.base import I2IModel, hole_weighted_mse, masked_input
+from unlearn.models.pretrained import load_diffusers_submodule
+
+if TYPE_CHECKING:
+    from unlearn.config import Config
 
 
 class VQInpainter(I2IModel):
+    kind = "vq"
+
     def __init__(self, image_size: int, width: int = 32, latent_channels: int = 16, codebook_size: int = 128) -> None:
-        super().__init__()
+        super().__init__(image_size=image_size, width=width, latent_channels=latent_channels, codebook_size=codebook_size)
         groups = min(8, width)
         self.vq = VQModel(
             in_channels=4,
@@ -35,22 +42,24 @@ class VQInpainter(I2IModel):
             mid_block_add_attention=False,
         )
 
+    @classmethod
+    def kwargs_from_config(cls, config: Config) -> dict[str, Any]:
+        m = config.model
+        return {"image_size": config.data.image_size, "width": m.width, "latent_channels": m.latent_channels,
+                "codebook_size": m.codebook_size}
+
     def save_diffusers_folder(self, folder: Path) -> None:
-        """The weights as a diffusers `save_pretrained` folder (safetensors), loadable by `load_diffusers_folder`."""
+        """The VQModel alone as a diffusers `save_pretrained` folder, loadable by `load_external_folder`."""
         self.vq.save_pretrained(str(folder), safe_serialization=True)
 
-    def load_diffusers_folder(self, folder: Path) -> None:
-        """Weights from a `save_pretrained` folder of a VQModel with this architecture."""
-        loaded = VQModel.from_pretrained(str(folder))
-        self.vq.load_state_dict(loaded.state_dict())
+    def load_external_folder(self, folder: Path, key: str) -> None:
+        """Weights from a diffusers `save_pretrained` folder of a VQModel with this architecture."""
+        load_diffusers_submodule(self.vq, VQModel, folder, key)
 
     def encoder_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.vq.encoder.parameters()
         yield from self.vq.quant_conv.parameters()
 
-    def decoder_parameters(self) -> Iterator[nn.Parameter]:
-        encoder = {id(p) for p in self.encoder_parameters()}
-        return (p for p in self.parameters() if id(p) not in encoder)
 
     def encode(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.vq.encode(masked_input(images, mask) * 2 - 1).latents

@@ -1,4 +1,5 @@
-"""Pareto front and each method's best trial over sweep results (pure pandas): the one definition of "best".
+"""Pareto front and each method's best trial over sweep results (pure pandas): the one definition of "best",
+beside the feasibility rule it builds on.
 
 Only feasible trials count (see `unlearn.audit.verdict`: OOD reached, not collapsed, not diverged, forget
 outputs near the retrained model's, retain quality kept). Among them a method's best trial is the one with
@@ -11,21 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-DEFAULT_OBJECTIVES = ("forget_marker_strength", "retain_degradation")
-
-
-def reported(result: dict | None) -> bool:
-    """Whether a Tune result is one the trial reported (Tune fills in `training_iteration` on each report). At the
-    end of an interrupted experiment (Ctrl-C) Tune ends the trials still running, and those not yet started, with
-    their default result (pid, timestamp) or none: they are unfinished, not results, and `--resume` runs them."""
-    return bool(result) and "training_iteration" in result
-
 
 def feasible_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["feasible"] == 1.0] if "feasible" in frame else frame.iloc[0:0]
 
 
-def pareto_front(frame: pd.DataFrame, objectives: tuple[str, ...] | list[str] = DEFAULT_OBJECTIVES) -> pd.DataFrame:
+def pareto_front(frame: pd.DataFrame, objectives: tuple[str, ...] | list[str]) -> pd.DataFrame:
     """Feasible rows not dominated on the (minimised) objectives."""
     objectives = list(objectives)
     feasible = feasible_rows(frame).dropna(subset=objectives)
@@ -34,7 +26,7 @@ def pareto_front(frame: pd.DataFrame, objectives: tuple[str, ...] | list[str] = 
     return feasible.loc[keep].sort_values(objectives)
 
 
-def best_per_method(frame: pd.DataFrame, objectives: tuple[str, ...] | list[str] = DEFAULT_OBJECTIVES) -> pd.DataFrame:
+def best_per_method(frame: pd.DataFrame, objectives: tuple[str, ...] | list[str]) -> pd.DataFrame:
     """One row per method that has a feasible trial: its best one (see the module docstring)."""
     if not set(objectives) <= set(frame.columns):  # e.g. only failed trials, which report no objective
         return frame.iloc[0:0]
@@ -71,11 +63,11 @@ def confirmed(confirmations: pd.DataFrame, names: list[str]) -> pd.DataFrame:
 
 
 def mean_pm_std(frame: pd.DataFrame, names: list[str]) -> pd.DataFrame:
-    """`names` shown as "mean ± std" strings (for markdown tables of confirmed rows)."""
+    """`names` shown as "mean ± std" strings (for markdown tables of confirmed rows), three significant digits."""
     shown = frame.copy()
     for name in names:
         if name in shown and f"{name}_std" in shown:
-            shown[name] = [f"{m:.4g} ± {s:.2g}" if np.isfinite(s) else m
+            shown[name] = [f"{m:.3g} ± {s:.2g}" if np.isfinite(s) else f"{m:.3g}"
                            for m, s in zip(shown[name], shown[f"{name}_std"], strict=True)]
             shown = shown.drop(columns=[f"{name}_std"])
     return shown
