@@ -26,8 +26,8 @@ from pydantic import (
 from unlearn.audit.catalogue import OBJECTIVES, measurable
 from unlearn.errors import ConfigError
 from unlearn.methods import METHODS
-from unlearn.models import MODEL_KINDS
 from unlearn.methods import hyperparameters as declared_hyperparameters
+from unlearn.models import MODEL_KINDS
 
 
 class _Strict(BaseModel):
@@ -124,7 +124,7 @@ class StageConfig(_Strict):
     attack_lr: float = Field(1e-3, gt=0)
     # 0 = off. Otherwise, while the null method (plain fine-tuning on D_r) still removes the marker, train the
     # attack stage one more round: `attack_epochs` more epochs of Algorithm 2 with the poisoned D_f loss
-    # weighted 2**round, up to this many rounds (see README, "The audit checks itself").
+    # weighted 2**round, up to this many rounds (docs/audit.md, "The audit checks itself").
     attack_strengthen_rounds: int = Field(0, ge=0)
     # Bring your own model: a checkpoint file, a diffusers folder or an `unlearn run --out` folder of a model
     # trained on the data set (D_f included). It is theta0: no original or attack stage is trained, D_f carries
@@ -213,7 +213,7 @@ class AuditConfig(_Strict):
     retrain: bool = True
     # max_forget_gap = auto: this many times the gap between two retrain references of different seeds (how far
     # one retraining lies from another: retrain_gap_yardstick), at most 1 (the original model's own gap). Calibrated
-    # on digits (yardstick 0.37: threshold 0.56) and on real photographs (0.79: 1.0); see README.
+    # on digits (yardstick 0.37: threshold 0.56) and on real photographs (0.79: 1.0); see docs/audit.md.
     gap_margin: float = Field(1.5, gt=0)
     # Membership inference (mia_auc): at most this many members (D_f training images) and non-members
     # (held-out images of D_f's classes); the 95% interval from this many bootstrap resamples.
@@ -239,11 +239,11 @@ class AuditConfig(_Strict):
 class SweepConfig(_Strict):
     """What `raytasks/sweep.py` searches (plain data here; the library never imports Ray)."""
 
-    # Minimised by Optuna, in this order of priority when one trial per method is chosen (see README).
+    # Minimised by Optuna, in this order of priority when one trial per method is chosen (unlearn/audit/best.py).
     objectives: list[str] = ["forget_marker_strength", "retain_degradation"]
 
     # Every unlearning method, each with the same number of trials: a fair comparison table by default.
-    methods: list[str] = ["realistic", "max_loss", "finetune", "noisy_label", "random_encoder", "i2i_sota", "merged"]
+    methods: list[str] = list(METHODS)
     trials: int = Field(8, ge=1)
     max_concurrent: int | None = Field(None, ge=1)  # None: as many as the cluster holds
     # One-worker trials share a GPU: the fraction of a GPU each trial asks Ray for (None: as many trials per GPU

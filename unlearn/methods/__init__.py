@@ -113,6 +113,13 @@ METHODS: dict[str, Method] = {
             (FT_STEPS, FT_LR, Hyperparameter("alpha", float, 1.0, 0.1, 10.0, "log", "weight of the forget term")),
         ),
         Method(
+            "l1_sparse",
+            "Jia et al. 2023: fine-tune on D_r with an l1 penalty on the weights (sparsity eases forgetting)",
+            lambda v, u: [Phase("l1_sparse", obj.l1_sparse, ("retain",), v["ft_steps"], v["ft_lr"], schedule=u.ft_schedule)],
+            (FT_STEPS, FT_LR, Hyperparameter("l1_weight", float, 0.1, 0.01, 1.0, "log",
+                                             "weight of the penalty: l1_weight x mean |theta|")),
+        ),
+        Method(
             "merged",
             "one combined objective L(D_r) - lambda L(D_f)",
             lambda v, u: [Phase("merged", obj.merged, ("forget", "retain"), v["ft_steps"], v["ft_lr"])],

@@ -70,6 +70,14 @@ def i2i_sota(ctx: StepContext, batches: dict[str, Batch]) -> torch.Tensor:
     return keep + ctx.hyper["alpha"] * scramble
 
 
+def l1_sparse(ctx: StepContext, batches: dict[str, Batch]) -> torch.Tensor:
+    """Jia et al. 2023 (l1-sparse unlearning): fine-tune on D_r with an l1 penalty pulling the weights to sparsity,
+    l1_weight x the mean |theta| (a mean, so the weight does not depend on the model's size)."""
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    penalty = torch.stack([p.abs().sum() for p in params]).sum() / sum(p.numel() for p in params)
+    return _model_loss(ctx, batches["retain"]) + ctx.hyper["l1_weight"] * penalty
+
+
 def merged(ctx: StepContext, batches: dict[str, Batch]) -> torch.Tensor:
     """One combined objective: L(D_r) - lambda L(D_f)."""
     return _model_loss(ctx, batches["retain"]) - ctx.hyper["lambda"] * _model_loss(ctx, batches["forget"])
