@@ -100,6 +100,8 @@ _ROWS: list[Metric] = [
          {"certificate": _BOTH, "report": _BOTH, "summary": ("retain",)}, (), "lower"),
         ("fid", "FID of the outputs against the ground truth (backbone features)",
          {"certificate": _BOTH, "report": _BOTH}, (), "lower"),
+        ("kid", "KID of the outputs against the ground truth (backbone features; polynomial-kernel MMD, torchmetrics)",
+         {"certificate": _BOTH, "report": _BOTH}, (), "lower"),
         ("is", "Inception Score of the outputs (backbone logits)", {"certificate": _BOTH, "report": _BOTH}, (), None),
         ("clip", "mean cosine similarity of output and ground-truth embeddings",
          {"certificate": _BOTH, "report": _BOTH}, (), None),
@@ -162,7 +164,7 @@ _ROWS: list[Metric] = [
     _row("resumed_from_phase", "the phase checkpoint a restarted data-parallel worker group resumed from (0: started "
          "from the beginning)", needs=["workers"], procedure=True),
     _row("seeds", "unlearning seeds averaged (`--seeds K`); `<figure>_std` is the spread across them", needs=["seeds"]),
-    _row("unlearn_seed", "the unlearning seed of this run (unlearn.seed; batch order and noise)"),
+    _row("unlearn_seed", "the unlearning seed of this run (unlearn.seed; batch order and noise)", needs=["seeds"]),
 ]
 METRICS: dict[str, Metric] = {m.name: m for m in _ROWS}
 assert len(METRICS) == len(_ROWS), "a metric name appears twice in the catalogue"

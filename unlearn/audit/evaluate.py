@@ -75,6 +75,23 @@ def fid_against(metric, real: dict[str, torch.Tensor]) -> float:
     return max(0.0, float(metric.compute()))
 
 
+def kernel_inception_distance(fake: torch.Tensor, real: torch.Tensor) -> float:
+    """KID (Binkowski et al. 2018) through torchmetrics: the unbiased polynomial-kernel MMD between the two feature
+    sets, averaged over 100 random subsets of up to 1000 images each (seeded, so runs are deterministic)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(1000, len(fake), len(real))
+    with warnings.catch_warnings():  # it buffers the features: here at most audit.eval_samples of them, by design
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer", category=UserWarning)
+        metric = KernelInceptionDistance(feature=_Precomputed(fake.shape[1]), subsets=100, subset_size=size,
+                                         sync_on_compute=False)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    with torch.random.fork_rng(devices=[]):  # KID draws its subsets with the global RNG
+        torch.manual_seed(0)
+        return float(metric.compute()[0])
+
+
 def inception_score(logits: torch.Tensor) -> float:
     from torchmetrics.image.inception import InceptionScore
 
@@ -397,7 +414,7 @@ class Auditor:
                         ) -> dict[str, float]:
         """One split's figures, streamed: one batch of images and outputs in memory at a time."""
         metrics: dict[str, float] = {}
-        fake, logits, std = None, [], HoleStd()
+        fake, logits, std, fake_features = None, [], HoleStd(), []
         squares, cosines, gap = 0.0, 0.0, 0.0
         marker = self._marker_tally() if split == "forget" and self.config.has_marker else None
         gap_reference = "retrain/forget/hole" if split == "forget" and "original/forget_gap" in self.refs else None
@@ -412,6 +429,7 @@ class Auditor:
             features, batch_logits = self.backbone(outputs)
             fake = fake or fid_metric(features.shape[1])
             fake.update(features.double(), real=False)
+            fake_features.append(features.flatten(1).cpu())
             logits.append(batch_logits)
             cosines += float(nn.functional.cosine_similarity(features.flatten(1), self._rows(f"gt/{split}/features", rows),
                                                              dim=1).double().sum())
@@ -427,6 +445,8 @@ class Auditor:
         n = len(subset)
         metrics[f"{split}_mse"] = squares / (n * 3 * int(self.hole.sum()))
         metrics[f"{split}_fid"] = fid_against(fake, self._fid_ref("gt", split))
+        real_features = self._rows(f"gt/{split}/features", slice(None)).flatten(1)  # bounded by audit.eval_samples
+        metrics[f"{split}_kid"] = kernel_inception_distance(torch.cat(fake_features), real_features)
         metrics[f"{split}_is"] = inception_score(torch.cat(logits))
         metrics[f"{split}_clip"] = cosines / n
         for ref in REFERENCES:
