@@ -17,7 +17,7 @@ from unlearn.config import load_config, with_overrides
 from unlearn.models.base import I2IModel
 
 # A realistic configuration that the default sweep's search space contains and that removes the marker on
-# digits without collapsing the decoder (README, "What forgotten means").
+# digits without collapsing the decoder (docs/audit.md).
 TUNED = {"unlearn.ga_steps": 9, "unlearn.ga_lr": 0.1, "unlearn.ft_steps": 150, "unlearn.ft_lr": 0.01}
 
 

@@ -90,7 +90,7 @@ def test_attack_regenerates_marker_original_and_retrain_do_not(prepared, method_
 
 def test_realistic_at_the_preset_defaults_keeps_retain_quality_and_reports_its_cost(method_metrics):
     # The preset's defaults are the audit's null budget: there realistic does not remove the marker on digits
-    # (README, "What forgotten means"); the tuned configuration that does is tested in test_forgotten.py.
+    # (docs/audit.md); the tuned configuration that does is tested in test_forgotten.py.
     realistic, attack = method_metrics["realistic"], method_metrics["attack"]
     assert realistic["retain_mse"] <= 1.25 * attack["retain_mse"]
     assert realistic["collapsed"] == 0.0
@@ -224,7 +224,7 @@ def _roundtrip(state):
 
 def test_stop_at_ood_ends_gradient_ascent_at_the_first_check_past_the_threshold(prepared):
     """unlearn.stop_at_ood: GA stops at the first checked step whose Eq. 3 distance reaches ood_delta (and not
-    before); without it GA runs all ga_steps. Normalised GA climbs ~0.05 per step of 0.05 (README), so a budget of
+    before); without it GA runs all ga_steps. Normalised GA climbs ~0.05 per step of 0.05 (docs/audit.md), so a budget of
     40 steps at 0.05 passes delta (~0.25 on digits) well before its end."""
     from unlearn.pipeline import unlearn
 
