@@ -123,7 +123,7 @@ def test_the_metric_table_agrees_with_what_the_audit_computes(method_metrics):
 
 
 def test_every_consumer_names_only_catalogue_figures():
-    for place in ("certificate", "report", "summary", "confirmed", "registry", "calibration"):
+    for place in ("certificate", "report", "summary", "confirmed", "registry", "calibration", "guarantee"):
         assert shown_in(place) and set(shown_in(place)) <= set(METRICS), place
     assert describe("forget_marker_strength_std").startswith("sample std")
     assert not measurable("forget_marker_strength", marker=False, retrain=True)

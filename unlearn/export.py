@@ -150,95 +150,108 @@ def write_certificate(folder: Path, data: Any, stage_keys: dict[str, str], metho
     """certificate.md beside the weights and config.yaml that `save_run` wrote into `folder`; `data`: the split
     (UnlearningData), `stage_keys`: stage name -> cache key; `location`: where the model will be found (a runs:/ or
     models:/ URI; default: the folder)."""
-    from unlearn.methods import METHODS, REFERENCE_MODELS
-
     config = load_config(str(folder / "config.yaml"))
-    weights = model_folder(folder) / WEIGHTS_FILE
-    u = config.unlearn.model_dump(by_alias=True)
-    hyper = {hp.name: u[hp.name] for hp in METHODS[method].hyperparameters} if method in METHODS else {}
-    constraints = constraint_values(metrics, config)
-    limits = {"ood": f"forget_ood_distance >= ood_delta = {_fmt(metrics.get('ood_delta', math.nan))}",
-              "collapsed": f"outputs' std ratio >= {config.audit.collapse_std_ratio:g} (after GA and at the end)",
-              "diverged": "no non-finite loss, gradient or output",
-              "forget_gap": f"forget_gap_vs_retrain <= {_gap_limit_text(metrics, config)}",
-              "retain_degradation": f"retain_degradation <= {config.audit.max_retain_degradation}"}
-    columns = [r for r in ("retrain", "attack") if r in references]
-    rows = ["| figure | this model | " + " | ".join("attack (theta0)" if r == "attack" else r for r in columns) + " |",
-            "| --- " * (len(columns) + 2) + "|"]
-    shown = shown_in("certificate")
-    for name in shown:
-        if name in metrics:
-            rows.append(f"| {name} | {_fmt(metrics[name])} | "
-                        + " | ".join(_fmt(references[r].get(name, math.nan)) for r in columns) + " |")
-    cache_root = config.resolved_cache_dir()
-    byo = config.stages.theta0 is not None
-    stage_paths = ([Path(config.stages.theta0).expanduser()] if byo else
-                   [cache_root / "stages" / key for n, key in stage_keys.items() if n in ("original", "attack")])
+    lines = [
+        f"# Unlearning certificate: {method}", "",
+        *_forgotten_lines(config, data), "",
+        *_how_lines(config, folder, stage_keys, method), "",
+        *_verdict_lines(config, metrics), "",
+        *_figure_lines(metrics, references), "",
+        *_seed_lines(spread, shown_in("certificate"), metrics),
+        "## Gradient-ascent guarantee bookkeeping", "",
+        *([f"- {k}: {_fmt(metrics[k])}" for k in shown_in("guarantee") if k in metrics] or ["- (no gradient-ascent phase)"]),
+        "",
+        "## Cost", _cost_line(metrics), "",
+        *_residue_lines(config, stage_keys), "",
+        f"Re-audit from the weights alone: `unlearn audit --model {location or folder}`",
+    ]
+    (folder / "certificate.md").write_text("\n".join(lines) + "\n")
+    return folder / "certificate.md"
+
+
+def _forgotten_lines(config: Config, data: Any) -> list[str]:
     classes = sorted({data.class_names[int(c)] for c in data.forget_train.labels.unique()})
     if config.data.forget_list:
         what = f"the images listed in `{config.data.forget_list}` (classes {classes})"
     else:
         what = f"forget classes {config.data.forget_classes}, forget fraction {config.data.forget_fraction}"
+    return ["## What was forgotten",
+            f"- data set `{config.data.dataset}` ({config.data.image_size}px), {what}: {len(data.forget_train)} training images",
+            f"- forget-set digest (sha256 of the sorted sample ids): `{data.forget_digest(config.data.dataset)}`"]
+
+
+def _how_lines(config: Config, folder: Path, stage_keys: dict[str, str], method: str) -> list[str]:
+    from unlearn.methods import METHODS, REFERENCE_MODELS
+
+    hyper = METHODS[method].values(config.unlearn) if method in METHODS else {}
+    delta_rule = ("ood_delta auto = audit.ood_delta_fraction x retrain's distance" if config.audit.retrain else
+                  "no retrain reference (audit.retrain = false): ood_delta auto = the null method's distance / "
+                  "audit.ood_delta_fraction; no *_vs_retrain figure and no forget_gap constraint; retraining's samples "
+                  "estimated as stages.epochs x |D_r|")
+    theta0 = (f"- theta0 = the user's model `{config.stages.theta0}` (`{stage_keys['attack']}`)" if config.stages.theta0
+              else f"- theta0 = the attack stage `{stage_keys['attack']}`")
+    weights = model_folder(folder) / WEIGHTS_FILE
+    return ["## How",
+            f"- method `{method}`" + (" (a reference model, not an unlearning run)" if method in REFERENCE_MODELS else ""),
+            f"- hyperparameters: {json.dumps(hyper)}; GA step `{config.unlearn.ga_step}`; data/stage seed {config.seed}, "
+            f"unlearning seed {config.unlearn.seed}",
+            f"{theta0}; model `{config.model.kind}`",
+            f"- {delta_rule}",
+            f"- weights `{weights.relative_to(folder)}`, sha256 `{weights_digest(folder)}`"]
+
+
+def _verdict_lines(config: Config, metrics: dict[str, float]) -> list[str]:
+    """The marker audit's validity and every constraint of `unlearn.audit.verdict` against its threshold."""
     if not config.has_marker:
         marker = "- marker audit: not applicable (theta0 was brought by the user; D_f carries no '+' marker)"
     else:
         marker = (f"- **marker audit {'valid' if metrics.get('audit_valid') == 1.0 else 'NOT VALID: it cannot decide'}** (attack "
                   f"strength {_fmt(metrics.get('audit_attack_strength', math.nan))}, null method (fine-tuning alone) "
                   f"{_fmt(metrics.get('audit_null_strength', math.nan))}; both must be >= {config.audit.min_marker_strength:g})")
-    delta_rule = ("ood_delta auto = audit.ood_delta_fraction x retrain's distance" if config.audit.retrain else
-                  "no retrain reference (audit.retrain = false): ood_delta auto = the null method's distance / "
-                  "audit.ood_delta_fraction; no *_vs_retrain figure and no forget_gap constraint; retraining's samples "
-                  "estimated as stages.epochs x |D_r|")
-    ga = {k: metrics[k] for k in ("ga_steps", "ga_lr", "ga_grad_min", "ga_grad_max", "ga_loss_increase", "ga_bound_lower",
-                                   "ga_bound_upper", "ga_within_bounds", "ga_param_distance") if k in metrics}
-    lines = [
-        f"# Unlearning certificate: {method}",
-        "",
-        "## What was forgotten",
-        f"- data set `{config.data.dataset}` ({config.data.image_size}px), {what}: {len(data.forget_train)} training images",
-        f"- forget-set digest (sha256 of the sorted sample ids): `{data.forget_digest(config.data.dataset)}`",
-        "",
-        "## How",
-        f"- method `{method}`" + (" (a reference model, not an unlearning run)" if method in REFERENCE_MODELS else ""),
-        f"- hyperparameters: {json.dumps(hyper)}; GA step `{config.unlearn.ga_step}`; data/stage seed {config.seed}, "
-        f"unlearning seed {config.unlearn.seed}",
-        (f"- theta0 = the user's model `{config.stages.theta0}` (`{stage_keys['attack']}`)" if byo else
-         f"- theta0 = the attack stage `{stage_keys['attack']}`") + f"; model `{config.model.kind}`",
-        f"- {delta_rule}",
-        f"- weights `{weights.relative_to(folder)}`, sha256 `{weights_digest(folder)}`",
-        "",
-        "## Verdict",
-        marker,
-        f"- **{'feasible' if metrics.get('feasible') == 1.0 else 'NOT feasible'}**:",
-        *[f"  - {name}: {'pass' if value <= 0 else 'FAIL'} ({limits[name]})" for name, value in constraints.items()],
-        "",
-        "## Audit figures (forget = held-out images of the forgotten classes, or the forgotten images themselves at "
-        "sample level; retain = the other test images; membership: D_f's training images vs held-out images of its classes)",
-        "",
-        *rows,
-        "",
-        *_seed_lines(spread, shown, metrics),
-        "## Gradient-ascent guarantee bookkeeping",
-        "",
-        *([f"- {k}: {_fmt(v)}" for k, v in ga.items()] or ["- (no gradient-ascent phase)"]),
-        "",
-        "## Cost",
-        f"- unlearning {_fmt(metrics.get('unlearn_seconds', math.nan))} s, {_fmt(metrics.get('unlearn_samples', math.nan))} "
-        + (f"samples; retraining (estimated, no retrain reference) {_fmt(metrics.get('retrain_samples', math.nan))} "
-           if metrics.get("retrain_samples_estimated") else
-           f"samples; retraining {_fmt(metrics.get('retrain_seconds', math.nan))} s, {_fmt(metrics.get('retrain_samples', math.nan))} ")
-        + f"samples (sample_ratio {_fmt(metrics.get('sample_ratio', math.nan))}; "
-        + (f"cost_ratio {_fmt(metrics['cost_ratio'])}, timed side by side)" if "cost_ratio" in metrics else
-           "the seconds were measured in different processes, so no time ratio is claimed)"),
-        "",
-        "## Where D_f still lives",
-        f"- the data cache: `{cache_root / 'data'}` (the split, forget images included)",
-        *[f"- {'the model brought as theta0' if byo else 'stage weights trained on D_f'}: `{p}`" for p in stage_paths],
-        f"- reference features and calibration computed from forget images: `{cache_root / 'references'}`, "
-        f"`{cache_root / 'calibration'}`",
-        "- the original data set itself, and any MLflow run that logged forget-image grids or embeddings",
-        "",
-        f"Re-audit from the weights alone: `unlearn audit --model {location or folder}`",
-    ]
-    (folder / "certificate.md").write_text("\n".join(lines) + "\n")
-    return folder / "certificate.md"
+    limits = {"ood": f"forget_ood_distance >= ood_delta = {_fmt(metrics.get('ood_delta', math.nan))}",
+              "collapsed": f"outputs' std ratio >= {config.audit.collapse_std_ratio:g} (after GA and at the end)",
+              "diverged": "no non-finite loss, gradient or output",
+              "forget_gap": f"forget_gap_vs_retrain <= {_gap_limit_text(metrics, config)}",
+              "retain_degradation": f"retain_degradation <= {config.audit.max_retain_degradation}"}
+    return ["## Verdict", marker, f"- **{'feasible' if metrics.get('feasible') == 1.0 else 'NOT feasible'}**:",
+            *[f"  - {name}: {'pass' if value <= 0 else 'FAIL'} ({limits[name]})"
+              for name, value in constraint_values(metrics, config).items()]]
+
+
+def _figure_lines(metrics: dict[str, float], references: dict[str, dict[str, float]]) -> list[str]:
+    """The catalogue's certificate figures of this model beside the retrain and attack references'."""
+    columns = [r for r in ("retrain", "attack") if r in references]
+    return ["## Audit figures (forget = held-out images of the forgotten classes, or the forgotten images themselves at "
+            "sample level; retain = the other test images; membership: D_f's training images vs held-out images of its "
+            "classes)", "",
+            "| figure | this model | " + " | ".join("attack (theta0)" if r == "attack" else r for r in columns) + " |",
+            "| --- " * (len(columns) + 2) + "|",
+            *[f"| {name} | {_fmt(metrics[name])} | " + " | ".join(_fmt(references[r].get(name, math.nan)) for r in columns)
+              + " |" for name in shown_in("certificate") if name in metrics]]
+
+
+def _cost_line(metrics: dict[str, float]) -> str:
+    def figure(name: str) -> str:
+        return _fmt(metrics.get(name, math.nan))
+
+    retraining = (f"retraining (estimated, no retrain reference) {figure('retrain_samples')} "
+                  if metrics.get("retrain_samples_estimated") else
+                  f"retraining {figure('retrain_seconds')} s, {figure('retrain_samples')} ")
+    ratio = (f"cost_ratio {figure('cost_ratio')}, timed side by side)" if "cost_ratio" in metrics else
+             "the seconds were measured in different processes, so no time ratio is claimed)")
+    return (f"- unlearning {figure('unlearn_seconds')} s, {figure('unlearn_samples')} samples; {retraining}samples "
+            f"(sample_ratio {figure('sample_ratio')}; {ratio}")
+
+
+def _residue_lines(config: Config, stage_keys: dict[str, str]) -> list[str]:
+    """The places that still hold D_f (what `unlearn purge` removes, and what it cannot)."""
+    cache_root = config.resolved_cache_dir()
+    byo = config.stages.theta0 is not None
+    stage_paths = ([Path(config.stages.theta0).expanduser()] if byo else
+                   [cache_root / "stages" / key for n, key in stage_keys.items() if n in ("original", "attack")])
+    return ["## Where D_f still lives",
+            f"- the data cache: `{cache_root / 'data'}` (the split, forget images included)",
+            *[f"- {'the model brought as theta0' if byo else 'stage weights trained on D_f'}: `{p}`" for p in stage_paths],
+            f"- reference features and calibration computed from forget images: `{cache_root / 'references'}`, "
+            f"`{cache_root / 'calibration'}`",
+            "- the original data set itself, and any MLflow run that logged forget-image grids or embeddings"]

@@ -16,8 +16,9 @@ from typing import Literal
 REFERENCES = ("retrain", "attack", "original")
 SPLITS = ("retain", "forget", "unseen")  # the audit's test splits (unseen: only with data.unseen_classes)
 
-# Where a figure is shown, besides the run's JSON output and MLflow (which carry every figure).
-Place = Literal["certificate", "report", "summary", "confirmed", "registry", "calibration"]
+# Where a figure is shown, besides the run's JSON output and MLflow (which carry every figure); "guarantee": the
+# certificate's gradient-ascent bookkeeping section.
+Place = Literal["certificate", "report", "summary", "confirmed", "registry", "calibration", "guarantee"]
 # What a figure needs to exist; absent otherwise. marker: a poisoned D_f (not a model brought as stages.theta0);
 # retrain: the retrain reference (audit.retrain); side_by_side: retrain trained in the same process; no_retrain: only
 # without a retrain reference; skipped: unreadable files skipped; workers: a data-parallel run; seeds: `--seeds K`;
@@ -131,15 +132,15 @@ _ROWS: list[Metric] = [
     _row("attack_retain_mse", "the attack model's retain_mse (the degradation's base)"),
     _row("attack_retain_fid", "the attack model's retain_fid"),
     # --- gradient-ascent guarantee bookkeeping --------------------------------------------------------------------------
-    _row("ga_steps", "GA steps run (T, fewer after an early stop)", procedure=True),
-    _row("ga_lr", "GA learning rate", procedure=True),
-    _row("ga_grad_min", "smallest GA gradient norm (before clipping or normalisation)", procedure=True),
-    _row("ga_grad_max", "largest GA gradient norm (before clipping or normalisation)", procedure=True),
-    _row("ga_loss_increase", "L(theta_T; D_f) - L(theta_0; D_f)", procedure=True),
-    _row("ga_bound_lower", "G_min^2 x sum of the effective step rates (T lr G_min^2 for plain SGD)", procedure=True),
-    _row("ga_bound_upper", "G_max^2 x sum of the effective step rates (epsilon of the guarantee)", procedure=True),
-    _row("ga_within_bounds", "1 if the measured increase lies within the bounds", procedure=True),
-    _row("ga_param_distance", "||theta_T - theta_0|| after GA", procedure=True),
+    _row("ga_steps", "GA steps run (T, fewer after an early stop)", procedure=True, shown=["guarantee"]),
+    _row("ga_lr", "GA learning rate", procedure=True, shown=["guarantee"]),
+    _row("ga_grad_min", "smallest GA gradient norm (before clipping or normalisation)", procedure=True, shown=["guarantee"]),
+    _row("ga_grad_max", "largest GA gradient norm (before clipping or normalisation)", procedure=True, shown=["guarantee"]),
+    _row("ga_loss_increase", "L(theta_T; D_f) - L(theta_0; D_f)", procedure=True, shown=["guarantee"]),
+    _row("ga_bound_lower", "G_min^2 x sum of the effective step rates (T lr G_min^2 for plain SGD)", procedure=True, shown=["guarantee"]),
+    _row("ga_bound_upper", "G_max^2 x sum of the effective step rates (epsilon of the guarantee)", procedure=True, shown=["guarantee"]),
+    _row("ga_within_bounds", "1 if the measured increase lies within the bounds", procedure=True, shown=["guarantee"]),
+    _row("ga_param_distance", "||theta_T - theta_0|| after GA", procedure=True, shown=["guarantee"]),
     _row("ga_ood_distance", "Eq. 3 distance right after GA", procedure=True),
     # --- cost -------------------------------------------------------------------------------------------------------------
     _row("unlearn_seconds", "wall time of the unlearning procedure (stage training time for references); one-off "
