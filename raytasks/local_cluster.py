@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,47 @@ def _running_trial_nodes() -> dict[str, str]:
     return dict(sorted(nodes.items(), key=lambda item: "RayTrainWorker" not in item[1]))
 
 
+class _Faults:
+    """What `run` does to the cluster while the sweep runs, one `step` a second: a worker node's raylet killed
+    (`kill`), the tracking server stopped for `outage` seconds and started again on the same port and store."""
+
+    def __init__(self, work: Path, shared: Path, uri: str, server: subprocess.Popen,
+                 start_server: Callable[[], subprocess.Popen], recorder: Recorder, kill: bool, kill_delay: float,
+                 kill_after_checkpoint: bool, outage: float | None) -> None:
+        self.work, self.shared, self.uri, self.recorder = work, shared, uri, recorder
+        self.server, self.start_server = server, start_server  # a restart: a new server on the same port and store
+        self.kill, self.kill_delay, self.kill_after_checkpoint = kill, kill_delay, kill_after_checkpoint
+        self.outage_seconds = outage
+        self.killed: dict[str, Any] = {}
+        self.outage: dict[str, Any] = {}
+        self._seen: tuple[str, float] | None = None  # (worker node running a trial, when first seen)
+
+    def step(self) -> None:
+        if self.kill and not self.killed:
+            self._kill_a_trial_node()
+        if self.outage_seconds and not self.outage and _trial_runs(self.work, self.uri) >= 1:
+            self._tracking_outage()
+
+    def _kill_a_trial_node(self) -> None:
+        running = [n for n in _running_trial_nodes() if n != self.recorder.head]
+        # any multi-worker trial's committed checkpoint: the sweeps this is for run one such trial at a time
+        committed = any((self.shared / "ray").glob("*/*-train/checkpoint_manager_snapshot.json"))
+        if running and self._seen is None and (committed or not self.kill_after_checkpoint):
+            self._seen = (running[0], time.monotonic())
+        if self._seen and time.monotonic() - self._seen[1] >= self.kill_delay and (pid := _raylet_pid(self._seen[0])):
+            os.kill(pid, signal.SIGKILL)
+            self.killed = {"node_id": self._seen[0], "at_s": round(time.monotonic() - self.recorder.start, 1),
+                           "actor": _running_trial_nodes().get(self._seen[0], "")}
+
+    def _tracking_outage(self) -> None:
+        _stop(self.server)  # mid-sweep: the first trial is logged, the others are still running
+        self.outage["down_at_s"] = round(time.monotonic() - self.recorder.start, 1)
+        time.sleep(self.outage_seconds or 0.0)
+        self.server = self.start_server()
+        _wait_http(self.uri, 120)
+        self.outage["up_at_s"] = round(time.monotonic() - self.recorder.start, 1)
+
+
 def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float = 3.0,
         tracking_outage: float | None = None, scale_down_wait: float = 150.0,
         kill_after_checkpoint: bool = False) -> dict[str, Any]:
@@ -265,15 +307,16 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
                                  "--backend-store-uri", f"sqlite:///{work}/mlflow.db", "--artifacts-destination",
                                  str(work / "mlartifacts")], stdout=mlflow_log, stderr=subprocess.STDOUT, env=_env())
 
-    server = tracking_server()
     uri = f"http://127.0.0.1:{port}"
-    killed: dict[str, Any] = {}
-    outage: dict[str, Any] = {}
+    faults: _Faults | None = None
+    server = tracking_server()  # until the faults take it over
     try:
         _wait_http(uri, 120)
         os.environ.update(RAY_AUTH_MODE="disabled")
         ray.init(address="auto", log_to_driver=False, configure_logging=False)
         with Recorder() as recorder:
+            faults = _Faults(work, shared, uri, server, tracking_server, recorder, kill, kill_delay, kill_after_checkpoint,
+                             tracking_outage)
             time.sleep(1.5)  # a first sample of the nodes
             at_start = recorder.workers_now()
             sweep_log = (work / "sweep.log").open("w")
@@ -282,25 +325,8 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
                                       "--set", f"cache_dir={shared / 'cache'}", "--set", "device=cpu", "--no-report",
                                       *sweep_args], stdout=sweep_log, stderr=subprocess.STDOUT, env=_sweep_env(config_path), cwd=work)
             sweep_started = time.monotonic()
-            seen: tuple[str, float] | None = None  # (worker node running a trial, when first seen)
             while sweep.poll() is None:
-                if kill and not killed:
-                    running = [n for n in _running_trial_nodes() if n != recorder.head]
-                    # any multi-worker trial's committed checkpoint: the sweeps this is for run one such trial at a time
-                    committed = any((shared / "ray").glob("*/*-train/checkpoint_manager_snapshot.json"))
-                    if running and seen is None and (committed or not kill_after_checkpoint):
-                        seen = (running[0], time.monotonic())
-                    if seen and time.monotonic() - seen[1] >= kill_delay and (pid := _raylet_pid(seen[0])):
-                        os.kill(pid, signal.SIGKILL)
-                        killed = {"node_id": seen[0], "at_s": round(time.monotonic() - recorder.start, 1),
-                                  "actor": _running_trial_nodes().get(seen[0], "")}
-                if tracking_outage and not outage and _trial_runs(work, uri) >= 1:
-                    _stop(server)  # mid-sweep: the first trial is logged, the others are still running
-                    outage["down_at_s"] = round(time.monotonic() - recorder.start, 1)
-                    time.sleep(tracking_outage)
-                    server = tracking_server()
-                    _wait_http(uri, 120)
-                    outage["up_at_s"] = round(time.monotonic() - recorder.start, 1)
+                faults.step()
                 time.sleep(1)
             sweep_seconds = time.monotonic() - sweep_started
             deadline = time.monotonic() + scale_down_wait
@@ -309,9 +335,9 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
             samples = list(recorder.samples)
             head = recorder.head
         ray.shutdown()
-        summary = _summarise(work, uri, samples, head, at_start, killed, sweep.returncode, sweep_seconds,
+        summary = _summarise(work, uri, samples, head, at_start, faults.killed, sweep.returncode, sweep_seconds,
                              time.monotonic() - started)
-        summary["tracking_outage"] = outage
+        summary["tracking_outage"] = faults.outage
         summary["node_temp_dirs"] = _node_temp_dirs(nodes_root)
     except BaseException:
         import traceback
@@ -320,7 +346,7 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
         sys.stderr.flush()
         raise
     finally:
-        _stop(server)
+        _stop(faults.server if faults is not None else server)
         if ray.is_initialized():
             ray.shutdown()
         down()
