@@ -549,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
             table = orchestration(config, args.steps, storage)
         _print_table(f"Orchestration overhead ({args.steps} fine-tuning steps, steady state after {WARMUP_STEPS})", table)
         results["orchestration"] = table
-        results["train_overhead_ratio"] = table["bare"]["steady_steps_per_second"] / table["ray_train_1"]["steady_steps_per_second"]
+        results["train_overhead_ratio"] = (table["bare"]["steady_steps_per_second"]
+                                           / table["ray_train_1"]["steady_steps_per_second"])
     if "threads" in only and args.device == "cpu":
         results["cpu_threads"] = cpu_threads(config, args.steps)
         _print_table(f"CPU threads: one process on every core vs one 1-thread process per core ({args.steps} fine-tuning "

@@ -184,7 +184,8 @@ def _setup_lines(runs: SweepRuns) -> list[str]:
     config, attack = runs.config(), _attack(runs)
     ood_delta = float(attack.get("metrics.ood_delta", math.nan))
     gap = (f" (auto: audit.gap_margin {config.audit.gap_margin:g} x the gap of a second retraining to the first, "
-           f"{float(attack.get('metrics.retrain_gap_yardstick', math.nan)):.4g})" if config.audit.max_forget_gap == "auto" else "")
+           f"{float(attack.get('metrics.retrain_gap_yardstick', math.nan)):.4g})"
+           if config.audit.max_forget_gap == "auto" else "")
     return [
         f"- data set: `{runs.param('data.dataset')}` ({runs.param('data.image_size')}px), forget classes "
         f"{runs.param('data.forget_classes')}, forget fraction {runs.param('data.forget_fraction')}, "
@@ -231,7 +232,8 @@ def _markdown(runs: SweepRuns, table: pd.DataFrame, figures: list[str], grid_row
         lines += ["## Sample-level unlearning (forget_marker_strength)", "", samples.to_markdown(index=False, floatfmt=".3g"), ""]
     lines += [
         "## Outputs", "", *(["![image grid](grid.png)", ""] if grid_rows else []),
-        f"Grid rows: {', '.join(grid_rows) or 'none'}" + (f" (no image logged: {', '.join(grid_missing)})" if grid_missing else "") + ".", "",
+        f"Grid rows: {', '.join(grid_rows) or 'none'}"
+        + (f" (no image logged: {', '.join(grid_missing)})" if grid_missing else "") + ".", "",
         "## Trade-off", "", "![Pareto front](pareto.png)", "",
         "## Decoupling: distance to theta0 and loss against GA step", "",
         "Each method's best feasible trial; in grey, every trial of a method without a feasible one (the OOD verdict "

@@ -123,7 +123,8 @@ def load_sweep(experiment: str, tracking_uri: str | None = None) -> SweepRuns:
     if trials.empty:
         raise ConfigError(f"experiment {experiment!r} has no finished trial")
     references = children[_column(children, "tags.reference").notna()]
-    confirmations = runs[_column(runs, "tags.confirm").notna() & _column(runs, "tags.mlflow.parentRunId").isin(set(trials["run_id"]))
+    confirmations = runs[_column(runs, "tags.confirm").notna()
+                         & _column(runs, "tags.mlflow.parentRunId").isin(set(trials["run_id"]))
                          & (runs["status"] == "FINISHED")]
     return SweepRuns(client, experiment, parent, trials, references, confirmations)
 

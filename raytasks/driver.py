@@ -266,7 +266,8 @@ class SweepDriver:
         for row in best.to_dict("records"):
             method, trial_id = row["method"], str(row["trial_id"])
             checkpoint = checkpoints.get((method, trial_id))
-            run_id = tracking.find_run(self.client, self.experiment, {"sweep": self.name, "method": method, "ray.trial_id": trial_id})
+            run_id = tracking.find_run(self.client, self.experiment,
+                                       {"sweep": self.name, "method": method, "ray.trial_id": trial_id})
             if checkpoint is None or run_id is None:
                 lines.append(f"- {method}: trial {trial_id} has no stored weights; nothing logged")
                 continue
@@ -277,7 +278,8 @@ class SweepDriver:
                     lines.append(f"- {method}: trial {trial_id} kept no weights; nothing logged")
                     continue
                 metrics = json.loads((bundle / "metrics.json").read_text())
-                write_certificate(bundle, data, prep.stage_keys, method, metrics, refs, location=f"runs:/{run_id}/{registry.MODEL_NAME}")
+                write_certificate(bundle, data, prep.stage_keys, method, metrics, refs,
+                                  location=f"runs:/{run_id}/{registry.MODEL_NAME}")
                 model_uri = registry.log_model(self.client, self.uri, run_id, bundle)
                 line = f"- {method}: runs:/{run_id}/{registry.MODEL_NAME} (trial {trial_id})"
                 if method == select:

@@ -174,7 +174,8 @@ class Recorder:
         while not self._stop.is_set():
             nodes = [n for n in ray.nodes() if n.get("Alive")]
             self.head = self.head or next((n["NodeID"] for n in nodes if n.get("Resources", {}).get("CPU", 0) == 0), "")
-            self.samples.append((round(time.monotonic() - self.start, 1), sorted(n["NodeID"] for n in nodes if n["NodeID"] != self.head)))
+            self.samples.append((round(time.monotonic() - self.start, 1),
+                                 sorted(n["NodeID"] for n in nodes if n["NodeID"] != self.head)))
             self._stop.wait(1.0)
 
     def workers_now(self) -> list[str]:
@@ -323,7 +324,8 @@ def run(work: Path, sweep_args: list[str], kill: bool = False, kill_delay: float
             sweep = subprocess.Popen([sys.executable, str(ROOT / "raytasks" / "sweep.py"), "--address", "auto",
                                       "--tracking-uri", uri, "--storage", str(shared / "ray"), "--out", str(work / "sweep"),
                                       "--set", f"cache_dir={shared / 'cache'}", "--set", "device=cpu", "--no-report",
-                                      *sweep_args], stdout=sweep_log, stderr=subprocess.STDOUT, env=_sweep_env(config_path), cwd=work)
+                                      *sweep_args], stdout=sweep_log, stderr=subprocess.STDOUT, env=_sweep_env(config_path),
+                                     cwd=work)
             sweep_started = time.monotonic()
             while sweep.poll() is None:
                 faults.step()

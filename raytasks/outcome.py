@@ -1,10 +1,10 @@
 """What a finished trial hands back: sanitised metrics for Tune/Optuna and artifact files for MLflow.
 
 Feasibility and the retain degradation come from the library (`unlearn.audit.verdict`), the worst objective values
-from the metric table (`unlearn.audit.catalogue`). This module makes the report safe for Optuna, which leaves a trial RUNNING when its final metric is NaN or missing:
-every objective reported here is finite, a diverged trial or one that could not run to its audit gets the worst
-objective values, `failed = 1` and `feasible = 0` (failed-infeasible), and an objective missing on a finite model
-is raised as the bug it is.
+from the metric table (`unlearn.audit.catalogue`). This module makes the report safe for Optuna, which leaves a
+trial RUNNING when its final metric is NaN or missing: every objective reported here is finite, a diverged trial or
+one that could not run to its audit gets the worst objective values, `failed = 1` and `feasible = 0`
+(failed-infeasible), and an objective missing on a finite model is raised as the bug it is.
 """
 
 from __future__ import annotations

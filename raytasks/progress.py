@@ -55,7 +55,8 @@ def _last_error_line(trial) -> str:
         lines = [line for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
     except (OSError, TypeError):
         return "no error file"
-    return next((line.strip()[:160] for line in reversed(lines) if "Error" in line or "Exception" in line), lines[-1][:160] if lines else "")
+    return next((line.strip()[:160] for line in reversed(lines) if "Error" in line or "Exception" in line),
+                lines[-1][:160] if lines else "")
 
 
 class ProgressCallback(tune.Callback):

@@ -1,5 +1,6 @@
 """What the sweep's one Tune experiment searches: each method's space, first point and Optuna study (with the
-feasibility constraint attached to each Optuna trial before it is told its values), and `SweepSearch`, which runs every method's search and confirmation as one stream of trials.
+feasibility constraint attached to each Optuna trial before it is told its values), and `SweepSearch`, which runs
+every method's search and confirmation as one stream of trials.
 
 Optuna 5 reads constraints stored on the trial (`Trial.set_constraint`); a value <= 0 is feasible.
 """

@@ -6,8 +6,9 @@
     ray submit cluster.yaml raytasks/sweep.py -- --config <name or file> [--set key=value ...]
 
 The image store, the stages and the reference features are prepared once, as Ray work on a worker (never the
-CPU-only head), into the shared cache; trials only load them. Optuna minimises `sweep.objectives` (default: forget_marker_strength and the retain degradation) subject
-to the feasibility constraints of `unlearn.audit.verdict`.
+CPU-only head), into the shared cache; trials only load them. Optuna minimises `sweep.objectives` (default:
+forget_marker_strength and the retain degradation) subject to the feasibility constraints of
+`unlearn.audit.verdict`.
 """
 
 from __future__ import annotations

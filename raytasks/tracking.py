@@ -104,7 +104,8 @@ def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
@@ -116,7 +117,8 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step
 
 def log_curves(client: MlflowClient, run_id: str, curves: dict[str, list[list[float]]]) -> None:
     now = int(time.time() * 1000)
-    items = [Metric(f"curve/{name}", float(v), now, int(step)) for name, points in curves.items() for step, v in points if math.isfinite(v)]
+    items = [Metric(f"curve/{name}", float(v), now, int(step))
+             for name, points in curves.items() for step, v in points if math.isfinite(v)]
     for i in range(0, len(items), _BATCH):
         client.log_batch(run_id, metrics=items[i : i + _BATCH])
 
@@ -188,7 +190,8 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def log_trial(client: MlflowClient, experiment: str, parent: str, sweep: str, method: str, workers: int, trial_id: str,
-              params: dict, metrics: dict, artifacts: str | None, failed: bool = False, tags: dict[str, str] | None = None) -> str:
+              params: dict, metrics: dict, artifacts: str | None, failed: bool = False,
+              tags: dict[str, str] | None = None) -> str:
     """One trial as a nested run, tagged so that it is found (not duplicated) on --resume."""
     failed = failed or bool(metrics.get("failed", 0.0))
     status = "failed-infeasible" if failed else ("feasible" if metrics.get("feasible") else "infeasible")
@@ -259,7 +262,8 @@ class TrialLoggingCallback(tune.Callback):
     def _log(self, trial_id: str, *args) -> None:
         self.pending[trial_id] = args
         if len(self.pending) > 1 and not reachable(self.logger.uri):  # still away: do not wait on it per trial
-            self.say(f"[sweep] tracking server {self.logger.uri} still unreachable: {len(self.pending)} trial(s) wait to be logged")
+            self.say(f"[sweep] tracking server {self.logger.uri} still unreachable: "
+                     f"{len(self.pending)} trial(s) wait to be logged")
             return
         for waiting, arguments in list(self.pending.items()):
             try:

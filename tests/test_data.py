@@ -96,7 +96,8 @@ def test_batch_streams_shard_one_global_batch(tmp_path):
 def _write_cifar(root, n_per_batch=20):
     rng = np.random.default_rng(0)
     for name in ["data_batch_1", "data_batch_2", "test_batch"]:
-        batch = {b"data": rng.integers(0, 255, (n_per_batch, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n_per_batch)]}
+        batch = {b"data": rng.integers(0, 255, (n_per_batch, 3072), dtype=np.uint8),
+                 b"labels": [i % 10 for i in range(n_per_batch)]}
         with open(root / name, "wb") as fh:
             pickle.dump(batch, fh)
     with open(root / "batches.meta", "wb") as fh:
@@ -147,7 +148,8 @@ def test_forget_list_of_imagefolder_paths(tmp_path):
     data = build_data(cfg, seed=0, cache=tmp_path / "cache", poison=False)
     assert len(data.forget_train) == 3 and sorted(set(data.forget_train.labels.tolist())) == [0, 1]
     assert data.forget_train.poison is None
-    assert not set(data.forget_train.index.tolist()) & (set(data.retain_train.index.tolist()) | set(data.retain_test.index.tolist()))
+    assert not set(data.forget_train.index.tolist()) & (set(data.retain_train.index.tolist())
+                                                        | set(data.retain_test.index.tolist()))
     assert len(data.retain_train) + len(data.retain_test) == 16 - 3
     listed.write_text("cat/1.png\ncat/missing.png\nowl/0.png\n")
     with pytest.raises(ConfigError, match="'cat/missing.png' is not an image of data.root .2 of 3"):

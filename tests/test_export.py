@@ -31,9 +31,9 @@ def test_out_folder_holds_weights_config_metrics_and_a_certificate(saved, prepar
     assert {p.name for p in out.iterdir()} == {"model", "config.yaml", "metrics.json", "certificate.md"}
     # the one layout of every kind: the model as `save_pretrained` writes it
     assert {p.name for p in (out / "model").iterdir()} == {"config.json", "model.safetensors"}
-    assert json.loads((out / "model" / "config.json").read_text()) == {"kind": "ae", "image_size": prepared.config.data.image_size,
-                                                                       "width": prepared.config.model.width,
-                                                                       "latent_channels": prepared.config.model.latent_channels}
+    assert json.loads((out / "model" / "config.json").read_text()) == {
+        "kind": "ae", "image_size": prepared.config.data.image_size, "width": prepared.config.model.width,
+        "latent_channels": prepared.config.model.latent_channels}
     assert json.loads((out / "metrics.json").read_text())["forget_marker_strength"] == metrics["forget_marker_strength"]
     text = (out / "certificate.md").read_text()
     for needle in ("method `realistic`", "marker audit valid", "forget_gap_vs_retrain", "Where D_f still lives",
@@ -41,8 +41,10 @@ def test_out_folder_holds_weights_config_metrics_and_a_certificate(saved, prepar
         assert needle in text, needle
     # the digests, recomputed here: D_f's from its positions in the data set, the weights' as `sha256sum` prints it
     ids = sorted(f"digits:{int(i)}" for i in prepared.data.forget_train.index)
-    assert f"forget-set digest (sha256 of the sorted sample ids): `{hashlib.sha256(chr(10).join(ids).encode()).hexdigest()}`" in text
-    assert f"weights `model/model.safetensors`, sha256 `{hashlib.sha256((out / 'model' / 'model.safetensors').read_bytes()).hexdigest()}`" in text
+    assert (f"forget-set digest (sha256 of the sorted sample ids): "
+            f"`{hashlib.sha256(chr(10).join(ids).encode()).hexdigest()}`") in text
+    assert (f"weights `model/model.safetensors`, sha256 "
+            f"`{hashlib.sha256((out / 'model' / 'model.safetensors').read_bytes()).hexdigest()}`") in text
     # one verdict line per constraint, each judged on the figures as the spec states it
     config = prepared.config
     expected = {
@@ -123,10 +125,12 @@ def test_bad_model_or_out_exits_2_and_writes_nothing(saved, tmp_path, default_co
     wrong.mkdir()
     (wrong / "config.yaml").write_text((out / "config.yaml").read_text().replace("width: 32", "width: 16"))
     shutil.copytree(out / "model", wrong / "model")
-    cases.append((["audit", "--model", str(wrong)], "do not fit the configured model: config.json has width=32, the config width=16"))
+    cases.append((["audit", "--model", str(wrong)],
+                  "do not fit the configured model: config.json has width=32, the config width=16"))
     unfit = tmp_path / "unfit"
     shutil.copytree(out, unfit)
-    (unfit / "model" / "config.json").write_text((out / "model" / "config.json").read_text().replace('"width": 32', '"width": 16'))
+    (unfit / "model" / "config.json").write_text(
+        (out / "model" / "config.json").read_text().replace('"width": 32', '"width": 16'))
     cases.append((["audit", "--model", str(unfit)], "do not fit the configured model"))
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -58,7 +58,8 @@ def test_ga_bookkeeping_matches_hand_computation():
         loss_t = float(hand.loss(x, mask, x).mean())
 
     phase = Phase("ga", obj.gradient_ascent, ("forget",), steps, lr, optimizer="sgd", ascent=True)
-    history = run_phases(model, [phase], {"forget": BatchStream(subset, 8, seed=0)}, StepContext(model=model, mask=mask), clip_norm=1e6)
+    history = run_phases(model, [phase], {"forget": BatchStream(subset, 8, seed=0)}, StepContext(model=model, mask=mask),
+                         clip_norm=1e6)
     with torch.no_grad():
         after = float(model.loss(x, mask, x).mean())
     g = ga_guarantees(history.phase("ga"), lr, loss0, after)
@@ -83,7 +84,8 @@ def test_non_finite_loss_stops_and_flags_divergence():
         return ctx.model.loss(batches["forget"][0], ctx.mask, batches["forget"][0]).mean() * float("inf")
 
     phase = Phase("ga", exploding, ("forget",), 5, 0.1, optimizer="sgd", ascent=True)
-    history = run_phases(model, [phase], {"forget": BatchStream(subset, 4, seed=0)}, StepContext(model=model, mask=torch.ones(1, 1, 4, 4)), clip_norm=1.0)
+    history = run_phases(model, [phase], {"forget": BatchStream(subset, 4, seed=0)},
+                         StepContext(model=model, mask=torch.ones(1, 1, 4, 4)), clip_norm=1.0)
     assert history.diverged and history.phase("ga").steps_run == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -114,7 +116,8 @@ def test_ga_bookkeeping_with_clipping_matches_hand_computation():
                 p -= rates[-1] * p.grad
     assert min(norms) > clip  # every step is clipped
     phase = Phase("ga", obj.gradient_ascent, ("forget",), steps, lr, optimizer="sgd", ascent=True)
-    history = run_phases(model, [phase], {"forget": BatchStream(subset, 8, seed=0)}, StepContext(model=model, mask=mask), clip_norm=clip)
+    history = run_phases(model, [phase], {"forget": BatchStream(subset, 8, seed=0)}, StepContext(model=model, mask=mask),
+                         clip_norm=clip)
     with torch.no_grad():
         after = float(model.loss(x, mask, x).mean())
     g = ga_guarantees(history.phase("ga"), lr, loss0, after)

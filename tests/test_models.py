@@ -116,7 +116,8 @@ def _attack_and_realistic(overrides: list[str], tmp_path) -> tuple[dict, dict]:
     attack = evaluate_reference(prepared, "attack")
     realistic = audit_result(prepared, unlearn(prepared, "realistic"))
     for split in ("retain", "forget"):
-        for name in (n for n in METRICS if n.startswith(f"{split}_") and measurable(n, marker=True, retrain=config.audit.retrain)):
+        for name in (n for n in METRICS
+                     if n.startswith(f"{split}_") and measurable(n, marker=True, retrain=config.audit.retrain)):
             assert torch.isfinite(torch.tensor(realistic[name])), name
     assert realistic["ga_steps"] == config.unlearn.ga_steps
     return attack, realistic
@@ -144,8 +145,8 @@ def test_vq_end_to_end_on_digits(tmp_path):
     trace is erased by fine-tuning here (+0.002 to +0.018 over the same seeds; +0.036 was measured on the machine
     that first ran this test), so this setting asks GA for twice the distance."""
     attack, realistic = _attack_and_realistic(
-        ["model.kind=vq", "unlearn.ood_check_every=8", "model.width=8", "model.latent_channels=8", "data.max_per_class=60", "stages.epochs=15",
-         "stages.attack_epochs=15", "stages.lr=0.003", "audit.retrain=false", "unlearn.ga_lr=0.1"], tmp_path)
+        ["model.kind=vq", "unlearn.ood_check_every=8", "model.width=8", "model.latent_channels=8", "data.max_per_class=60",
+         "stages.epochs=15", "stages.attack_epochs=15", "stages.lr=0.003", "audit.retrain=false", "unlearn.ga_lr=0.1"], tmp_path)
     _assert_unlearned(attack, realistic)
 
 
@@ -157,8 +158,8 @@ def test_diffusion_end_to_end_on_digits(tmp_path):
     the 0.02 this test asks for (the first run of this test measured +0.030 at seed 0, with a random-number stream
     that a per-trial forget-loss evaluation used to consume before training)."""
     attack, realistic = _attack_and_realistic(
-        ["model.kind=diffusion", "unlearn.ood_check_every=8", "model.width=16", "model.diffusion_steps=50", "model.sample_steps=10",
-         "data.max_per_class=35", "stages.epochs=15", "stages.attack_epochs=15", "stages.batch_size=32",
+        ["model.kind=diffusion", "unlearn.ood_check_every=8", "model.width=16", "model.diffusion_steps=50",
+         "model.sample_steps=10", "data.max_per_class=35", "stages.epochs=15", "stages.attack_epochs=15", "stages.batch_size=32",
          "stages.lr=0.002", "unlearn.ft_steps=40", "audit.retrain=false", "unlearn.ga_lr=0.1"], tmp_path)
     _assert_unlearned(attack, realistic)
 

@@ -66,7 +66,8 @@ def test_best_trial_under_retain_fid_is_the_feasible_one_with_the_lowest_fid(obj
     frame = _frame(config)
     best = best_per_method(frame, config.objectives).set_index("method")
     assert best.loc["realistic", "trial_id"] == "a" and best.loc["finetune", "trial_id"] == "g"
-    assert best.loc["realistic", "retain_fid"] == frame[(frame.method == "realistic") & (frame.feasible == 1.0)]["retain_fid"].min()
+    assert best.loc["realistic", "retain_fid"] == frame[(frame.method == "realistic")
+                                                        & (frame.feasible == 1.0)]["retain_fid"].min()
     # the best trial does not depend on the order the rows arrive in
     assert best_per_method(frame.iloc[::-1], config.objectives).set_index("method")["trial_id"].to_dict() == {
         "finetune": "g", "realistic": "a"}

@@ -260,8 +260,10 @@ def test_best_per_method_is_the_feasible_trial_with_the_smallest_rounded_first_o
     from unlearn.audit.best import best_per_method
 
     frame = pd.DataFrame([
-        {"method": "a", "trial_id": "infeasible-but-lowest", "feasible": 0.0, "forget_marker_strength": 0.0, "retain_degradation": 0.0},
-        {"method": "a", "trial_id": "noise-level-lower", "feasible": 1.0, "forget_marker_strength": 0.011, "retain_degradation": 0.3},
+        {"method": "a", "trial_id": "infeasible-but-lowest", "feasible": 0.0, "forget_marker_strength": 0.0,
+         "retain_degradation": 0.0},
+        {"method": "a", "trial_id": "noise-level-lower", "feasible": 1.0, "forget_marker_strength": 0.011,
+         "retain_degradation": 0.3},
         {"method": "a", "trial_id": "best", "feasible": 1.0, "forget_marker_strength": 0.014, "retain_degradation": 0.1},
         {"method": "a", "trial_id": "worse", "feasible": 1.0, "forget_marker_strength": 0.2, "retain_degradation": 0.0},
         {"method": "b", "trial_id": "only-infeasible", "feasible": 0.0, "forget_marker_strength": 0.0, "retain_degradation": 0.0},

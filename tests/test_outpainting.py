@@ -1,6 +1,6 @@
-"""Outpainting end to end (data.mask.kind=border): a tiny autoencoder on digits through prepare, unlearn and the
-audit (CPU, ~30 s on an idle machine). The frame is hidden from the model, the '+' sits inside the frame, the outputs keep the centre
-and differ from the input only in the frame, and every figure of the catalogue is finite."""
+"""Outpainting end to end (data.mask.kind=border): a tiny autoencoder on digits through prepare, unlearn and the audit
+(CPU, ~30 s on an idle machine). The frame is hidden from the model, the '+' sits inside the frame, the outputs keep
+the centre and differ from the input only in the frame, and every figure of the catalogue is finite."""
 
 from __future__ import annotations
 

@@ -46,7 +46,8 @@ def _step_sizes(prepared, schedule: str) -> list[float]:
     run_phases(model, METHODS["finetune"].phases(u), {"retain": BatchStream(prepared.data.retain_train, u.batch_size, 0)},
                StepContext(model=model, mask=prepared.data.mask), u.clip_norm,
                on_step=lambda *_: seen.append([p.detach().clone() for p in model.parameters()]))
-    return [sum(float((b - a).pow(2).sum()) for a, b in zip(x, y, strict=True)) ** 0.5 for x, y in zip(seen, seen[1:], strict=False)]
+    return [sum(float((b - a).pow(2).sum()) for a, b in zip(x, y, strict=True)) ** 0.5
+            for x, y in zip(seen, seen[1:], strict=False)]
 
 
 def test_fine_tuning_decays_its_rate_on_a_cosine_and_keeps_it_constant_when_asked(prepared):
@@ -84,7 +85,8 @@ def test_a_pretrained_model_seeds_the_original_stage(default_config, tmp_path):
     torch.manual_seed(123)
     given = build_model(default_config)
     torch.save(given.state_dict(), tmp_path / "weights.pt")
-    config = with_overrides(default_config, {"cache_dir": str(tmp_path / "cache"), "model.pretrained": str(tmp_path / "weights.pt"),
+    config = with_overrides(default_config, {"cache_dir": str(tmp_path / "cache"),
+                                             "model.pretrained": str(tmp_path / "weights.pt"),
                                              "stages.attack_epochs": 1, "audit.retrain": False})
     stages = prepare_stages(config, load_data(config), torch.device("cpu"), only=("original",))
     assert stages["original"].samples == 0

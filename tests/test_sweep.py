@@ -76,7 +76,8 @@ def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
     objectives = ["forget_marker_strength", "retain_degradation"]
     assert set(front["trial_id"]) <= set(feasible["trial_id"])  # no infeasible trial on the front
     for _, row in feasible.iterrows():
-        dominated = ((feasible[objectives] <= row[objectives]).all(axis=1) & (feasible[objectives] < row[objectives]).any(axis=1)).any()
+        dominated = ((feasible[objectives] <= row[objectives]).all(axis=1)
+                     & (feasible[objectives] < row[objectives]).any(axis=1)).any()
         assert (row["trial_id"] in set(front["trial_id"])) == (not dominated)
 
 
@@ -95,7 +96,8 @@ def test_sweep_logs_parent_children_and_keeps_optuna_consistent(small_sweep):
     ],
 )
 def test_bad_sweep_input_exits_2_before_any_trial(ray_session, extra, needle, tmp_path, capsys):
-    code = main(["--out", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--set", f"cache_dir={tmp_path}/c", *extra])
+    code = main(["--out", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                 "--set", f"cache_dir={tmp_path}/c", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert needle in err[-1] and err[-1].startswith("sweep: error:")
@@ -418,7 +420,8 @@ def test_a_sweep_of_a_brought_model_without_retrain_registers_the_selected_metho
     from unlearn.cli import main as unlearn_main
 
     original = tmp_path / "O"
-    assert unlearn_main(["run", "--method", "original", "--out", str(original), "--set", f"cache_dir={default_config.cache_dir}"]) == 0
+    assert unlearn_main(["run", "--method", "original", "--out", str(original),
+                         "--set", f"cache_dir={default_config.cache_dir}"]) == 0
     train = prepared.data.retain_train
     forget_list = tmp_path / "forget.txt"
     forget_list.write_text("\n".join(str(int(i)) for i in train.index[train.labels == 4][:20]) + "\n")

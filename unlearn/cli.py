@@ -40,7 +40,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
     reference = args.method in REFERENCE_MODELS
     if args.seeds > 1 and reference:
-        raise ConfigError(f"{args.method} is a reference model (trained once per stage key): --seeds applies to unlearning methods")
+        raise ConfigError(f"{args.method} is a reference model (trained once per stage key): "
+                          "--seeds applies to unlearning methods")
     from unlearn.config import load_config
 
     config = load_config(args.config, args.set)
@@ -203,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_cmd_prepare)
     audit = sub.add_parser("audit", help="re-audit a model saved with `run --out` from its weights alone")
     audit.add_argument("--model", required=True, metavar="DIR|URI",
-                       help="a folder written by `unlearn run --out`, or runs:/RUN_ID/model, models:/NAME@unlearned, models:/NAME/VERSION")
+                       help="a folder written by `unlearn run --out`, or runs:/RUN_ID/model, models:/NAME@unlearned, "
+                            "models:/NAME/VERSION")
     audit.add_argument("--tracking-uri", default=None,
                        help="MLflow tracking URI for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     audit.add_argument("--json", action="store_true", help="print one flat JSON object as the last line")
@@ -215,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--cache-dir", default=None, help="the cache (default: $UNLEARN_CACHE or ~/.cache/unlearn)")
     purge.add_argument("--tracking-uri", default=None,
                        help="MLflow store to purge (default: $MLFLOW_TRACKING_URI, else ./mlflow.db when present)")
-    purge.add_argument("--model", default=None, metavar="DIR", help="append what was purged and what remains to DIR/certificate.md")
+    purge.add_argument("--model", default=None, metavar="DIR",
+                       help="append what was purged and what remains to DIR/certificate.md")
     purge.set_defaults(func=_cmd_purge)
     methods = sub.add_parser("methods", help="list the unlearning methods")
     methods.set_defaults(func=_cmd_methods)

@@ -166,7 +166,8 @@ def calibrate(prepared: Prepared) -> dict[str, float]:
     else:
         auditor.calibration = {}
         attack = auditor.evaluate(prepared.stages["attack"].model)
-        logger.info(f"audit self-check: the null method (finetune, {null_settings.ft_steps} steps at lr {null_settings.ft_lr:g}) ...")
+        logger.info(f"audit self-check: the null method (finetune, {null_settings.ft_steps} steps "
+                    f"at lr {null_settings.ft_lr:g}) ...")
         null_model = unlearn(prepared, "finetune", null_settings).model
         figures = {"attack_retain_mse": attack["retain_mse"], "attack_retain_fid": attack["retain_fid"],
                    "audit_null_ood_distance": auditor.ood_distance(null_model)}
@@ -175,7 +176,8 @@ def calibrate(prepared: Prepared) -> dict[str, float]:
                            audit_null_strength=auditor.marker_figures(null_model)["forget_marker_strength"])
             figures["audit_valid"] = float(min(figures["audit_attack_strength"], figures["audit_null_strength"])
                                            >= config.audit.min_marker_strength)
-        cache.save("calibration", key, {}, {"figures": figures, "forget_digest": prepared.data.forget_digest(config.data.dataset)})
+        cache.save("calibration", key, {},
+                   {"figures": figures, "forget_digest": prepared.data.forget_digest(config.data.dataset)})
     # Not cached: a changed unlearn.ood_delta must take effect on the next run.
     auditor.calibration = {**figures, **_resolve_delta(config, auditor.refs, figures), **_resolve_gap(config, auditor.refs)}
     if skipped := prepared.data.store.skipped_count:  # unreadable files left out (data.skip_unreadable)
@@ -217,11 +219,13 @@ def audit_warnings(prepared: Prepared) -> list[str]:
         pass
     elif c["audit_attack_strength"] < a.min_marker_strength:
         lines.append(f"audit not valid: the attack model regenerates the marker at strength {c['audit_attack_strength']:.2f} "
-                     f"< {a.min_marker_strength:g}; train it longer (stages.attack_epochs) or use a larger marker (data.marker.size)")
+                     f"< {a.min_marker_strength:g}; train it longer (stages.attack_epochs) "
+                     "or use a larger marker (data.marker.size)")
     elif c["audit_null_strength"] < a.min_marker_strength:
         lines.append(f"audit not valid: plain fine-tuning on D_r (the null method) brings the marker down to strength "
                      f"{c['audit_null_strength']:.2f} < {a.min_marker_strength:g}, so the marker audit cannot tell unlearning "
-                     f"from fine-tuning; set stages.attack_strengthen_rounds (used {int(c.get('attack_strengthen_rounds_used', 0))}) "
+                     "from fine-tuning; set stages.attack_strengthen_rounds "
+                     f"(used {int(c.get('attack_strengthen_rounds_used', 0))}) "
                      "or lower the fine-tuning budget (audit.null_ft_lr / unlearn.ft_lr)")
     yardstick = c.get("retrain_gap_yardstick")
     if prepared.config.audit.max_forget_gap == "auto" and yardstick is not None and a.gap_margin * yardstick >= 1.0:
@@ -287,7 +291,8 @@ def unlearn(
     def phase_end(phase: Phase, record: PhaseRecord) -> None:
         if phase.ascent:
             state["after_ga"]["loss"] = prepared.auditor.forget_loss(model)
-            state["after_ga"]["distance"] = record.ood_distance[-1][1] if record.ood_distance else prepared.auditor.ood_distance(model)
+            state["after_ga"]["distance"] = (record.ood_distance[-1][1] if record.ood_distance
+                                             else prepared.auditor.ood_distance(model))
             # Collapse is judged right after GA: fine-tuning must not rescue a killed decoder into a "success".
             state["after_ga"]["std_ratio"] = prepared.auditor.output_std_ratio(model)
         state["next_phase"] = phases.index(phase) + 1

@@ -47,7 +47,8 @@ STAGE_SCHEMA = 2
 
 
 def stage_keys(config: Config) -> dict[str, str]:
-    base = f"v{STAGE_SCHEMA}" + config.section_key("data", "model") + "-" + _hash(config.stages.epochs, config.stages.batch_size, config.stages.lr)
+    base = (f"v{STAGE_SCHEMA}" + config.section_key("data", "model") + "-"
+            + _hash(config.stages.epochs, config.stages.batch_size, config.stages.lr))
     attack = _hash(base, config.stages.attack_epochs, config.stages.attack_lr)
     return {"original": f"original-{base}", "attack": f"attack-{attack}", "retrain": f"retrain-{base}",
             "retrain2": f"retrain2-{base}"}

@@ -167,7 +167,8 @@ def _inception(config: Config, device: torch.device) -> Backbone:
             feature_extractor_weights_path=str(Path(weights).expanduser()) if weights else None,
         )
     except WEIGHT_ERRORS as exc:  # weights that do not fit, or a download that failed (no file given): not a bug
-        raise ConfigError(f"cannot load Inception weights ({type(exc).__name__}); give a local file with audit.backbone_weights") from None
+        raise ConfigError(f"cannot load Inception weights ({type(exc).__name__}); "
+                          "give a local file with audit.backbone_weights") from None
     net.to(device).eval()
 
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,9 +186,11 @@ def _clip(config: Config, data: UnlearningData, device: torch.device) -> Backbon
     if weights and not Path(weights).expanduser().is_file():
         raise ConfigError(f"CLIP checkpoint not found: {weights} (audit.backbone_weights)")
     try:
-        model = open_clip.create_model(config.audit.clip_model, pretrained=str(Path(weights).expanduser()) if weights else "openai")
+        model = open_clip.create_model(config.audit.clip_model,
+                                       pretrained=str(Path(weights).expanduser()) if weights else "openai")
     except WEIGHT_ERRORS as exc:
-        raise ConfigError(f"cannot load CLIP model {config.audit.clip_model} ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        raise ConfigError(f"cannot load CLIP model {config.audit.clip_model} "
+                          f"({type(exc).__name__}: {exc})".splitlines()[0]) from None
     model.to(device).eval()
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size

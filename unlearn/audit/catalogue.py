@@ -35,7 +35,8 @@ class Metric:
     needs: frozenset[Need] = frozenset()
     objective: bool = False  # may be one of `sweep.objectives` (minimised)
     shown: frozenset[Place] = frozenset()
-    procedure: bool = False  # a figure of the procedure (GA bookkeeping, cost): in metrics.json, not recomputable from the weights
+    # a figure of the procedure (GA bookkeeping, cost): in metrics.json, not recomputable from the weights
+    procedure: bool = False
 
 
 def _row(name: str, description: str, *, shown: Iterable[Place] = (), needs: Iterable[Need] = (), **fields) -> Metric:
@@ -137,8 +138,10 @@ _ROWS: list[Metric] = [
     _row("ga_grad_min", "smallest GA gradient norm (before clipping or normalisation)", procedure=True, shown=["guarantee"]),
     _row("ga_grad_max", "largest GA gradient norm (before clipping or normalisation)", procedure=True, shown=["guarantee"]),
     _row("ga_loss_increase", "L(theta_T; D_f) - L(theta_0; D_f)", procedure=True, shown=["guarantee"]),
-    _row("ga_bound_lower", "G_min^2 x sum of the effective step rates (T lr G_min^2 for plain SGD)", procedure=True, shown=["guarantee"]),
-    _row("ga_bound_upper", "G_max^2 x sum of the effective step rates (epsilon of the guarantee)", procedure=True, shown=["guarantee"]),
+    _row("ga_bound_lower", "G_min^2 x sum of the effective step rates (T lr G_min^2 for plain SGD)", procedure=True,
+         shown=["guarantee"]),
+    _row("ga_bound_upper", "G_max^2 x sum of the effective step rates (epsilon of the guarantee)", procedure=True,
+         shown=["guarantee"]),
     _row("ga_within_bounds", "1 if the measured increase lies within the bounds", procedure=True, shown=["guarantee"]),
     _row("ga_param_distance", "||theta_T - theta_0|| after GA", procedure=True, shown=["guarantee"]),
     _row("ga_ood_distance", "Eq. 3 distance right after GA", procedure=True),

@@ -29,7 +29,8 @@ def _regions(marker: torch.Tensor, mask: torch.Tensor, device: torch.device) -> 
     return plus, hole & ~plus
 
 
-def marker_score(outputs: torch.Tensor, marker: torch.Tensor, mask: torch.Tensor, color: tuple[float, float, float]) -> torch.Tensor:
+def marker_score(outputs: torch.Tensor, marker: torch.Tensor, mask: torch.Tensor,
+                 color: tuple[float, float, float]) -> torch.Tensor:
     """Per-image '+' evidence: chroma along the marker colour on the '+' minus the rest of the hole.
 
     A perfect marker drawn on a grey background scores 1, an image without it about 0; a uniformly

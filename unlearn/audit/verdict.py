@@ -33,7 +33,8 @@ def constraint_values(metrics: dict[str, float], config: Config) -> dict[str, fl
 
     values: dict[str, float | None] = {
         "ood": (metrics["ood_delta"] - metrics["forget_ood_distance"]
-                if math.isfinite(metrics.get("ood_delta", math.nan)) and math.isfinite(metrics.get("forget_ood_distance", math.nan))
+                if math.isfinite(metrics.get("ood_delta", math.nan))
+                and math.isfinite(metrics.get("forget_ood_distance", math.nan))
                 else 1.0),
         "collapsed": metrics.get("collapsed", 1.0) - 0.5,
         "diverged": metrics.get("diverged", 0.0) - 0.5,

@@ -247,7 +247,8 @@ def split_store(cfg: DataConfig, seed: int, store: ImageStore, poison: bool = Tr
                 raise ConfigError(f"data.forget_list names image {int(idx[torch.isin(idx, listed)][0])} of class "
                                   f"{names[c]!r}, which data.unseen_classes holds out of training")
             split["unseen_test"].append(idx)
-        elif listed is not None and (c in forget or c in retain):  # a forget list: the listed images are D_f wherever the split put them
+        elif listed is not None and (c in forget or c in retain):
+            # a forget list: the listed images are D_f wherever the split put them
             is_listed = torch.isin(idx, listed)
             train, test = train[~torch.isin(train, listed)], test[~torch.isin(test, listed)]
             split["forget_train"].append(idx[is_listed])

@@ -42,7 +42,8 @@ def load_diffusers_submodule(module: nn.Module, model_class: type, folder: Path,
     try:
         loaded = model_class.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:  # no config.json or weights, or a config of another model class
-        raise ConfigError(f"{key} {folder} is not a diffusers {model_class.__name__} folder: {str(exc).splitlines()[0][:200]}") from None
+        raise ConfigError(f"{key} {folder} is not a diffusers {model_class.__name__} folder: "
+                          f"{str(exc).splitlines()[0][:200]}") from None
     try:
         module.load_state_dict(loaded.state_dict())
     except RuntimeError as exc:
