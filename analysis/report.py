@@ -13,7 +13,7 @@ import pandas as pd
 from analysis.figures import distance_plot, image_grid, pareto_plot, tsne_plot
 from analysis.runs import SweepRuns, load_sweep
 from unlearn.audit.best import confirmed, mean_pm_std
-from unlearn.audit.catalogue import METRICS, shown_in
+from unlearn.audit.catalogue import METRICS, describe, shown_in
 from unlearn.audit.samples import SAMPLES_PER_SPLIT
 from unlearn.audit.verdict import CONSTRAINT_FIGURES, violations
 
@@ -65,10 +65,15 @@ def comparison_table(runs: SweepRuns) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def table_figures(objectives: list[str]) -> list[str]:
+    """The figures of report.md's table: the objectives, then the figures the constraints judge."""
+    return [*objectives, *[f for f in CONSTRAINT_FIGURES.values() if f not in objectives and f != "diverged"]]
+
+
 def markdown_table(table: pd.DataFrame, objectives: list[str]) -> str:
     """report.md's table: the model, its verdict, the objectives and the constraints' figures, three significant
-    digits (mean ± std where confirmed); every other figure stays in comparison.csv."""
-    figures = [*objectives, *[f for f in CONSTRAINT_FIGURES.values() if f not in objectives and f != "diverged"]]
+    digits (mean ± std where confirmed); the other figures of the report are in comparison.csv."""
+    figures = table_figures(objectives)
     columns = ["model", "verdict", *[f for f in figures if f in table], *[c for c in ("seeds", "feasible_seeds") if c in table]]
     shown = mean_pm_std(table[[c for c in table if c in columns or c.removesuffix("_std") in figures]], figures)
     for count in ("seeds", "feasible_seeds"):  # only confirmed rows have them
@@ -124,7 +129,7 @@ def _plots(runs: SweepRuns, out: Path) -> list[str]:
     trials = runs.trials.rename(columns=lambda c: c.removeprefix("metrics."))
     trials = trials.assign(method=runs.trials["tags.method"])
     pareto_plot(trials, list(config.objectives), out / "pareto.png",
-                confirmed(runs.confirmation_frame(), ["retain_degradation", "forget_marker_strength", *config.objectives]))
+                confirmed(runs.confirmation_frame(), list(dict.fromkeys([*shown_in("confirmed"), *config.objectives]))))
 
     best = runs.best_trials()
     ood_delta = float(_attack(runs).get("metrics.ood_delta", math.nan))
@@ -216,11 +221,14 @@ def _markdown(runs: SweepRuns, table: pd.DataFrame, figures: list[str], grid_row
         f"Each method's best feasible trial (smallest {config.objectives[0]}, rounded to 0.01, then "
         f"{', '.join([*config.objectives[1:], 'trial id'])}); a method without one shows its least-violating trial "
         "(the smallest constraint value), marked infeasible with what it violates; then the reference models. "
-        "Objectives and the constraints' figures, three significant digits; every figure is in `comparison.csv`."
+        "Objectives and the constraints' figures, three significant digits; the report's other figures are in "
+        "`comparison.csv`."
         + (" A confirmed row shows the mean ± std over its fresh unlearning seeds (`seeds`, `feasible_seeds`; the "
            "search trial itself ran seed 0)." if "seeds" in table else ""),
         "",
         markdown_table(table, list(config.objectives)),
+        "",
+        *[f"- `{name}`: {describe(name)}" for name in table_figures(list(config.objectives)) if name in table],
         "",
     ]
     if infeasible:

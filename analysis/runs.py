@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from raytasks.tracking import resolve_uri
 from unlearn.audit.best import best_per_method
-from unlearn.audit.verdict import violations
+from unlearn.audit.verdict import violation_counts
 from unlearn.config import Config, validate_config
 from unlearn.errors import ConfigError
 
@@ -95,11 +95,7 @@ class SweepRuns:
         for method, group in frame.groupby("method"):
             if method in best:
                 continue
-            counts: dict[str, int] = {}
-            for row in group.to_dict("records"):
-                for name in violations(row, config):
-                    counts[name] = counts.get(name, 0) + 1
-            out[str(method)] = counts
+            out[str(method)] = violation_counts(group.to_dict("records"), config)
         return out
 
 

@@ -26,7 +26,7 @@ from raytasks.resources import TrialPlan
 from raytasks.search import CONFIRMS_KEY, METHOD_KEY, SweepSearch, confirmation_points, make_searcher
 from unlearn.audit.best import best_per_method, confirmed, mean_pm_std, pareto_front
 from unlearn.audit.catalogue import shown_in
-from unlearn.audit.verdict import violations
+from unlearn.audit.verdict import violation_counts
 from unlearn.config import Config
 from unlearn.export import weights_digest, write_certificate
 from unlearn.methods import METHODS, REFERENCE_MODELS
@@ -113,7 +113,7 @@ class SweepDriver:
         warnings = prep.warnings
         # no marker audit on a model brought by the user (stages.theta0): "n/a", not a verdict
         self.client.set_tag(self.parent, "audit_valid", str(int(figures["audit_valid"])) if "audit_valid" in figures else "n/a")
-        self.client.set_tag(self.parent, "audit_notes", " | ".join(warnings) if warnings else "none")  # prepare() printed them
+        self.client.set_tag(self.parent, "audit_notes", " | ".join(warnings) if warnings else "none")  # prepare() logged them
 
     def _tuner(self, resume: bool) -> tune.Tuner:
         """One experiment for every method's search and confirmation (`SweepSearch`): slots never idle between
@@ -213,7 +213,7 @@ class SweepDriver:
             trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
             folder = result.path if result.error is not None else (result.checkpoint.path if result.checkpoint else None)
             self._log_when_reachable(trial_id, config, metrics or {"failed": 1.0}, folder, result.error is not None)
-            row = {"trial_id": trial_id, **config, **metrics}
+            row = {"trial_id": trial_id, **metrics, **config}  # the searched values win over figures of their name
             if CONFIRMS_KEY in config:
                 confirmations.append(row)
                 if result.checkpoint is not None and self.config.sweep.keep_weights != "all":
@@ -359,10 +359,7 @@ class SweepDriver:
         if without:
             lines += ["", "Methods without a feasible trial (violated constraints, counted over their trials):"]
             for method in without:
-                counts: dict[str, int] = {}
-                for row in frame[frame["method"] == method].to_dict("records"):
-                    for name in violations(row, self.config) if not row.get("failed") else ["failed"]:
-                        counts[name] = counts.get(name, 0) + 1
+                counts = violation_counts(frame[frame["method"] == method].to_dict("records"), self.config)
                 lines.append(f"- {method}: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
         if len(checked):
             lines += ["", f"Each method's best configuration on {self.config.sweep.confirm_seeds} fresh unlearning seeds "

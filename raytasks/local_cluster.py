@@ -125,6 +125,7 @@ def render(cluster_yaml: Path = ROOT / "cluster.yaml", node_temp_root: str | Non
 
 def _env() -> dict[str, str]:
     # RAY_FAKE_CLUSTER: the fake provider refuses to start without it; token auth off for a local cluster
+    # UNLEARN_LOCAL_RAY=0: the sweep joins this cluster even when the caller asked sweeps for a local Ray
     return {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled",
             "UNLEARN_LOCAL_RAY": "0"}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from unlearn.audit.catalogue import WORST
 from unlearn.audit.samples import save_png
+from unlearn.audit.verdict import CONSTRAINT_FIGURES
 from unlearn.export import save_run
 from unlearn.pipeline import Prepared, UnlearnResult, audit_result
 
@@ -27,7 +28,7 @@ def sanitise(metrics: dict[str, float], objectives: list[str], failed: bool = Fa
     failures."""
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     failed = failed or bool(out.get("diverged", 0.0))
-    if not failed and (absent := [k for k in (*objectives, "forget_ood_distance") if k not in out]):
+    if not failed and (absent := [k for k in (*objectives, CONSTRAINT_FIGURES["ood"]) if k not in out]):
         shown = {k: metrics.get(k, "missing") for k in absent}
         raise ValueError(f"the audit of a finite model gave no finite {', '.join(absent)} ({shown})")
     if failed:

@@ -1,9 +1,9 @@
 """One line per finished trial on stderr (Tune's own table is off: `verbose=0`): method, n/N, objectives,
-verdict, and the method's best so far by the sweep's one definition of "best" (`raytasks.pareto`)."""
+verdict, and the method's best so far by the sweep's one definition of "best" (`unlearn.audit.best`)."""
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +13,8 @@ from raytasks.tracking import reported
 from unlearn.audit.best import best_per_method
 from unlearn.audit.verdict import violations
 from unlearn.config import Config
+
+logger = logging.getLogger(__name__)
 
 
 def _figures(result: dict, objectives: list[str]) -> str:
@@ -37,7 +39,7 @@ def trial_line(trials: list, trial, trials_per_method: int, confirm_seeds: int, 
     verdict = _verdict(result, sweep_config, failed)
     if "confirms" in config:
         n = sum(1 for t in ended if t.config.get("confirms") == config["confirms"])
-        return (f"[sweep] {method} confirm {n}/{confirm_seeds} of {config['confirms']} (seed {config['seed']}): "
+        return (f"{method} confirm {n}/{confirm_seeds} of {config['confirms']} (seed {config['seed']}): "
                 f"{_figures(result, objectives)} {verdict}")
     searched = [t for t in ended if "confirms" not in t.config]
     rows = pd.DataFrame([{"method": method, "trial_id": t.trial_id, **(t.last_result or {})} for t in searched
@@ -45,7 +47,7 @@ def trial_line(trials: list, trial, trials_per_method: int, confirm_seeds: int, 
     best = best_per_method(rows, objectives) if "feasible" in rows else rows.iloc[0:0]
     best_text = (f"best so far {best.iloc[0]['trial_id']}: {_figures(best.iloc[0].to_dict(), objectives)}" if len(best)
                  else "no feasible trial yet")
-    return (f"[sweep] {method} {len(searched)}/{trials_per_method} trial {trial.trial_id}: "
+    return (f"{method} {len(searched)}/{trials_per_method} trial {trial.trial_id}: "
             f"{_figures(result, objectives)} {verdict}; {best_text}")
 
 
@@ -71,8 +73,8 @@ class ProgressCallback(tune.Callback):
         self.retried[trial.trial_id] = self.retried.get(trial.trial_id, 0) + 1
         # a multi-worker trial's Ray Train run restores its last committed phase checkpoint (same name and storage)
         start = "from its last phase checkpoint" if self.config.unlearn.workers > 1 else "from scratch"
-        print(f"[sweep] {trial.config.get('method')} trial {trial.trial_id} failed ({_last_error_line(trial)}): "
-              f"rerun {self.retried[trial.trial_id]}/{self.config.sweep.trial_retries} {start}", file=sys.stderr, flush=True)
+        logger.warning(f"{trial.config.get('method')} trial {trial.trial_id} failed ({_last_error_line(trial)}): "
+                       f"rerun {self.retried[trial.trial_id]}/{self.config.sweep.trial_retries} {start}")
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         running = sum(1 for t in trials if t.status == "RUNNING" or t is trial)
@@ -80,8 +82,7 @@ class ProgressCallback(tune.Callback):
 
     def _print(self, trials: list, trial, failed: bool) -> None:
         c = self.config.sweep
-        print(trial_line(trials, trial, c.trials, c.confirm_seeds, list(self.config.objectives), failed, self.config),
-              file=sys.stderr, flush=True)
+        logger.info(trial_line(trials, trial, c.trials, c.confirm_seeds, list(self.config.objectives), failed, self.config))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         if reported(trial.last_result):  # not a trial an interrupted experiment ended unfinished

@@ -67,9 +67,13 @@ class TrialPlan:
 
 def measure_trial_peak(prepared, method: str) -> int:
     """Peak GPU bytes of one short trial of `method` on the prepared data (allocator peak, plus the CUDA context)."""
+    from unlearn.methods import hyperparameters
     from unlearn.pipeline import audit_result, unlearn
 
-    settings = prepared.config.unlearn.model_copy(update={"ga_steps": 2, "ft_steps": 4})
+    # a short run: every declared step count cut to a few steps (the peak is reached in the first ones)
+    settings = prepared.config.unlearn.model_copy(
+        update={hp.field: min(getattr(prepared.config.unlearn, hp.field), 4) for hp in hyperparameters().values()
+                if hp.kind is int})
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     audit_result(prepared, unlearn(prepared, method, settings))

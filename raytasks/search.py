@@ -122,7 +122,9 @@ class SweepSearch(Searcher):
         method = point[METHOD_KEY]
         self.searchers[method].on_trial_complete(trial_id, result, error)
         figures = {} if error or not result else {k: v for k, v in result.items() if k not in ("config", METHOD_KEY)}
-        self.rows[method].append({**point, **figures, "trial_id": trial_id, "feasible": figures.get("feasible", 0.0)})
+        # the searched values last: a figure of the same name (ga_steps: the steps run, fewer after an early stop)
+        # must not stand in for the configuration that is confirmed
+        self.rows[method].append({**figures, **point, "trial_id": trial_id, "feasible": figures.get("feasible", 0.0)})
         if len(self.rows[method]) == self.trials and self.confirm_seeds:
             self.queue += confirmation_points(pd.DataFrame(self.rows[method]), self.objectives, self.confirm_seeds)
 

@@ -70,6 +70,7 @@ def _init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # UNLEARN_LOCAL_RAY=1: start a local Ray even beside a running cluster (the benchmark measures a sweep alone)
     if address or Path("/tmp/ray/ray_current_cluster").exists() and os.environ.get("UNLEARN_LOCAL_RAY") != "1":
         try:
             ray.init(address=address or "auto", log_to_driver=False)
@@ -85,9 +86,6 @@ def run_sweep(args: argparse.Namespace):
     """Validate everything that can be checked before a trial starts, then run the sweep; return the driver."""
     config = load_config(args.config, args.set)
     methods = _methods(args, config)
-    select = config.sweep.select
-    if select not in METHODS:
-        raise ConfigError(f"sweep.select {select!r} is not an unlearning method; methods: {', '.join(METHODS)}")
     trials = args.trials or config.sweep.trials
     if trials < 1:
         raise ConfigError("--trials must be at least 1")

@@ -7,10 +7,11 @@ found again by its tags before it is created, so `--resume` never duplicates a r
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,10 +233,6 @@ class MLflowTrialLogger:
                          metrics, artifacts, failed, tags)
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 class TrialLoggingCallback(tune.Callback):
     """Logs each trial as it ends, so MLflow shows the sweep while it runs.
 
@@ -243,9 +240,9 @@ class TrialLoggingCallback(tune.Callback):
     (said in one line) and logged as soon as it answers again; the driver logs whatever is still missing at the
     end (`log_child` finds what is already there, so nothing is logged twice)."""
 
-    def __init__(self, logger: MLflowTrialLogger, say=_stderr) -> None:
+    def __init__(self, logger: MLflowTrialLogger, say: Callable[[str], None] | None = None) -> None:
         self.logger = logger
-        self.say = say
+        self.say = say or logging.getLogger(__name__).warning
         self.pending: dict[str, tuple] = {}  # trial id -> the arguments of its logger.log call
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
@@ -262,7 +259,7 @@ class TrialLoggingCallback(tune.Callback):
     def _log(self, trial_id: str, *args) -> None:
         self.pending[trial_id] = args
         if len(self.pending) > 1 and not reachable(self.logger.uri):  # still away: do not wait on it per trial
-            self.say(f"[sweep] tracking server {self.logger.uri} still unreachable: "
+            self.say(f"tracking server {self.logger.uri} still unreachable: "
                      f"{len(self.pending)} trial(s) wait to be logged")
             return
         for waiting, arguments in list(self.pending.items()):
@@ -271,7 +268,7 @@ class TrialLoggingCallback(tune.Callback):
             except TRACKING_ERRORS as exc:
                 if reachable(self.logger.uri):  # the server answers and refuses the write: a real error
                     raise
-                self.say(f"[sweep] tracking server {self.logger.uri} unreachable ({type(exc).__name__}): "
+                self.say(f"tracking server {self.logger.uri} unreachable ({type(exc).__name__}): "
                          f"{len(self.pending)} trial(s) wait to be logged; the sweep goes on")
                 return
             del self.pending[waiting]

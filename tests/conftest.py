@@ -10,6 +10,7 @@ tests that share an expensive session or module fixture run in one worker (see `
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -110,6 +111,28 @@ class Replay(_Scripted):
         rows = (torch.arange(len(images)) + self.cursor) % len(self.outputs)
         self.cursor = int(rows[-1]) + 1
         return self.outputs[rows].to(images.device)
+
+
+@pytest.fixture
+def log_lines():
+    """`log_lines("raytasks.progress")`: the messages that logger emits from now on, through a handler of the test's
+    own (whatever `unlearn.logs.configure`, run by an in-process CLI call, did to propagation)."""
+    attached = []
+
+    def capture(name: str, level: int = logging.DEBUG) -> list[str]:
+        lines: list[str] = []
+        handler = logging.Handler(level)
+        handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+        logger = logging.getLogger(name)
+        attached.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        return lines
+
+    yield capture
+    for logger, handler, level in attached:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

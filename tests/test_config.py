@@ -46,6 +46,11 @@ def test_section_key_changes_with_content():
         (["sweep.confirm_seeds=-1"], "confirm_seeds"),
         (["sweep.keep_weights=some"], "keep_weights"),
         (["unlearn.seed=-1"], "seed"),
+        (["sweep.space.ga_steps=[0.5,3]"], "ga_steps: an integer range from 1 up"),
+        (["sweep.methods=[nope]"], "unknown method 'nope'"),
+        (["sweep.select=retrain"], "'retrain' is not an unlearning method"),
+        (["sweep.max_forget_gap=0.5"], "'sweep.max_forget_gap' moved to 'audit.max_forget_gap'"),
+        (["model.kind=gan"], "model.kind"),
     ],
 )
 def test_bad_config_is_one_clear_line(overrides, needle):

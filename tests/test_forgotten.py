@@ -213,26 +213,15 @@ def test_a_method_best_is_never_a_hole_painter(prepared):
     assert best_per_method(mixed, objectives).set_index("method").loc["painter", "trial_id"] == "ok"
 
 
-def test_reference_cache_has_a_schema_version(prepared, monkeypatch):
-    import logging
-
+def test_reference_cache_has_a_schema_version(prepared, monkeypatch, log_lines):
     from unlearn.audit import evaluate
 
     assert prepared.auditor.key.startswith(f"refs-v{evaluate.REFERENCE_SCHEMA}-")
     monkeypatch.setattr(evaluate, "REFERENCE_SCHEMA", evaluate.REFERENCE_SCHEMA + 1)
-    messages: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    level = evaluate.logger.level
-    evaluate.logger.addHandler(handler)
-    evaluate.logger.setLevel(logging.INFO)
-    try:
-        stages = prepared.stages
-        auditor = evaluate.Auditor(prepared.config, prepared.data, {k: s.model for k, s in stages.items()},
-                                   {k: s.key for k, s in stages.items()}, prepared.device)
-    finally:
-        evaluate.logger.removeHandler(handler)
-        evaluate.logger.setLevel(level)
+    messages = log_lines("unlearn.audit.evaluate")
+    stages = prepared.stages
+    auditor = evaluate.Auditor(prepared.config, prepared.data, {k: s.model for k, s in stages.items()},
+                               {k: s.key for k, s in stages.items()}, prepared.device)
     assert "reference features: computed" in messages and auditor.key != prepared.auditor.key
 
 

@@ -1,5 +1,5 @@
 """`audit.retain_metric=retain_fid`: the retain objective is measured in FID, and each method's best trial is the
-feasible one with the lowest retain FID (no Ray: the verdict and `raytasks.pareto` are plain Python / pandas)."""
+feasible one with the lowest retain FID (no Ray: the verdict and `unlearn.audit.best` are plain Python / pandas)."""
 
 import pandas as pd
 import pytest

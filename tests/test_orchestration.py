@@ -153,7 +153,7 @@ def test_progress_line_names_method_count_verdict_and_best_so_far(config):
     done = trial("aaa", "TERMINATED", _result(1.0, 0.02, 0.1))
     now = trial("bbb", "RUNNING", _result(0.0, 0.5, 0.1))
     line = trial_line([done, now], now, 8, 3, list(config.objectives), failed=False)
-    assert line.startswith("[sweep] realistic 2/8 trial bbb: forget_marker_strength 0.5 retain_degradation 0.1 infeasible")
+    assert line.startswith("realistic 2/8 trial bbb: forget_marker_strength 0.5 retain_degradation 0.1 infeasible")
     named = trial_line([done, now], now, 8, 3, list(config.objectives), failed=False, sweep_config=config)
     assert "infeasible (ood, " in named  # the violated constraints, by name
     assert line.endswith("best so far aaa: forget_marker_strength 0.02 retain_degradation 0.1")
@@ -163,17 +163,18 @@ def test_progress_line_names_method_count_verdict_and_best_so_far(config):
 
 
 @pytest.mark.parametrize(("workers", "start"), [(1, "from scratch"), (2, "from its last phase checkpoint")])
-def test_a_rerun_after_a_lost_process_is_counted_and_says_where_it_starts(config, workers, start, tmp_path, capsys):
+def test_a_rerun_after_a_lost_process_is_counted_and_says_where_it_starts(config, workers, start, tmp_path, log_lines):
     from raytasks.progress import ProgressCallback
 
     (tmp_path / "error.txt").write_text("Traceback ...\nray.exceptions.ActorDiedError: The actor died unexpectedly\n")
     trial = SimpleNamespace(trial_id="t1", config={"method": "realistic"}, error_file=str(tmp_path / "error.txt"))
     progress = ProgressCallback(with_overrides(config, {"unlearn.workers": workers}))
+    lines = log_lines("raytasks.progress")
     progress.on_trial_recover(0, [trial], trial)
     progress.on_trial_recover(0, [trial], trial)
     assert progress.retried == {"t1": 2}
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line == (f"[sweep] realistic trial t1 failed (ray.exceptions.ActorDiedError: The actor died unexpectedly): "
+    line = lines[-1]
+    assert line == (f"realistic trial t1 failed (ray.exceptions.ActorDiedError: The actor died unexpectedly): "
                     f"rerun 2/{config.sweep.trial_retries} {start}")
 
 

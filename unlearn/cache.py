@@ -17,16 +17,18 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import mmap
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 TENSORS = "tensors.pt"
 META = "meta.json"
@@ -38,10 +40,6 @@ DIGESTS = "forget-digests"  # a folder of empty files named by the forget digest
 
 class DamagedEntry(Exception):
     """A cache entry whose files are missing, truncated or fail their checksum."""
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def file_sha256(path: Path) -> str:
@@ -176,9 +174,9 @@ def mapped_region(array: np.ndarray) -> mmap.mmap | None:
 
 
 class ArtifactCache:
-    def __init__(self, root: Path, warn: Callable[[str], None] = _stderr) -> None:
+    def __init__(self, root: Path, warn: Callable[[str], None] | None = None) -> None:
         self.root = Path(root)
-        self.warn = warn
+        self.warn = warn or logger.warning
 
     def entry(self, kind: str, key: str) -> Path:
         return self.root / kind / key

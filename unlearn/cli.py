@@ -1,4 +1,4 @@
-"""The `unlearn` console script: run one audited pipeline, list methods, render reports."""
+"""The `unlearn` console script: run, prepare, audit, purge, methods, report (the composition root)."""
 
 from __future__ import annotations
 

@@ -317,7 +317,26 @@ class SweepConfig(_Strict):
                 raise ValueError(f"{name}: empty range [{low}, {high}]")
             if low <= 0:
                 raise ValueError(f"{name}: range must be positive, got [{low}, {high}]")
+            if known[name].kind is int and not (float(low).is_integer() and float(high).is_integer()
+                                                and low >= known[name].minimum):
+                raise ValueError(f"{name}: an integer range from {known[name].minimum} up, got [{low}, {high}]")
         return space
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, names: list[str]) -> list[str]:
+        if not names:
+            raise ValueError("name at least one method")
+        if unknown := [n for n in names if n not in METHODS]:
+            raise ValueError(f"unknown method {unknown[0]!r} (methods: {', '.join(METHODS)})")
+        return names
+
+    @field_validator("select")
+    @classmethod
+    def _select(cls, name: str) -> str:
+        if name not in METHODS:
+            raise ValueError(f"{name!r} is not an unlearning method (methods: {', '.join(METHODS)})")
+        return name
 
 
 class Config(_Strict):

@@ -156,7 +156,7 @@ def calibrate(prepared: Prepared) -> dict[str, float]:
     # seed 0: one calibration per prepared setup, whatever unlearning seed the runs use
     null_settings = config.unlearn.model_copy(update={"ft_steps": config.audit.null_ft_steps, "ft_lr": config.audit.null_ft_lr,
                                                       "seed": 0})
-    # Everything the null run depends on that trials do not vary (they vary ga_*, ft_steps, ft_lr, alpha, lambda).
+    # Everything the null run depends on that trials do not vary (they vary the declared hyperparameters).
     null_key = hashlib.sha256(repr((null_settings.ft_steps, null_settings.ft_lr, null_settings.ft_schedule,
                                     null_settings.batch_size, null_settings.clip_norm, config.precision,
                                     str(prepared.device))).encode()).hexdigest()[:12]
@@ -290,23 +290,10 @@ def unlearn(
 
     def phase_end(phase: Phase, record: PhaseRecord) -> None:
         if phase.ascent:
-            state["after_ga"]["loss"] = prepared.auditor.forget_loss(model)
-            state["after_ga"]["distance"] = (record.ood_distance[-1][1] if record.ood_distance
-                                             else prepared.auditor.ood_distance(model))
-            # Collapse is judged right after GA: fine-tuning must not rescue a killed decoder into a "success".
-            state["after_ga"]["std_ratio"] = prepared.auditor.output_std_ratio(model)
+            state["after_ga"] = _after_ga(prepared, model, record)
         state["next_phase"] = phases.index(phase) + 1
         if on_checkpoint is not None:
-            on_checkpoint({
-                "next_phase": state["next_phase"],
-                "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "streams": {n: st.state_dict() for n, st in streams.items()},
-                "noise": ctx.noise_state(),
-                "history": state["history"].to_dict(),
-                "after_ga": state["after_ga"],
-                "loss_before": state["loss_before"],
-                "seconds": state["seconds"] + time.perf_counter() - started,
-            })
+            on_checkpoint(_checkpoint(state, model, streams, ctx, time.perf_counter() - started))
 
     history = run_phases(model, phases[state["next_phase"]:], streams, ctx, u.clip_norm, prepared.config.precision, sync,
                          ood, on_step, phase_end, history=state["history"], theta0=theta0_params)
@@ -316,8 +303,30 @@ def unlearn(
                                  "resumed_from_phase": float(resume["next_phase"]) if resume is not None else 0.0}
     # Each rank reads only its shard of every global batch; the most any rank read (after a resume: since it)
     metrics["unlearn_images_read_per_rank"] = (sync or GradientSync()).max(float(sum(s.images_read for s in streams.values())))
-    metrics.update(_ga_figures(history, state, u.ga_lr))
+    ga_phase = next((phase for phase in phases if phase.ascent), None)  # its lr: the method's declared GA rate
+    metrics.update(_ga_figures(history, state, ga_phase.lr if ga_phase is not None else math.nan))
     return UnlearnResult(model, history, seconds, metrics, _curves(history))
+
+
+def _after_ga(prepared: Prepared, model: I2IModel, record: PhaseRecord) -> dict[str, float]:
+    """The state right after GA: D_f's loss, the Eq. 3 distance and the outputs' spread. Collapse is judged here
+    too: fine-tuning must not rescue a killed decoder into a "success"."""
+    loss = prepared.auditor.forget_loss(model)
+    distance = record.ood_distance[-1][1] if record.ood_distance else prepared.auditor.ood_distance(model)
+    return {"loss": loss, "distance": distance, "std_ratio": prepared.auditor.output_std_ratio(model)}
+
+
+def _checkpoint(state: dict[str, Any], model: I2IModel, streams: dict[str, BatchStream], ctx: StepContext,
+                seconds: float) -> dict[str, Any]:
+    """A restorable state at a phase boundary (`_restore` reads it back); `seconds`: spent since this run started."""
+    return {"next_phase": state["next_phase"],
+            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "streams": {n: st.state_dict() for n, st in streams.items()},
+            "noise": ctx.noise_state(),
+            "history": state["history"].to_dict(),
+            "after_ga": state["after_ga"],
+            "loss_before": state["loss_before"],
+            "seconds": state["seconds"] + seconds}
 
 
 def _restore(resume: dict[str, Any], model: I2IModel, streams: dict[str, BatchStream], ctx: StepContext) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Every consumer derives from `METRICS`: the objectives Optuna may minimise (and the worst value a failed trial
 reports), the certificate's rows, the report's columns, the sweep summary's columns, the figures shown as mean ± std
 of confirmation seeds, the registry tags, the calibration figures on a sweep's parent run, and the descriptions.
-Adding a metric = its computation plus one row here; `tests/test_catalogue.py` checks that the table and the
+Adding a metric = its computation plus one row here; `tests/test_registry.py` checks that the table and the
 computed figures agree.
 """
 

@@ -77,14 +77,15 @@ def fid_against(metric, real: dict[str, torch.Tensor]) -> float:
 
 def kernel_inception_distance(fake: torch.Tensor, real: torch.Tensor) -> float:
     """KID (Binkowski et al. 2018) through torchmetrics: the unbiased polynomial-kernel MMD between the two feature
-    sets, averaged over 100 random subsets of up to 1000 images each (seeded, so runs are deterministic)."""
+    sets, averaged over 100 random subsets of up to 1000 images each (seeded, so runs are deterministic), computed on
+    the features' device (float64: 3 x 100 products of 1000 x 2048 features per split on the Inception presets)."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = min(1000, len(fake), len(real))
     with warnings.catch_warnings():  # it buffers the features: here at most audit.eval_samples of them, by design
         warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer", category=UserWarning)
         metric = KernelInceptionDistance(feature=_Precomputed(fake.shape[1]), subsets=100, subset_size=size,
-                                         sync_on_compute=False)
+                                         sync_on_compute=False).to(fake.device)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):  # KID draws its subsets with the global RNG
@@ -429,7 +430,7 @@ class Auditor:
             features, batch_logits = self.backbone(outputs)
             fake = fake or fid_metric(features.shape[1])
             fake.update(features.double(), real=False)
-            fake_features.append(features.flatten(1).cpu())
+            fake_features.append(features.flatten(1))  # on the device: KID's kernel products run there
             logits.append(batch_logits)
             cosines += float(nn.functional.cosine_similarity(features.flatten(1), self._rows(f"gt/{split}/features", rows),
                                                              dim=1).double().sum())
@@ -445,7 +446,8 @@ class Auditor:
         n = len(subset)
         metrics[f"{split}_mse"] = squares / (n * 3 * int(self.hole.sum()))
         metrics[f"{split}_fid"] = fid_against(fake, self._fid_ref("gt", split))
-        real_features = self._rows(f"gt/{split}/features", slice(None)).flatten(1)  # bounded by audit.eval_samples
+        # the split's features, at most audit.eval_samples of them (on a GPU: 10 000 x 2 048 Inception features = 80 MB)
+        real_features = self._rows(f"gt/{split}/features", slice(None)).flatten(1).to(self.device)
         metrics[f"{split}_kid"] = kernel_inception_distance(torch.cat(fake_features), real_features)
         metrics[f"{split}_is"] = inception_score(torch.cat(logits))
         metrics[f"{split}_clip"] = cosines / n

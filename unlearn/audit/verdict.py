@@ -16,8 +16,7 @@ import math
 
 from unlearn.config import Config
 
-CONSTRAINTS = ("ood", "collapsed", "diverged", "forget_gap", "retain_degradation")
-# The figure each constraint judges (shown beside the verdict in the report).
+# Each constraint and the figure it judges (shown beside the verdict in the report), in the order they are reported.
 CONSTRAINT_FIGURES = {"ood": "forget_ood_distance", "collapsed": "collapsed", "diverged": "diverged",
                       "forget_gap": "forget_gap_vs_retrain", "retain_degradation": "retain_degradation"}
 
@@ -57,7 +56,7 @@ def forget_gap_limit(metrics: dict[str, float], config: Config) -> float | None:
 
 
 def violations(metrics: dict[str, float], config: Config) -> list[str]:
-    """Names of the violated constraints, in CONSTRAINTS order (empty: feasible)."""
+    """Names of the violated constraints, in CONSTRAINT_FIGURES order (empty: feasible)."""
     return [k for k, v in constraint_values(metrics, config).items() if not v <= 0]
 
 
@@ -83,3 +82,12 @@ def judge(metrics: dict[str, float], config: Config) -> dict[str, float]:
     """`feasible` (1/0) and `constraint` (the largest constraint value) for a metrics dict."""
     values = constraint_values(metrics, config)
     return {"feasible": float(all(v <= 0 for v in values.values())), "constraint": max(values.values())}
+
+
+def violation_counts(rows: list[dict[str, float]], config: Config) -> dict[str, int]:
+    """How often each constraint was violated over `rows` (trials); a failed trial counts as `failed`."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for name in ["failed"] if row.get("failed") == 1.0 else violations(row, config):
+            counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import mmap
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +32,8 @@ import numpy as np
 from unlearn.cache import ARRAYS, FILES, ArrayWriter, ArtifactCache, file_sha256, mapped_region
 from unlearn.data.sources import Listing, Unreadable, decode
 from unlearn.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 KIND = "stores"
 STORE_SCHEMA = 1
@@ -108,8 +110,8 @@ def process_pool_map(workers: int | None = None) -> MapShards:
         except BrokenProcessPool:
             # a worker died: typically a script without `if __name__ == "__main__":`, which multiprocessing re-runs in
             # each worker (the rule for any Python pool); decode here instead (a shard's file is rewritten whole)
-            print("[unlearn] the decoding pool broke (a script without `if __name__ == \"__main__\":`?): decoding "
-                  "in this process", file=sys.stderr, flush=True)
+            logger.warning("the decoding pool broke (a script without `if __name__ == \"__main__\":`?): decoding "
+                           "in this process")
             return [fn(task) for task in tasks]
 
     return run

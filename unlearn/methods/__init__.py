@@ -3,7 +3,7 @@ hyperparameters it reads declared beside them.
 
 Adding a method = one `Method` entry in `METHODS`. Its `hyperparameters` become config keys `unlearn.<name>` (type,
 default and bounds from the declaration), the sweep's search space (range and scale) and the certificate's figures;
-`tests/test_methods.py` runs every method's phases and objectives and fails if they read anything undeclared.
+`tests/test_registry.py` runs every method's phases and objectives and fails if they read anything undeclared.
 """
 
 from __future__ import annotations
