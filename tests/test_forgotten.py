@@ -213,14 +213,20 @@ def test_a_method_best_is_never_a_hole_painter(prepared):
     assert best_per_method(mixed, objectives).set_index("method").loc["painter", "trial_id"] == "ok"
 
 
-def test_reference_cache_has_a_schema_version(prepared, monkeypatch, log_lines):
+def test_reference_cache_has_a_schema_version(prepared, private_cache, monkeypatch, log_lines):
     from unlearn.audit import evaluate
 
     assert prepared.auditor.key.startswith(f"refs-v{evaluate.REFERENCE_SCHEMA}-")
     monkeypatch.setattr(evaluate, "REFERENCE_SCHEMA", evaluate.REFERENCE_SCHEMA + 1)
     messages = log_lines("unlearn.audit.evaluate")
     stages = prepared.stages
-    auditor = evaluate.Auditor(prepared.config, prepared.data, {k: s.model for k, s in stages.items()},
+    # a private copy of the cache without entries of the bumped schema (an earlier run of this test, on a kept
+    # UNLEARN_TEST_CACHE, wrote one)
+    import shutil
+
+    for entry in (private_cache.resolved_cache_dir() / "references").glob(f"refs-v{evaluate.REFERENCE_SCHEMA}-*"):
+        shutil.rmtree(entry)
+    auditor = evaluate.Auditor(private_cache, prepared.data, {k: s.model for k, s in stages.items()},
                                {k: s.key for k, s in stages.items()}, prepared.device)
     assert "reference features: computed" in messages and auditor.key != prepared.auditor.key
 
