@@ -15,7 +15,7 @@ from analysis.runs import SweepRuns, load_sweep
 from unlearn.audit.best import confirmed, mean_pm_std
 from unlearn.audit.catalogue import METRICS, describe, shown_in
 from unlearn.audit.samples import SAMPLES_PER_SPLIT
-from unlearn.audit.verdict import CONSTRAINT_FIGURES, violations
+from unlearn.audit.verdict import CONSTRAINT_FIGURES, describe_constraints, violations
 
 TABLE_METRICS = shown_in("report")  # comparison.csv's figures; report.md shows the objectives and constraints
 REFERENCE_ORDER = ("attack", "original", "retrain")
@@ -188,9 +188,8 @@ def _setup_lines(runs: SweepRuns) -> list[str]:
     """What was run: data, split, model, backbone, the marker audit's validity, the thresholds."""
     config, attack = runs.config(), _attack(runs)
     ood_delta = float(attack.get("metrics.ood_delta", math.nan))
-    gap = (f" (auto: audit.gap_margin {config.audit.gap_margin:g} x the gap of a second retraining to the first, "
-           f"{float(attack.get('metrics.retrain_gap_yardstick', math.nan)):.4g})"
-           if config.audit.max_forget_gap == "auto" else "")
+    calibration = {name: float(attack[f"metrics.{name}"]) for name in shown_in("calibration")
+                   if pd.notna(attack.get(f"metrics.{name}", math.nan))}
     return [
         f"- data set: `{runs.param('data.dataset')}` ({runs.param('data.image_size')}px), forget classes "
         f"{runs.param('data.forget_classes')}, forget fraction {runs.param('data.forget_fraction')}, "
@@ -203,9 +202,8 @@ def _setup_lines(runs: SweepRuns) -> list[str]:
         f"- OOD threshold delta = {ood_delta:.4g} (`unlearn.ood_delta` = {config.unlearn.ood_delta}; the retrain "
         f"reference's own distance {float(attack.get('metrics.retrain_ood_distance', math.nan)):.4g}); trials: "
         f"{len(runs.trials)} finished",
-        f"- feasible = OOD reached, not collapsed, not diverged, forget_gap_vs_retrain <= "
-        f"{float(attack.get('metrics.max_forget_gap', math.nan)):.4g}{gap}, retain_degradation <= "
-        f"{config.audit.max_retain_degradation}; objectives: {', '.join(config.objectives)}",
+        "- feasible = " + "; ".join(describe_constraints(calibration, config).values())
+        + f"; objectives: {', '.join(config.objectives)}",
         f"- MLflow experiment `{runs.experiment}`, parent run `{runs.parent_id}`",
     ]
 

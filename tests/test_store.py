@@ -228,6 +228,9 @@ def test_unlearn_prepare_data_only_reports_the_store_and_bad_input_exits_2(photo
     built = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert built["data_images"] == 48 and built["data_store_built"] == 1.0 and built["data_prepare_images_per_second"] > 0
     assert built["data_store_bytes"] == 48 * 3 * SIZE * SIZE
+    from unlearn.audit.catalogue import METRICS
+
+    assert {k for k, v in built.items() if isinstance(v, float)} <= set(METRICS)  # every figure has its catalogue row
     assert main(args) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["data_store_built"] == 0.0 and again["store"] == built["store"]  # reused (and verified)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from unlearn.audit.catalogue import shown_in
-from unlearn.audit.verdict import constraint_values
+from unlearn.audit.verdict import constraint_values, describe_constraints
 from unlearn.config import Config, load_config
 from unlearn.errors import ConfigError
 from unlearn.models import I2IModel, build_model
@@ -62,17 +62,6 @@ def model_folder(folder: Path) -> Path:
     if found is None:
         raise ConfigError(f"{folder} holds no model ({RUN_MODEL_FOLDER}/ with config.json and {WEIGHTS_FILE})")
     return found
-
-
-def _gap_limit_text(metrics: dict[str, Any], config: Config) -> str:
-    """The forget-gap threshold and where it comes from (auto: the yardstick beside it)."""
-    from unlearn.audit.verdict import forget_gap_limit
-
-    limit = forget_gap_limit(metrics, config)
-    if config.audit.max_forget_gap != "auto" or "retrain_gap_yardstick" not in metrics:
-        return _fmt(limit if limit is not None else math.nan)
-    return (f"{_fmt(limit)} (auto: audit.gap_margin {config.audit.gap_margin:g} x retrain_gap_yardstick "
-            f"{_fmt(metrics['retrain_gap_yardstick'])}, the gap of a second retraining to the first)")
 
 
 def weights_digest(folder: Path) -> str:
@@ -208,11 +197,7 @@ def _verdict_lines(config: Config, metrics: dict[str, float]) -> list[str]:
         marker = (f"- **marker audit {'valid' if metrics.get('audit_valid') == 1.0 else 'NOT VALID: it cannot decide'}** (attack "
                   f"strength {_fmt(metrics.get('audit_attack_strength', math.nan))}, null method (fine-tuning alone) "
                   f"{_fmt(metrics.get('audit_null_strength', math.nan))}; both must be >= {config.audit.min_marker_strength:g})")
-    limits = {"ood": f"forget_ood_distance >= ood_delta = {_fmt(metrics.get('ood_delta', math.nan))}",
-              "collapsed": f"outputs' std ratio >= {config.audit.collapse_std_ratio:g} (after GA and at the end)",
-              "diverged": "no non-finite loss, gradient or output",
-              "forget_gap": f"forget_gap_vs_retrain <= {_gap_limit_text(metrics, config)}",
-              "retain_degradation": f"retain_degradation <= {config.audit.max_retain_degradation}"}
+    limits = describe_constraints(metrics, config)
     return ["## Verdict", marker, f"- **{'feasible' if metrics.get('feasible') == 1.0 else 'NOT feasible'}**:",
             *[f"  - {name}: {'pass' if value <= 0 else 'FAIL'} ({limits[name]})"
               for name, value in constraint_values(metrics, config).items()]]

@@ -22,8 +22,9 @@ Place = Literal["certificate", "report", "summary", "confirmed", "registry", "ca
 # What a figure needs to exist; absent otherwise. marker: a poisoned D_f (not a model brought as stages.theta0);
 # retrain: the retrain reference (audit.retrain); side_by_side: retrain trained in the same process; no_retrain: only
 # without a retrain reference; skipped: unreadable files skipped; workers: a data-parallel run; seeds: `--seeds K`;
-# unseen: data.unseen_classes.
-Need = Literal["marker", "retrain", "side_by_side", "no_retrain", "skipped", "workers", "resumed", "seeds", "unseen"]
+# unseen: data.unseen_classes; trial: a sweep trial's report to Tune; prepare: `unlearn prepare`'s output.
+Need = Literal["marker", "retrain", "side_by_side", "no_retrain", "skipped", "workers", "seeds", "unseen", "trial",
+               "prepare"]
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,17 @@ _ROWS: list[Metric] = [
          "none)", needs=["skipped"]),
     _row("resumed_from_phase", "the phase checkpoint a restarted data-parallel worker group resumed from (0: started "
          "from the beginning)", needs=["workers"], procedure=True),
+    _row("failed", "1 if the trial could not run to its audit (e.g. out of memory) or diverged: it reports the worst "
+         "objective values and is infeasible", needs=["trial"]),
+    _row("data_images", "images in the image store", needs=["prepare"]),
+    _row("data_store_bytes", "bytes of pixels in the image store (uint8, every image once)", needs=["prepare"]),
+    _row("data_store_built", "1 if this command built the image store, 0 if it reused (and verified) it",
+         needs=["prepare"]),
+    _row("data_prepare_seconds", "wall time of building the image store (decoding, resizing, writing)", needs=["prepare"]),
+    _row("data_prepare_images_per_second", "images decoded and stored per second while building the image store",
+         needs=["prepare"]),
+    _row("prepare_seconds", "wall time of `unlearn prepare` (store, split, stages, backbone, references, calibration)",
+         needs=["prepare"]),
     _row("seeds", "unlearning seeds averaged (`--seeds K`); `<figure>_std` is the spread across them", needs=["seeds"]),
     _row("unlearn_seed", "the unlearning seed of this run (unlearn.seed; batch order and noise)", needs=["seeds"]),
 ]

@@ -91,3 +91,25 @@ def violation_counts(rows: list[dict[str, float]], config: Config) -> dict[str, 
         for name in ["failed"] if row.get("failed") == 1.0 else violations(row, config):
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def describe_constraints(figures: dict[str, float], config: Config) -> dict[str, str]:
+    """Each constraint this setup judges, as its threshold reads (`figures`: a run's metrics or the calibration:
+    ood_delta, max_forget_gap, retrain_gap_yardstick), in CONSTRAINT_FIGURES order: the certificate's and the
+    report's words for the verdict."""
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+    texts = {"ood": f"forget_ood_distance >= ood_delta = {fmt(figures.get('ood_delta', math.nan))}",
+             "collapsed": f"outputs' std ratio >= {config.audit.collapse_std_ratio:g} (after GA and at the end)",
+             "diverged": "no non-finite loss, gradient or output"}
+    if (limit := forget_gap_limit(figures, config)) is not None:
+        gap = fmt(limit)
+        if config.audit.max_forget_gap == "auto" and "retrain_gap_yardstick" in figures:
+            gap += (f" (auto: audit.gap_margin {config.audit.gap_margin:g} x retrain_gap_yardstick "
+                    f"{fmt(figures['retrain_gap_yardstick'])}, the gap of a second retraining to the first)")
+        texts["forget_gap"] = f"forget_gap_vs_retrain <= {gap}"
+    if config.audit.max_retain_degradation is not None:
+        texts["retain_degradation"] = f"retain_degradation <= {config.audit.max_retain_degradation:g}"
+    return texts
