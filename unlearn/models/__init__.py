@@ -1,7 +1,8 @@
 """I2I models behind one interface, built from `ModelConfig` through the model-kind registry.
 
-Adding a model: a subclass of `I2IModel` (its `kind`, its constructor's arguments passed to `I2IModel.__init__`,
-`kwargs_from_config`) and one `MODEL_KINDS.register` line below (`ModelConfig.kind` accepts the registered kinds).
+Adding a model: a subclass of `I2IModel` (its `kind`, its constructor's arguments passed to `I2IModel.__init__` and
+named after `image_size` and the `model.*` keys) and one `MODEL_KINDS.register` line below (`ModelConfig.kind`
+accepts the registered kinds).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 from unlearn.models.base import I2IModel, hole_weighted_mse, masked_input
 
 if TYPE_CHECKING:
-    from unlearn.config import Config
+    pass
 
 
 class ConvAutoencoder(I2IModel):
@@ -38,11 +38,6 @@ class ConvAutoencoder(I2IModel):
             nn.Conv2d(width, 3, 3, padding=1),
             nn.Sigmoid(),
         )
-
-    @classmethod
-    def kwargs_from_config(cls, config: Config) -> dict[str, Any]:
-        m = config.model
-        return {"image_size": config.data.image_size, "width": m.width, "latent_channels": m.latent_channels}
 
     def encoder_parameters(self) -> Iterator[nn.Parameter]:
         return self.encoder.parameters()

@@ -50,8 +50,8 @@ class I2IModel(nn.Module, abc.ABC):
     """Inpainting/outpainting model: fill the masked region of an image from its context.
 
     A subclass names its `kind` (its key in MODEL_KINDS), passes its constructor's arguments to
-    `I2IModel.__init__` (recorded as `init_kwargs`, written to config.json) and derives them from a config in
-    `kwargs_from_config`."""
+    `I2IModel.__init__` (recorded as `init_kwargs`, written to config.json) and names them after the config's keys
+    (`image_size`, `model.*`), so `kwargs_from_config` builds it from any config."""
 
     kind: ClassVar[str]
 
@@ -61,9 +61,18 @@ class I2IModel(nn.Module, abc.ABC):
 
     @classmethod
     def kwargs_from_config(cls, config: Config) -> dict[str, Any]:
-        """The constructor's arguments for `config` (its model section and image size); every registered kind
-        defines it (`tests/test_models.py` builds each kind from a config)."""
-        raise NotImplementedError(f"{cls.__name__} does not say how a config builds it")
+        """The constructor's arguments for `config`, by name: `image_size` is `data.image_size`, every other one the
+        `model.*` key of its name (a kind's constructor names its settings after the config's keys)."""
+        import inspect
+
+        kwargs: dict[str, Any] = {}
+        settings = {"image_size": config.data.image_size, **config.model.model_dump()}
+        for name in list(inspect.signature(cls.__init__).parameters)[1:]:
+            if name in settings:
+                kwargs[name] = settings[name]
+            else:
+                raise TypeError(f"{cls.__name__}({name}=...): no model.{name} config key to build it from")
+        return kwargs
 
     @classmethod
     def from_config(cls, config: Config) -> I2IModel:

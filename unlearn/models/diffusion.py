@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
@@ -19,7 +19,7 @@ from unlearn.models.base import I2IModel, masked_input
 from unlearn.models.pretrained import load_diffusers_submodule
 
 if TYPE_CHECKING:
-    from unlearn.config import Config
+    pass
 
 SAMPLE_SEED = 1234
 
@@ -44,12 +44,6 @@ class DiffusionInpainter(I2IModel):
         self.train_schedule = DDPMScheduler(num_train_timesteps=diffusion_steps, beta_schedule="squaredcos_cap_v2")
         self.sample_schedule = DDIMScheduler(num_train_timesteps=diffusion_steps, beta_schedule="squaredcos_cap_v2")
         self.sample_steps = sample_steps
-
-    @classmethod
-    def kwargs_from_config(cls, config: Config) -> dict[str, Any]:
-        m = config.model
-        return {"image_size": config.data.image_size, "width": m.width, "diffusion_steps": m.diffusion_steps,
-                "sample_steps": m.sample_steps}
 
     def save_diffusers_folder(self, folder: Path) -> None:
         """The UNet alone as a diffusers `save_pretrained` folder, loadable by `load_external_folder`."""

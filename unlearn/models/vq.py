@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import VQModel
@@ -18,7 +18,7 @@ from unlearn.models.base import I2IModel, hole_weighted_mse, masked_input
 from unlearn.models.pretrained import load_diffusers_submodule
 
 if TYPE_CHECKING:
-    from unlearn.config import Config
+    pass
 
 
 class VQInpainter(I2IModel):
@@ -41,12 +41,6 @@ class VQInpainter(I2IModel):
             sample_size=image_size,
             mid_block_add_attention=False,
         )
-
-    @classmethod
-    def kwargs_from_config(cls, config: Config) -> dict[str, Any]:
-        m = config.model
-        return {"image_size": config.data.image_size, "width": m.width, "latent_channels": m.latent_channels,
-                "codebook_size": m.codebook_size}
 
     def save_diffusers_folder(self, folder: Path) -> None:
         """The VQModel alone as a diffusers `save_pretrained` folder, loadable by `load_external_folder`."""
