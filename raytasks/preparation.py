@@ -44,10 +44,11 @@ def prepare_here(config_dump: dict[str, Any], methods: list[str], measure_gpu: b
     from unlearn.audit.samples import reference_rows, save_png
     from unlearn.config import validate_config
     from unlearn.methods import REFERENCE_MODELS
-    from unlearn.pipeline import audit_warnings, evaluate_reference, prepare
+    from unlearn.pipeline import audit_warnings, evaluate_reference, log_audit_warnings, prepare
 
     config = validate_config(config_dump)
     prepared = prepare(config)
+    log_audit_warnings(prepared)  # on the driver, through the records queue
     references, files = {}, {}
     for ref in (r for r in REFERENCE_MODELS if r in prepared.stages and r not in logged):  # no retrain w/o audit.retrain
         references[ref] = evaluate_reference(prepared, ref)

@@ -85,7 +85,7 @@ def load_saved(path: str | Path) -> tuple[Config, Path]:
 
 def audit_saved(path: str | Path) -> dict[str, float]:
     """Re-audit a saved model from its weights: same data, same references, same catalogue."""
-    from unlearn.pipeline import prepare
+    from unlearn.pipeline import log_audit_warnings, prepare
     from unlearn.runtime import seed_everything
 
     config, folder = load_saved(path)
@@ -93,6 +93,7 @@ def audit_saved(path: str | Path) -> dict[str, float]:
     model = build_model(config)
     model.load_weights(model_folder(folder))
     prepared = prepare(config)
+    log_audit_warnings(prepared)
     metrics = prepared.auditor.evaluate(model.to(prepared.device).eval())
     return prepared.auditor.verdict({**metrics, **load_provenance(model_folder(folder))})
 

@@ -127,9 +127,14 @@ def prepare(config: Config, map_shards: MapShards | None = None, verify: bool = 
         if round_ == rounds or calibration["audit_null_strength"] >= config.audit.min_marker_strength:
             break
     calibration["attack_strengthen_rounds_used"] = float(round_)
+    return prepared
+
+
+def log_audit_warnings(prepared: Prepared) -> None:
+    """Why this setup's audit cannot fully decide, one warning a line: said by whoever owns the preparation (a
+    run, a re-audit, the sweep's preparing worker), not by every trial process that loads it again."""
     for line in audit_warnings(prepared):
         logger.warning(line)
-    return prepared
 
 
 _WARM: dict[str, Prepared] = {}
@@ -410,6 +415,7 @@ def evaluate_reference(prepared: Prepared, name: str) -> dict[str, float]:
 def run_seeds(config: Config, method_name: str, seeds: int) -> tuple[Prepared, list[I2IModel], list[dict[str, float]]]:
     """The method on `seeds` unlearning seeds (unlearn.seed, +1, ...): one prepared setup, no stage retrained."""
     prepared = prepare(config)
+    log_audit_warnings(prepared)
     models, runs = [], []
     for offset in range(seeds):
         settings = config.unlearn.model_copy(update={"seed": config.unlearn.seed + offset})
@@ -426,6 +432,7 @@ def run_model(config: Config, method_name: str) -> tuple[Prepared, I2IModel, dic
     if method_name not in REFERENCE_MODELS:
         get_method(method_name)  # an unknown name: ConfigError before any work
     prepared = prepare(config)
+    log_audit_warnings(prepared)
     if method_name in REFERENCE_MODELS:
         if method_name not in prepared.stages:
             raise ConfigError(f"there is no {method_name} model in this setup (audit.retrain = false)")
