@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from unlearn.audit.catalogue import shown_in
+from unlearn.audit.catalogue import format_figure, shown_in
 from unlearn.audit.verdict import constraint_values, describe_constraints
 from unlearn.config import Config, load_config
 from unlearn.errors import ConfigError
@@ -98,10 +98,7 @@ def audit_saved(path: str | Path) -> dict[str, float]:
     return prepared.auditor.verdict({**metrics, **load_provenance(model_folder(folder))})
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "n/a" if not math.isfinite(value) else f"{value:.4g}"
-    return str(value)
+_fmt = format_figure  # the catalogue's one way of printing a figure
 
 
 def _seed_lines(spread: dict[str, float] | None, shown: list[str], metrics: dict[str, float]) -> list[str]:

@@ -9,6 +9,7 @@ computed figures agree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -199,6 +200,14 @@ def measurable(name: str, *, marker: bool, retrain: bool) -> bool:
     """Whether a setup with (or without) a marker and a retrain reference can measure `name`."""
     needs = METRICS[name].needs
     return (marker or "marker" not in needs) and (retrain or "retrain" not in needs)
+
+
+def format_figure(value: object) -> str:
+    """A figure as the certificate and the verdict's words print it: 4 significant digits, `n/a` when missing or not
+    finite."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def describe(name: str) -> str:

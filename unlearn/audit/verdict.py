@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+from unlearn.audit.catalogue import format_figure
 from unlearn.config import Config
 
 # Each constraint and the figure it judges (shown beside the verdict in the report), in the order they are reported.
@@ -98,9 +99,7 @@ def describe_constraints(figures: dict[str, float], config: Config) -> dict[str,
     ood_delta, max_forget_gap, retrain_gap_yardstick), in CONSTRAINT_FIGURES order: the certificate's and the
     report's words for the verdict."""
 
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None or not math.isfinite(value) else f"{value:.4g}"
-
+    fmt = format_figure
     texts = {"ood": f"forget_ood_distance >= ood_delta = {fmt(figures.get('ood_delta', math.nan))}",
              "collapsed": f"outputs' std ratio >= {config.audit.collapse_std_ratio:g} (after GA and at the end)",
              "diverged": "no non-finite loss, gradient or output"}

@@ -4,7 +4,6 @@ written by `I2IModel.save_pretrained`, or a folder in another library's layout t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 from unlearn.errors import ConfigError
 from unlearn.models.base import I2IModel
-from unlearn.models.io import CONFIG_FILE
+from unlearn.models.io import read_spec
 
 
 def load_pretrained(model: I2IModel, source: str, key: str = "model.pretrained") -> None:
@@ -53,7 +52,7 @@ def load_diffusers_submodule(module: nn.Module, model_class: type, folder: Path,
 def _saved_by_unlearn(folder: Path) -> bool:
     """Whether `folder` holds a config.json that names a model kind (a diffusers config.json names a class)."""
     try:
-        spec = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
+        read_spec(folder)
+    except ConfigError:
         return False
-    return isinstance(spec, dict) and "kind" in spec
+    return True
