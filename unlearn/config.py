@@ -65,7 +65,17 @@ class DataConfig(_Strict):
     # A deletion request: a file naming the images to forget, one per line (relative paths under an ImageFolder
     # root, or indices into the loaded digits / CIFAR-10 set). Replaces forget_classes / forget_fraction; the
     # listed images are D_f, the held-out images of their classes the membership audit's non-members.
-    forget_list: str | None = None
+    # The entries may also be given inline, as a list (what `unlearn request` writes into a bundle's config.yaml, so that
+    # it needs no file the user must keep).
+    forget_list: str | list[str] | None = None
+    # A chain of deletion requests (`unlearn request`): the images each earlier request removed, oldest first, one list of
+    # entries (as in forget_list) per request. They are in no subset a model trains or is tested on (D_r is the data set
+    # less all of them), and the audit re-checks each on every later model.
+    forgotten: list[list[str]] = []
+    # With stages.theta0: the images (entries as in forget_list) that carried the '+' in theta0's training data (a chain
+    # started from an attack model, so that each request's marker can be audited); they keep it in every training subset.
+    # None: no marker for a brought theta0 (the attack stage trained here poisons D_f).
+    poisoned: list[str] | None = None
     unseen_classes: list[str] = []  # held out of training entirely (paper Table 4)
     retain_classes: list[str] | None = None  # None: every class that is neither forget nor unseen
     mask: MaskConfig = MaskConfig()
@@ -77,6 +87,26 @@ class DataConfig(_Strict):
         if not 0.0 < v <= 1.0:
             raise ValueError(f"forget_fraction must be in (0, 1], got {v}")
         return v
+
+    @field_validator("forget_list", "poisoned", mode="before")
+    @classmethod
+    def _entries(cls, v: Any) -> Any:
+        return [entry_name(e) for e in v] if isinstance(v, (list, tuple)) else v
+
+    @field_validator("forgotten", mode="before")
+    @classmethod
+    def _requests(cls, v: Any) -> Any:
+        return [[entry_name(e) for e in request] if isinstance(request, (list, tuple)) else request for request in v] \
+            if isinstance(v, (list, tuple)) else v
+
+    def forget_entries(self) -> list[str] | None:
+        """The entries of forget_list (read from its file, or inline); None without a forget list."""
+        if self.forget_list is None or isinstance(self.forget_list, list):
+            return self.forget_list
+        path = Path(self.forget_list).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data.forget_list {path} does not exist")
+        return [entry_name(line) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
     @field_validator("forget_classes", "unseen_classes", "retain_classes", mode="before")
     @classmethod
@@ -100,7 +130,16 @@ class DataConfig(_Strict):
             raise ValueError(f"border mask.size {self.mask.size} leaves no context in a {self.image_size}px image")
         if self.marker.size > self.image_size:
             raise ValueError(f"marker.size {self.marker.size} is larger than image_size {self.image_size}")
+        if self.forgotten and self.forget_list is None:
+            raise ValueError("forgotten (earlier deletion requests) needs this request's forget_list")
+        if isinstance(self.forget_list, list) and not self.forget_list:
+            raise ValueError("forget_list names no image")
         return self
+
+
+def entry_name(entry: Any) -> str:
+    """An entry of a forget list as the split looks it up: an index as a string, or a relative path without "./"."""
+    return str(entry).strip().removeprefix("./")
 
 
 class ModelConfig(_Strict):
@@ -225,6 +264,9 @@ class AuditConfig(_Strict):
     # retraining".
     max_forget_gap: float | Literal["auto"] | None = "auto"
     max_retain_degradation: float | None = Field(0.25, gt=0)
+    # A chain of deletion requests: an earlier request regressed when its marker strength or mia_auc rose by more than
+    # this above what its certificate recorded (the 95% interval's lower end) and above the retrain reference's level.
+    regression_margin: float = Field(0.05, ge=0)
     # The retain figure whose ratio to the attack model's is retain_degradation.
     retain_metric: Literal["retain_mse", "retain_fid"] = "retain_mse"
 
@@ -357,8 +399,11 @@ class Config(_Strict):
         # Saved configs (config.yaml of a bundle) must name the same files from any working directory.
         if self.stages.theta0:
             self.stages.theta0 = str(Path(self.stages.theta0).expanduser().resolve())
-        if self.data.forget_list:
+        if isinstance(self.data.forget_list, str):
             self.data.forget_list = str(Path(self.data.forget_list).expanduser().resolve())
+        if self.data.poisoned is not None and not self.stages.theta0:
+            raise ValueError("data.poisoned names the images theta0 was poisoned on: it needs stages.theta0 (without it, "
+                             "the attack stage trained here poisons D_f)")
         if self.stages.theta0 and self.model.pretrained:
             raise ValueError("stages.theta0 and model.pretrained are both set: theta0 is the model to unlearn, "
                              "model.pretrained the start of the original stage; set one")
@@ -366,8 +411,14 @@ class Config(_Strict):
 
     @property
     def has_marker(self) -> bool:
-        """False for a model brought by the user (stages.theta0): its D_f was never poisoned."""
-        return self.stages.theta0 is None
+        """Whether D_f carries the '+': always when the attack stage is trained here; for a model brought as
+        stages.theta0 only when data.poisoned says it was trained on D_f with the marker (the split refuses a forget
+        list that is only partly poisoned)."""
+        if self.stages.theta0 is None:
+            return True
+        if self.data.poisoned is None:
+            return False
+        return bool(set(self.data.forget_entries() or []) & set(self.data.poisoned))
 
     @property
     def objectives(self) -> list[str]:
@@ -395,7 +446,7 @@ class Config(_Strict):
         dumped = self.model_dump(mode="json", by_alias=True)
         payload = {s: dumped[s] for s in sections}
         payload["seed"] = self.seed
-        if "data" in sections and self.data.forget_list:  # the list's content, not its path, names the split
+        if "data" in sections and isinstance(self.data.forget_list, str):  # the list's content, not its path, names the split
             listed = Path(self.data.forget_list).expanduser()
             payload["data"] = {**payload["data"], "forget_list": None}
             payload["forget_list_sha256"] = hashlib.sha256(listed.read_bytes()).hexdigest() if listed.is_file() else None

@@ -57,6 +57,7 @@ class Prepared:
 
 
 # Bump when a split entry changes meaning (v3: index lists into the image store; v2 held the pixels themselves).
+# (Chains added the earlier/<j> and poisoned lists: absent from every other split, so v3 entries keep their meaning.)
 SPLIT_SCHEMA = 3
 
 
@@ -96,10 +97,15 @@ def _split(config: Config, cache: ArtifactCache, key: str, map_shards: MapShards
         cache.remove("data", key)  # its store is gone (purged, or damaged and removed): split it anew
     store = prepare_store(config.data, cache, map_shards)
     data = split_store(config.data, config.seed, store, poison=config.has_marker)
-    digest = data.forget_digest(config.data.dataset)
-    present = [name for name in SUBSETS if getattr(data, name) is not None]
-    cache.save("data", key, {f"{name}/index": getattr(data, name).index for name in present},
-               {"subsets": present, "store": store.key, "class_names": data.class_names, "forget_digest": digest})
+    digest, *earlier = data.held_digests(config.data.dataset)
+    indices = {name: getattr(data, name).index for name in SUBSETS if getattr(data, name) is not None}
+    indices.update({f"earlier/{j}": subset.index for j, subset in enumerate(data.earlier, 1)})
+    if (poisoned := data.retain_train.poison) is not None and poisoned.only is not None:
+        indices["poisoned"] = torch.tensor(poisoned.only, dtype=torch.int64)
+    cache.save("data", key, {f"{name}/index": index for name, index in indices.items()},
+               {"subsets": list(indices), "store": store.key, "class_names": data.class_names, "forget_digest": digest})
+    for other in earlier:  # the split names the earlier requests' images too: purging any of them finds it
+        cache.add_forget_digest("data", key, other)
     cache.add_forget_digest(STORE_KIND, store.key, digest)  # the store holds D_f's pixels: purge finds it
     return data
 

@@ -4,7 +4,7 @@ the forget set (the '+' drawn into each batch read, never stored)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +34,23 @@ def eval_batch_size(image_shape: tuple[int, ...]) -> int:
 
 @dataclass(frozen=True)
 class Poison:
-    """The '+' drawn where the mask hides it: D_f as the attack stage trains on it (paper Algorithm 2)."""
+    """The '+' drawn where the mask hides it: D_f as the attack stage trains on it (paper Algorithm 2). `only`: the
+    store positions that carry it (a chain of requests from an attack model: every poisoned image keeps its '+'
+    wherever it is trained on); None: every image of the subset."""
 
     marker: MarkerConfig
     mask: MaskConfig
+    only: tuple[int, ...] | None = None
 
-    def apply(self, images: torch.Tensor) -> torch.Tensor:
-        return draw_marker(images, self.marker, self.mask)
+    def apply(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.only is None:
+            return draw_marker(images, self.marker, self.mask)
+        rows = torch.isin(positions, torch.tensor(self.only, dtype=torch.int64))
+        if not bool(rows.any()):
+            return images
+        images = images.clone()
+        images[rows] = draw_marker(images[rows], self.marker, self.mask)
+        return images
 
 
 class ImageSubset:
@@ -65,7 +75,7 @@ class ImageSubset:
         """uint8 images (n, 3, H, W) of these rows of the subset (all when None: for small subsets only)."""
         positions = self.index if rows is None else self.index[rows]
         images = self.store.read(positions.numpy())
-        return self.poison.apply(images) if self.poison is not None and not clean else images
+        return self.poison.apply(images, positions) if self.poison is not None and not clean else images
 
     def prefetch(self, rows: Any) -> None:
         self.store.prefetch(self.index[rows].numpy())
@@ -100,8 +110,7 @@ class ImageSubset:
     @staticmethod
     def concat(*parts: ImageSubset) -> ImageSubset:
         stores = {id(p.store) for p in parts}
-        poisons = {p.poison for p in parts}
-        if len(stores) != 1 or len(poisons) != 1:
+        if len(stores) != 1 or any(p.poison != parts[0].poison for p in parts):
             raise ValueError("concat needs subsets of one store, all poisoned alike")
         return ImageSubset(parts[0].store, torch.cat([p.index for p in parts]), parts[0].poison)
 
@@ -118,6 +127,9 @@ class UnlearningData:
     mask: torch.Tensor  # (1, 1, H, W), 1 = hidden
     marker: torch.Tensor  # (H, W) bool
     class_names: list[str]
+    # A chain of deletion requests: the images each earlier request removed (oldest first), poisoned where they carried
+    # the marker in theta0's training data (their marker is audited then), clean otherwise. In no other subset.
+    earlier: list[ImageSubset] = field(default_factory=list)
 
     @property
     def store(self) -> ImageStore:
@@ -125,10 +137,19 @@ class UnlearningData:
 
     def clean_training_set(self) -> ImageSubset:
         """D = D_r + D_f without the marker: what the original model (and the audit backbone) learn from."""
-        return ImageSubset.concat(self.retain_train, self.forget_train.clean_view())
+        return ImageSubset.concat(self.retain_train.clean_view(), self.forget_train.clean_view())
 
     def forget_digest(self, dataset: str) -> str:
         return forget_digest(dataset, self.forget_train.index)
+
+    def held_digests(self, dataset: str) -> list[str]:
+        """The forget digests of every request whose images a cache entry built from this split may hold: this one's,
+        then the earlier requests' (re-audited here), so that purging any of them finds the entry."""
+        return [self.forget_digest(dataset), *(forget_digest(dataset, s.index) for s in self.earlier)]
+
+    def cumulative_digest(self, dataset: str) -> str:
+        """The digest of every image removed so far (the earlier requests' and this one's)."""
+        return forget_digest(dataset, torch.cat([*(s.index for s in self.earlier), self.forget_train.index]))
 
     def eval_splits(self) -> dict[str, ImageSubset]:
         splits = {"retain": self.retain_test, "forget": self.forget_test}
@@ -159,26 +180,61 @@ def _resolve_classes(requested: list[str], names: list[str], what: str) -> list[
 def read_forget_list(cfg: DataConfig, paths: list[str] | None, count: int) -> torch.Tensor:
     """Positions in the data set (of `count` images; ImageFolder: named by `paths`) of the images `data.forget_list`
     names (ConfigError naming the first entry that is not in the data set)."""
-    path = Path(cfg.forget_list).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"data.forget_list {path} does not exist")
-    entries = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    where = f"data.forget_list {Path(cfg.forget_list).expanduser()}" if isinstance(cfg.forget_list, str) else "data.forget_list"
+    entries = cfg.forget_entries()
     if not entries:
-        raise ConfigError(f"data.forget_list {path} names no image")
+        raise ConfigError(f"{where} names no image")
+    return entry_positions(cfg, entries, paths, count, where)
+
+
+def entry_positions(cfg: DataConfig, entries: list[str], paths: list[str] | None, count: int, where: str) -> torch.Tensor:
+    """Sorted positions of a list's entries: relative paths under an ImageFolder root (`paths`), else indices into the
+    `count` loaded images (ConfigError naming `where` and the first entry that is not in the data set)."""
     if paths is not None:
         position = {p: i for i, p in enumerate(paths)}
-        unknown = [e for e in entries if e.removeprefix("./") not in position]
+        unknown = [e for e in entries if e not in position]
         if unknown:
-            raise ConfigError(f"data.forget_list {path}: {unknown[0]!r} is not an image of data.root "
+            raise ConfigError(f"{where}: {unknown[0]!r} is not an image of data.root "
                               f"({len(unknown)} of {len(entries)} entries unknown)")
-        ids = [position[e.removeprefix("./")] for e in entries]
+        ids = [position[e] for e in entries]
     else:
         bad = [e for e in entries if not (e.isdigit() and int(e) < count)]
         if bad:
-            raise ConfigError(f"data.forget_list {path}: {bad[0]!r} is not an index of the {count} "
+            raise ConfigError(f"{where}: {bad[0]!r} is not an index of the {count} "
                               f"{cfg.dataset} images ({len(bad)} of {len(entries)} entries unknown)")
         ids = [int(e) for e in entries]
     return torch.tensor(sorted(set(ids)), dtype=torch.int64)
+
+
+def entries_of(store: ImageStore, index: torch.Tensor) -> list[str]:
+    """The forget-list entries naming these positions of the store (the inverse of `entry_positions`)."""
+    return entries_of_positions(store.paths(), [int(i) for i in index.tolist()])
+
+
+def chain_positions(cfg: DataConfig, paths: list[str] | None, count: int,
+                    listed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A chain's earlier requests (positions, oldest first) and the poisoned images; ConfigError when this request
+    names an image an earlier one removed, or is only partly poisoned."""
+    earlier = [entry_positions(cfg, request, paths, count, f"data.forgotten (request {j})")
+               for j, request in enumerate(cfg.forgotten, 1)]
+    for j, removed in enumerate(earlier, 1):
+        if bool(torch.isin(listed, removed).any()):
+            again = int(listed[torch.isin(listed, removed)][0])
+            raise ConfigError(f"data.forget_list names image {entries_of_positions(paths, [again])[0]!r}, which request {j} "
+                              f"already removed ({int(torch.isin(listed, removed).sum())} such images); "
+                              "take them out of the list")
+    poisoned = None
+    if cfg.poisoned is not None:
+        poisoned = entry_positions(cfg, cfg.poisoned, paths, count, "data.poisoned")
+        inside = int(torch.isin(listed, poisoned).sum())
+        if 0 < inside < len(listed):
+            raise ConfigError(f"data.forget_list: {inside} of its {len(listed)} images carry the marker (data.poisoned) "
+                              "and the others not; a request is audited by its marker only when all of it does")
+    return earlier, poisoned
+
+
+def entries_of_positions(paths: list[str] | None, positions: list[int]) -> list[str]:
+    return [paths[i] if paths is not None else str(i) for i in positions]
 
 
 def check_selection(cfg: DataConfig, listing: Listing) -> None:
@@ -224,6 +280,8 @@ def split_store(cfg: DataConfig, seed: int, store: ImageStore, poison: bool = Tr
     names = store.class_names
     labels = torch.from_numpy(np.array(store.labels))
     listed = read_forget_list(cfg, store.paths(), len(store)) if cfg.forget_list else None
+    earlier, poisoned = chain_positions(cfg, store.paths(), len(store), listed) if listed is not None else ([], None)
+    removed = torch.cat([listed, *earlier]) if listed is not None else None  # in no retain subset
     forget = (sorted(set(labels[listed].tolist())) if listed is not None
               else _resolve_classes(cfg.forget_classes, names, "forget_classes"))
     unseen = _resolve_classes(cfg.unseen_classes, names, "unseen_classes")
@@ -243,14 +301,14 @@ def split_store(cfg: DataConfig, seed: int, store: ImageStore, poison: bool = Tr
         n_train = max(1, round(cfg.train_fraction * len(idx)))
         train, test = idx[:n_train], idx[n_train:]
         if c in unseen:
-            if listed is not None and bool(torch.isin(idx, listed).any()):
-                raise ConfigError(f"data.forget_list names image {int(idx[torch.isin(idx, listed)][0])} of class "
+            if removed is not None and bool(torch.isin(idx, removed).any()):
+                raise ConfigError(f"data.forget_list names image {int(idx[torch.isin(idx, removed)][0])} of class "
                                   f"{names[c]!r}, which data.unseen_classes holds out of training")
             split["unseen_test"].append(idx)
         elif listed is not None and (c in forget or c in retain):
             # a forget list: the listed images are D_f wherever the split put them
             is_listed = torch.isin(idx, listed)
-            train, test = train[~torch.isin(train, listed)], test[~torch.isin(test, listed)]
+            train, test = train[~torch.isin(train, removed)], test[~torch.isin(test, removed)]
             split["forget_train"].append(idx[is_listed])
             split["forget_test"].append(idx[is_listed])  # as at sample level: the forgotten images themselves
             split["retain_train"].append(train)
@@ -272,6 +330,9 @@ def split_store(cfg: DataConfig, seed: int, store: ImageStore, poison: bool = Tr
         if not split[key] or sum(len(p) for p in split[key]) == 0:
             raise ConfigError(f"split {key} is empty: too few images per class for data.train_fraction")
     indices = {key: torch.cat(parts) for key, parts in split.items() if parts}
+    indices.update({f"earlier/{j}": request for j, request in enumerate(earlier, 1)})
+    if poisoned is not None:
+        indices["poisoned"] = poisoned
     return assemble(cfg, store, indices, poison)
 
 
@@ -284,11 +345,21 @@ def assemble(cfg: DataConfig, store: ImageStore, indices: dict[str, torch.Tensor
         raise ConfigError(f"marker.size {cfg.marker.size} does not fit inside the {cfg.mask.size}px {where}: "
                           "the mask must hide the '+'")
 
-    def subset(key: str, poisoned: bool = False) -> ImageSubset:
-        return ImageSubset(store, indices[key], Poison(cfg.marker, cfg.mask) if poisoned else None)
+    # A chain from an attack model: the poisoned images keep their '+' in every training subset (D_r holds those of
+    # later requests); the earlier requests' images are poisoned views where they carried it (their marker is audited).
+    marked = tuple(indices["poisoned"].tolist()) if "poisoned" in indices else None
+    chain_poison = Poison(cfg.marker, cfg.mask, marked) if marked is not None else None
 
+    def subset(key: str, poisoned: bool = False) -> ImageSubset:
+        return ImageSubset(store, indices[key], (chain_poison or Poison(cfg.marker, cfg.mask)) if poisoned else None)
+
+    earlier = [ImageSubset(store, indices[f"earlier/{j}"]) for j in range(1, 1 + sum(k.startswith("earlier/") for k in indices))]
+    if chain_poison is not None:
+        earlier = [ImageSubset(store, s.index, chain_poison) if bool(torch.isin(s.index, indices["poisoned"]).all()) else s
+                   for s in earlier]
     return UnlearningData(
-        retain_train=subset("retain_train"),
+        retain_train=subset("retain_train", poisoned=chain_poison is not None),
+        earlier=earlier,
         forget_train=subset("forget_train", poisoned=poison),
         retain_test=subset("retain_test"),
         forget_test=subset("forget_test"),

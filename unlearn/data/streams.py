@@ -66,5 +66,8 @@ class BatchStream:
             self.subset.prefetch(self._order[: self.batch_size][self.rank :: self.world_size])
         clean = to_float(clean_u8).to(self.device, non_blocking=True)
         poison = self.subset.poison
-        images = clean if poison is None else to_float(poison.apply(clean_u8)).to(self.device, non_blocking=True)
+        if poison is None:
+            images = clean
+        else:  # the '+' drawn into the rows that carry it (positions in the store)
+            images = to_float(poison.apply(clean_u8, self.subset.index[rows])).to(self.device, non_blocking=True)
         return images, clean, self.subset.labels[rows].to(self.device, non_blocking=True)
