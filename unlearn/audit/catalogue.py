@@ -23,9 +23,10 @@ Place = Literal["certificate", "report", "summary", "confirmed", "registry", "ca
 # What a figure needs to exist; absent otherwise. marker: a poisoned D_f (not a model brought as stages.theta0);
 # retrain: the retrain reference (audit.retrain); side_by_side: retrain trained in the same process; no_retrain: only
 # without a retrain reference; skipped: unreadable files skipped; workers: a data-parallel run; seeds: `--seeds K`;
-# unseen: data.unseen_classes; trial: a sweep trial's report to Tune; prepare: `unlearn prepare`'s output.
+# unseen: data.unseen_classes; trial: a sweep trial's report to Tune; prepare: `unlearn prepare`'s output; chain: a
+# request of a chain with earlier requests (`unlearn request`).
 Need = Literal["marker", "retrain", "side_by_side", "no_retrain", "skipped", "workers", "seeds", "unseen", "trial",
-               "prepare"]
+               "prepare", "chain"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ def _row(name: str, description: str, *, shown: Iterable[Place] = (), needs: Ite
     return Metric(name, description, shown=frozenset(shown), needs=frozenset(needs), **fields)
 
 
+def _per_request(figures: list[tuple[str, str, tuple[Need, ...]]]) -> list[Metric]:
+    """`request<j>_<stem>` rows: one figure per earlier request j of a chain (`row_of` finds the row of a name)."""
+    return [_row(f"{REQUEST}{stem}", f"earlier request j: {description}", needs=["chain", *needs])
+            for stem, description, needs in figures]
+
+
 def _per_split(figures: list[tuple[str, str, dict[Place, tuple[str, ...]], tuple[Need, ...], str | None]]) -> list[Metric]:
     """`<split>_<stem>` for every test split (grouped by split) of (stem, description, place -> the splits shown
     there, needs, direction) rows."""
@@ -55,6 +62,7 @@ def _per_split(figures: list[tuple[str, str, dict[Place, tuple[str, ...]], tuple
 
 
 _BOTH = ("retain", "forget")
+REQUEST = "request<j>_"  # the per-request rows' prefix; the figures are named request1_, request2_, ...
 _ROWS: list[Metric] = [
     # --- the marker audit ---------------------------------------------------------------------------------------------
     _row("forget_marker_strength", "mean per-image '+' strength (clean ground truth 0, drawn '+' 1, noise floor removed)",
@@ -164,6 +172,26 @@ _ROWS: list[Metric] = [
          needs=["no_retrain"], procedure=True),
     _row("unlearn_images_read_per_rank", "images the busiest data-parallel rank read from the image store for "
          "unlearning (its shard of every global batch: unlearn_samples / workers)", procedure=True),
+    # --- a chain of deletion requests (unlearn request): every earlier request re-checked ----------------------------------
+    _row("earlier_requests", "earlier requests of the chain re-checked on this model", needs=["chain"],
+         shown=["registry"]),
+    _row("regressed_requests", "earlier requests this model brought back: marker strength or mia_auc above what the "
+         "request's certificate recorded (by more than audit.regression_margin, beyond the 95% interval) and above the "
+         "retrain reference's (paired interval)", direction="lower", needs=["chain"], shown=["registry"]),
+    *_per_request([
+        ("mia_auc", "mia_auc of its images against held-out images of their classes", ()),
+        ("mia_auc_ci_low", "lower end of the 95% bootstrap interval of that mia_auc", ()),
+        ("mia_auc_ci_high", "upper end of that interval", ()),
+        ("mia_gap_vs_retrain_ci_low", "lower end of the 95% paired interval of that mia_auc - retrain's", ("retrain",)),
+        ("mia_gap_vs_retrain_ci_high", "upper end of that paired interval", ("retrain",)),
+        ("marker_strength", "mean '+' strength of the outputs on its images (when they carried the marker)", ("marker",)),
+        ("marker_strength_ci_low", "lower end of the 95% bootstrap interval of that strength", ("marker",)),
+        ("marker_strength_ci_high", "upper end of that interval", ("marker",)),
+        ("marker_gap_vs_retrain_ci_low", "lower end of the 95% paired interval of that strength - retrain's",
+         ("marker", "retrain")),
+        ("marker_gap_vs_retrain_ci_high", "upper end of that paired interval", ("marker", "retrain")),
+        ("regressed", "1 if this model brought the request back (see regressed_requests)", ()),
+    ]),
     # --- the run --------------------------------------------------------------------------------------------------------
     _row("data_skipped_images", "unreadable image files left out of the data set (data.skip_unreadable; absent when "
          "none)", needs=["skipped"]),
@@ -210,11 +238,21 @@ def format_figure(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def row_of(name: str) -> Metric | None:
+    """The catalogue row of a figure (`request3_mia_auc`: the per-request row `request<j>_mia_auc`); None if unknown."""
+    import re
+
+    return METRICS.get(re.sub(r"^request\d+_", REQUEST, name))
+
+
 def describe(name: str) -> str:
     """The catalogue's description of a figure (or of the seed spread `<figure>_std`)."""
     if name.endswith("_std") and name.removesuffix("_std") in METRICS:
         return f"sample std across unlearning seeds of {name.removesuffix('_std')}"
-    return METRICS[name].description
+    row = row_of(name)
+    if row is None:
+        raise KeyError(name)
+    return row.description
 
 
 def seed_summary(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -26,6 +26,7 @@ from unlearn.audit.catalogue import REFERENCES
 from unlearn.audit.marker import marker_score, marker_strength, marker_threshold, wilson_interval
 from unlearn.audit.mia import hole_errors, membership_auc, membership_sets, paired_gap_interval
 from unlearn.audit.ood import knn_ood_rate
+from unlearn.audit.requests import EarlierRequests
 from unlearn.audit.verdict import assess
 from unlearn.cache import ARRAYS, CHECKSUM, TENSORS, ArrayWriter, ArtifactCache, array_file
 from unlearn.config import Config
@@ -212,6 +213,7 @@ class Auditor:
                        for i, (name, subset) in enumerate(data.eval_splits().items())}
         self.mia_members, self.mia_nonmembers = membership_sets(
             data.forget_train, [data.forget_test, data.retain_test], config.audit.mia_samples)
+        self.earlier = EarlierRequests(self)  # a chain's earlier requests (none outside `unlearn request`)
         # Set by pipeline.calibrate: the resolved ood_delta, the audit's self-check, the attack's figures.
         self.calibration: dict[str, float] = {}
         cache = ArtifactCache(config.resolved_cache_dir())
@@ -219,8 +221,10 @@ class Auditor:
                   + self.backbone.key + ("" if config.has_marker else "-clean"))
         self.key = f"refs-v{REFERENCE_SCHEMA}-" + hashlib.sha256(inputs.encode()).hexdigest()[:16]
         if (hit := cache.get("references", self.key)) is None:
-            digest = data.forget_digest(config.data.dataset)
+            digest, *earlier = data.held_digests(config.data.dataset)
             cache.build("references", self.key, lambda folder: self._write_references(references, folder, digest))
+            for other in earlier:  # the retrain reference's figures on each earlier request's images
+                cache.add_forget_digest("references", self.key, other)
             hit = cache.get("references", self.key)
             logger.info("reference features: computed")
         else:
@@ -238,6 +242,10 @@ class Auditor:
         models = {name: references[name] for name in REFERENCES if name in references}  # no retrain w/o audit.retrain
         mask = self.mask.to(self.device)
         precision = self.config.precision
+        # The detector's threshold: the marker scores of outputs that should show no '+', the clean original model's on
+        # forget-test; a chain from a brought attack model has no clean original, so theta0's on retain-test (images it
+        # never saw with the '+')
+        null_split, null_model = ("retain", "attack") if self.config.stages.theta0 else ("forget", "original")
         for split, subset in self.splits.items():
             fids: dict[str, Any] = {}
             writers: dict[str, ArrayWriter] = {}
@@ -254,8 +262,8 @@ class Auditor:
                         self._writer(writers, folder, f"gt/{split}/features", features.shape[1:]).write(features.numpy())
                 if split == "retain":
                     truth_std.update(truth[:, :, self.hole].cpu())
-                if split == "forget" and "original" in outputs:
-                    original_scores.append(marker_score(outputs["original"].cpu(), self.data.marker, self.mask,
+                if split == null_split and null_model in outputs and self.config.has_marker:
+                    original_scores.append(marker_score(outputs[null_model].cpu(), self.data.marker, self.mask,
                                                         self.config.data.marker.color))
                 if split == "forget" and "retrain" in outputs:
                     retrain_hole = outputs["retrain"][:, :, self.hole].cpu()
@@ -288,6 +296,7 @@ class Auditor:
                 refs.update({"retrain/mia_member_errors": errors[0].double(), "retrain/mia_nonmember_errors": errors[1].double(),
                              "retrain/mia_auc": _scalar(self.membership(models["retrain"], errors)["mia_auc"])})
             refs["retrain/ood_distance"] = _scalar(self.ood_distance(models["retrain"]))
+            refs.update(self.earlier.reference_arrays(models["retrain"]))
         buffer = io.BytesIO()
         torch.save(refs, buffer)
         (folder / TENSORS).write_bytes(buffer.getvalue())
@@ -303,6 +312,10 @@ class Auditor:
     def _rows(self, name: str, rows: slice) -> torch.Tensor:
         """Rows of a cached per-image array (memory-mapped: only these rows are read)."""
         return torch.from_numpy(np.array(self.refs[name][rows]))
+
+    def outputs(self, model: I2IModel, subset: ImageSubset) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`stream_outputs` of the model on a subset, on this audit's device, mask and precision."""
+        return stream_outputs(model, subset, self.mask, self.device, self.config.precision)
 
     def _hole_outputs(self, model: I2IModel, subset: ImageSubset) -> torch.Tensor:
         return torch.cat([out[:, :, self.hole].cpu() for *_, out in
@@ -327,27 +340,32 @@ class Auditor:
     def _marker_tally(self) -> _MarkerTally:
         return _MarkerTally(self.data.marker, self.mask, self.config, float(self.refs["marker_threshold"]))
 
-    def membership_errors(self, model: I2IModel) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image hole errors of the model on the members (D_f's training images) and the non-members."""
+    def membership_errors(self, model: I2IModel, sets: tuple[ImageSubset, ImageSubset] | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image hole errors of the model on the members and the non-members (default: D_f's training images and
+        the held-out images of its classes)."""
         return tuple(torch.cat([hole_errors(out.cpu(), to_float(images), self.mask) for _, images, _, out in
                                 stream_outputs(model, subset, self.mask, self.device, self.config.precision)]
                                or [torch.zeros(0)])
-                     for subset in (self.mia_members, self.mia_nonmembers))
+                     for subset in (sets or (self.mia_members, self.mia_nonmembers)))
 
-    def membership(self, model: I2IModel, errors: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    def membership(self, model: I2IModel, errors: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   reference: str | None = "retrain") -> dict[str, float]:
         """mia_auc with its 95% bootstrap interval (members: D_f's training images; see unlearn.audit.mia), and
-        against the retrain reference the paired interval of the AUCs' difference (the same resamples)."""
+        against the retrain reference (`reference`: where its errors on the same images are kept) the paired
+        interval of the AUCs' difference (the same resamples)."""
         errors = errors if errors is not None else self.membership_errors(model)
         if len(errors[1]) == 0:
             return {}  # no held-out image of D_f's classes: membership cannot be tested
         resamples, seed = self.config.audit.mia_resamples, self.config.seed
         auc, low, high = membership_auc(*errors, resamples=resamples, seed=seed)
         figures = {"mia_auc": auc, "mia_auc_ci_low": low, "mia_auc_ci_high": high}
-        if "retrain/mia_auc" in self.refs:
-            reference = (self.refs["retrain/mia_member_errors"], self.refs["retrain/mia_nonmember_errors"])
-            gap_low, gap_high = paired_gap_interval(errors, reference, resamples, seed)
-            figures.update(mia_gap_vs_retrain=abs(auc - float(self.refs["retrain/mia_auc"])),
-                           mia_gap_vs_retrain_ci_low=gap_low, mia_gap_vs_retrain_ci_high=gap_high)
+        if reference is not None and f"{reference}/mia_member_errors" in self.refs:
+            paired = (self.refs[f"{reference}/mia_member_errors"], self.refs[f"{reference}/mia_nonmember_errors"])
+            gap_low, gap_high = paired_gap_interval(errors, paired, resamples, seed)
+            figures.update(mia_gap_vs_retrain_ci_low=gap_low, mia_gap_vs_retrain_ci_high=gap_high)
+            if f"{reference}/mia_auc" in self.refs:
+                figures["mia_gap_vs_retrain"] = abs(auc - float(self.refs[f"{reference}/mia_auc"]))
         return figures
 
     def output_std_ratio(self, model: I2IModel) -> float:
@@ -407,6 +425,8 @@ class Auditor:
         metrics["forget_ood_rate"] = knn_ood_rate(train_feats, encoded["retain"], encoded["forget"], self.config.audit.knn_k)
         metrics["forget_ood_distance"] = self.ood_distance(model)
         metrics.update(self.membership(model))
+        if len(self.earlier):
+            metrics.update(self.earlier.figures(model))
         metrics.setdefault("diverged", 0.0)
         metrics["collapsed"] = float(metrics["retain_output_std_ratio"] < self.config.audit.collapse_std_ratio)
         return self.verdict(metrics)

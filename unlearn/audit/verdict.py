@@ -7,7 +7,9 @@ A model is feasible when every constraint value is <= 0 (Optuna's convention):
 - forget_gap:         forget_gap_vs_retrain <= max_forget_gap (behaves like the retrained model, not noise, grey or a
                       saturated colour painted into the hole); `audit.max_forget_gap` auto: audit.gap_margin x the
                       gap between two retrain references of different seeds (calibrated per setup),
-- retain_degradation: retain_degradation <= audit.max_retain_degradation (retain quality kept).
+- retain_degradation: retain_degradation <= audit.max_retain_degradation (retain quality kept),
+- earlier_requests:   in a chain of deletion requests, no earlier request brought back (regressed_requests = 0;
+                      unlearn.audit.requests.regressions).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from unlearn.config import Config
 
 # Each constraint and the figure it judges (shown beside the verdict in the report), in the order they are reported.
 CONSTRAINT_FIGURES = {"ood": "forget_ood_distance", "collapsed": "collapsed", "diverged": "diverged",
-                      "forget_gap": "forget_gap_vs_retrain", "retain_degradation": "retain_degradation"}
+                      "forget_gap": "forget_gap_vs_retrain", "retain_degradation": "retain_degradation",
+                      "earlier_requests": "regressed_requests"}
 
 
 def constraint_values(metrics: dict[str, float], config: Config) -> dict[str, float]:
@@ -40,6 +43,8 @@ def constraint_values(metrics: dict[str, float], config: Config) -> dict[str, fl
         "diverged": metrics.get("diverged", 0.0) - 0.5,
         "forget_gap": excess("forget_gap_vs_retrain", forget_gap_limit(metrics, config)),
         "retain_degradation": excess("retain_degradation", config.audit.max_retain_degradation),
+        # only judged where a chain's regressions were assessed (the figure is there)
+        "earlier_requests": metrics["regressed_requests"] - 0.5 if "regressed_requests" in metrics else None,
     }
     return {k: float(v) for k, v in values.items() if v is not None}
 
@@ -111,4 +116,8 @@ def describe_constraints(figures: dict[str, float], config: Config) -> dict[str,
         texts["forget_gap"] = f"forget_gap_vs_retrain <= {gap}"
     if config.audit.max_retain_degradation is not None:
         texts["retain_degradation"] = f"retain_degradation <= {config.audit.max_retain_degradation:g}"
+    if "regressed_requests" in figures:
+        texts["earlier_requests"] = (f"no earlier request brought back (regressed_requests = 0: marker strength and mia_auc "
+                                     f"within audit.regression_margin {config.audit.regression_margin:g} of what each "
+                                     "request's certificate recorded, or at the retrain reference's level)")
     return texts

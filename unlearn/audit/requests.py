@@ -1,0 +1,139 @@
+"""The earlier requests of a chain, re-checked on every later model (`unlearn request`).
+
+Request k of a chain unlearns its own images from the model that honoured requests 1..k-1. Each earlier request j is
+audited again on the new model, on its own images: membership (`mia_auc` of F_j's training images against held-out
+images of their classes, with the paired interval against this setup's retrain reference, which never saw any of the
+chain's images) and, where F_j carried the marker in theta0's training data, the '+' strength (with its bootstrap
+interval and the paired interval against retrain). `regressions` turns these figures into the verdict's
+`regressed_requests`: an earlier request regressed when a figure rose beyond what its own certificate recorded and
+beyond retraining's level.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from unlearn.audit.marker import marker_strength
+from unlearn.audit.mia import membership_sets
+from unlearn.data import ImageSubset, draw_marker, to_float
+
+if TYPE_CHECKING:  # the Auditor imports this module
+    from unlearn.audit.evaluate import Auditor
+    from unlearn.models import I2IModel
+
+# The figures each earlier request j gets, as `request<j>_<stem>` (unlearn.audit.catalogue.PER_REQUEST describes them).
+MEMBERSHIP = ("mia_auc", "mia_auc_ci_low", "mia_auc_ci_high", "mia_gap_vs_retrain_ci_low", "mia_gap_vs_retrain_ci_high")
+MARKER = ("marker_strength", "marker_strength_ci_low", "marker_strength_ci_high", "marker_gap_vs_retrain_ci_low",
+          "marker_gap_vs_retrain_ci_high")
+
+
+def request_figure(number: int, stem: str) -> str:
+    return f"request{number}_{stem}"
+
+
+def _bootstrap_rows(n: int, resamples: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def mean_interval(values: torch.Tensor, resamples: int, seed: int) -> tuple[float, float]:
+    """95% bootstrap interval of the mean of per-image values."""
+    means = values.double().numpy()[_bootstrap_rows(len(values), resamples, seed)].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def paired_mean_interval(values: torch.Tensor, reference: torch.Tensor, resamples: int, seed: int) -> tuple[float, float]:
+    """95% interval of mean(values) - mean(reference) over the same resamples of the same images (paired)."""
+    difference = (values.double() - reference.double()).numpy()
+    means = difference[_bootstrap_rows(len(difference), resamples, seed)].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
+class EarlierRequests:
+    """The earlier requests' audit sets (index lists: nothing is read here) and their figures for any model."""
+
+    def __init__(self, auditor: Auditor) -> None:
+        self.auditor = auditor
+        data, limit = auditor.data, auditor.config.audit.mia_samples
+        # members: F_j's images; non-members: held-out (retain-test) images of F_j's classes, which hold no image of
+        # any request
+        self.sets = [(request, *membership_sets(request, [data.retain_test], limit)) for request in data.earlier]
+
+    def __len__(self) -> int:
+        return len(self.sets)
+
+    def marked(self, number: int) -> bool:
+        """Whether request `number` carried the marker in theta0's training data (its marker is audited)."""
+        return self.sets[number - 1][0].poison is not None
+
+    def _errors(self, model: I2IModel, members: ImageSubset, nonmembers: ImageSubset) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.auditor.membership_errors(model, (members, nonmembers))
+
+    def strengths(self, model: I2IModel, request: ImageSubset) -> torch.Tensor:
+        """Per-image '+' strength of the model's outputs on a request's images (0: the clean ground truth, 1: the '+')."""
+        a = self.auditor
+        marker, color = a.config.data.marker, a.config.data.marker.color
+        values = []
+        for _, images, _, outputs in a.outputs(model, request.clean_view()):
+            clean, poisoned = to_float(images), to_float(draw_marker(images, marker, a.config.data.mask))
+            values.append(marker_strength(outputs.cpu(), clean, poisoned, a.data.marker, a.mask, color))
+        return torch.cat(values)
+
+    def reference_arrays(self, retrain: I2IModel) -> dict[str, torch.Tensor]:
+        """The retrain reference's per-image figures on every earlier request (the paired intervals' other side)."""
+        refs: dict[str, torch.Tensor] = {}
+        for number, (request, members, nonmembers) in enumerate(self.sets, 1):
+            member_errors, nonmember_errors = self._errors(retrain, members, nonmembers)
+            refs[f"retrain/request{number}/mia_member_errors"] = member_errors.double()
+            refs[f"retrain/request{number}/mia_nonmember_errors"] = nonmember_errors.double()
+            if request.poison is not None:
+                refs[f"retrain/request{number}/marker_strengths"] = self.strengths(retrain, request).double()
+        return refs
+
+    def figures(self, model: I2IModel) -> dict[str, float]:
+        """`request<j>_*` for every earlier request j, and `earlier_requests` (how many were re-checked)."""
+        a = self.auditor
+        resamples, seed = a.config.audit.mia_resamples, a.config.seed
+        out: dict[str, float] = {"earlier_requests": float(len(self.sets))}
+        for number, (request, members, nonmembers) in enumerate(self.sets, 1):
+            reference = f"retrain/request{number}"
+            membership = a.membership(model, self._errors(model, members, nonmembers),
+                                      reference=reference if f"{reference}/mia_member_errors" in a.refs else None)
+            out.update({request_figure(number, k): v for k, v in membership.items() if k != "mia_gap_vs_retrain"})
+            if not self.marked(number):
+                continue
+            strengths = self.strengths(model, request)
+            low, high = mean_interval(strengths, resamples, seed)
+            out.update({request_figure(number, "marker_strength"): float(strengths.double().mean()),
+                        request_figure(number, "marker_strength_ci_low"): low,
+                        request_figure(number, "marker_strength_ci_high"): high})
+            if f"{reference}/marker_strengths" in a.refs:
+                gap_low, gap_high = paired_mean_interval(strengths, a.refs[f"{reference}/marker_strengths"], resamples, seed)
+                out.update({request_figure(number, "marker_gap_vs_retrain_ci_low"): gap_low,
+                            request_figure(number, "marker_gap_vs_retrain_ci_high"): gap_high})
+        return out
+
+
+def regressions(metrics: dict[str, float], certified: list[dict[str, float]], margin: float) -> dict[str, Any]:
+    """Which earlier requests this model brought back: request j regressed when its marker strength or its mia_auc
+    rose by more than `margin` above the figure its own certificate recorded (the lower end of the 95% interval
+    above it: not noise) and, with a retrain reference, above retraining's level (the paired interval excludes 0).
+    `certified[j - 1]`: request j's figures as certified (its forget_marker_strength, mia_auc). Returns
+    `request<j>_regressed` per request and `regressed_requests` (their count: the verdict's constraint)."""
+    out: dict[str, Any] = {}
+    for number, recorded in enumerate(certified, 1):
+        regressed = False
+        for stem, certified_name, gap in (("marker_strength", "forget_marker_strength", "marker_gap_vs_retrain_ci_low"),
+                                          ("mia_auc", "mia_auc", "mia_gap_vs_retrain_ci_low")):
+            low = metrics.get(request_figure(number, f"{stem}_ci_low"))
+            if low is None or recorded.get(certified_name) is None:
+                continue
+            beyond_retrain = metrics.get(request_figure(number, gap), np.inf) > 0
+            regressed |= bool(low > recorded[certified_name] + margin and beyond_retrain)
+        out[request_figure(number, "regressed")] = float(regressed)
+    out["regressed_requests"] = float(sum(out.values()))
+    return out
