@@ -57,23 +57,24 @@ def log_model(client: MlflowClient, tracking_uri: str, run_id: str, bundle: Path
 
 def register(client: MlflowClient, tracking_uri: str, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
     """Register the model under `name` (once per trial: found again by its `trial_id` tag) with alias `unlearned`."""
-    from mlflow.exceptions import MlflowException
-
     _mlflow(tracking_uri)
     found = client.search_model_versions(f"name='{name}' and tags.trial_id='{tags['trial_id']}'")
-    if found:
-        version = found[0].version
-    else:
-        try:
-            client.create_registered_model(name, description="Unlearned models certified by their sweep")
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        # a tracking server checks a models:/ source against its logged model (sqlite stores do not): name it
-        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-        version = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id).version
+    version = found[0].version if found else _new_version(client, name, model_uri, run_id, tags)
     client.set_registered_model_alias(name, ALIAS, version)
     return str(version)
+
+
+def _new_version(client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="Unlearned models, each with its certificate")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # a tracking server checks a models:/ source against its logged model (sqlite stores do not): name it
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    return str(client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id).version)
 
 
 def fetch_bundle(model_uri: str, tracking_uri: str, destination: Path) -> Path:
@@ -85,7 +86,9 @@ def fetch_bundle(model_uri: str, tracking_uri: str, destination: Path) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(destination)))
     except MlflowException as exc:
         raise ConfigError(f"--model {model_uri}: {exc.message.splitlines()[0][:200]} (tracking URI {tracking_uri})") from None
-    bundles = sorted(p.parent for p in local.rglob("config.yaml") if p.parent.name == "bundle")
+    # the bundle: the folder with config.yaml and the saved model (the sweep names it bundle/, a request its --out name)
+    bundles = sorted((p.parent for p in local.rglob("config.yaml") if (p.parent / "model" / "config.json").is_file()),
+                     key=lambda p: (len(p.parts), str(p)))
     if not bundles:
         raise ConfigError(f"--model {model_uri} is not an unlearned model logged by a sweep (no bundle/config.yaml)")
     return bundles[0]

@@ -14,7 +14,7 @@ from unlearn.logs import configure as configure_logging
 
 # Nothing here imports torch at module level: `unlearn prepare` decodes in a forkserver pool whose server imports
 # this module (the process's __main__) once, and its decoding workers need only PIL and numpy.
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("unlearn.cli")  # also when run as `python -m unlearn.cli`
 
 
 def _format_table(metrics: dict[str, float]) -> str:
@@ -158,6 +158,61 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_request(args: argparse.Namespace) -> int:
+    """One deletion request on the current model of a chain: unlearn, audit (every earlier request re-checked),
+    write the bundle, register a new version; the alias moves only onto a feasible one. Exit 0: certified; 1: the
+    request ran but the model is not feasible (registered without the alias, which stays); 2: bad input."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from unlearn.chain import finish_request, parent_lineage, read_entries, registry_tags, request_config, run_request
+    from unlearn.export import check_out_folder, load_saved
+    from unlearn.methods import METHODS
+
+    if args.method not in METHODS:
+        raise ConfigError(f"unknown method {args.method!r}; methods: {', '.join(METHODS)}")
+    overrides = {}
+    for assignment in args.set:
+        if "=" not in assignment:
+            raise ConfigError(f"--set expects key=value, got {assignment!r}")
+        key, value = assignment.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    entries = read_entries(args.forget_list)
+    out = check_out_folder(args.out) if args.out is not None else None
+    target = None
+    if args.model.startswith("models:/") or args.name:  # the registry, checked before any work
+        from raytasks.requests import RequestTarget
+
+        target = RequestTarget(args.model, args.name, args.alias, args.tracking_uri)
+    elif out is None:
+        raise ConfigError("--model is a folder and no --name is given: nothing would be registered; give --name NAME "
+                          "(register the request's model) or --out DIR (keep it in a folder)")
+    with tempfile.TemporaryDirectory() as tmp:
+        parent_config, parent = load_saved(target.fetch_parent(Path(tmp)) if target and target.parent_version else args.model)
+        lineage = parent_lineage(parent, parent_config)
+        if lineage.requests and target is not None and lineage.requests[-1].version is None:
+            lineage.requests[-1].version = target.parent_version
+        config = request_config(parent, parent_config, lineage, entries, overrides)
+        prepared, model, metrics = run_request(config, lineage, args.method)
+        bundle = out or Path(tmp) / "bundle"
+        location = f"models:/{target.name}/{target.next_version()}" if target is not None else None
+        request = finish_request(bundle, prepared, model, args.method, metrics, lineage, location).requests[-1]
+        feasible = metrics.get("feasible") == 1.0
+        regressed = [str(n) for n in range(1, request.number) if metrics.get(f"request{n}_regressed") == 1.0]
+        logger.info(f"request {request.number}: {'feasible' if feasible else 'NOT feasible'}"
+                    + (f"; it brings back request {', '.join(regressed)}" if regressed else "")
+                    + (f"; bundle in {out}" if out is not None else ""))
+        if target is not None:
+            version = target.register(bundle, registry_tags(bundle, request, metrics), metrics)
+            logger.info(f"registered models:/{target.name}/{version}; alias {target.alias!r} "
+                        + ("moved to it" if feasible else "not moved"))
+            metrics = {**metrics, "version": float(version)}
+    _print_metrics({"request": request.number, **metrics}, args.json)
+    return 0 if feasible else 1
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from unlearn.methods import METHODS
 
@@ -220,6 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--model", default=None, metavar="DIR",
                        help="append what was purged and what remains to DIR/certificate.md")
     purge.set_defaults(func=_cmd_purge)
+    request = sub.add_parser("request", help="honour a deletion request on the current model of a chain: unlearn, re-check "
+                                             "every earlier request, register a new version (the alias moves if feasible)")
+    request.add_argument("--model", required=True, metavar="URI|DIR",
+                         help="the current model: models:/NAME@ALIAS, models:/NAME/VERSION, or a folder written by "
+                              "`unlearn run --out` / `unlearn request --out` (the start of a chain)")
+    request.add_argument("--forget-list", required=True, metavar="FILE",
+                         help="the images to forget, one per line (as data.forget_list)")
+    request.add_argument("--method", default="realistic", help="the unlearning method (default: realistic)")
+    request.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a key of the parent's config (not the ones the lineage decides)")
+    request.add_argument("--name", default=None, help="the registered model's name when --model is a folder")
+    request.add_argument("--alias", default=None,
+                         help="the alias to move onto a feasible version (default: the one in --model, else 'unlearned')")
+    request.add_argument("--out", default=None, metavar="DIR", help="also keep the bundle in DIR (new or empty)")
+    request.add_argument("--tracking-uri", default=None,
+                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    request.add_argument("--json", action="store_true", help="print one flat JSON object as the last line")
+    request.set_defaults(func=_cmd_request)
     methods = sub.add_parser("methods", help="list the unlearning methods")
     methods.set_defaults(func=_cmd_methods)
     report = sub.add_parser("report", help="render tables and figures of a sweep from MLflow")

@@ -85,17 +85,23 @@ def load_saved(path: str | Path) -> tuple[Config, Path]:
 
 def audit_saved(path: str | Path) -> dict[str, float]:
     """Re-audit a saved model from its weights: same data, same references, same catalogue."""
+    from unlearn.lineage import THETA0, Lineage, judge_chain
     from unlearn.pipeline import log_audit_warnings, prepare
     from unlearn.runtime import seed_everything
 
     config, folder = load_saved(path)
+    lineage = Lineage.load(folder)
+    if lineage is not None:  # a request of a chain: its theta0 (the parent version) travels in the bundle
+        config = config.model_copy(update={"stages": config.stages.model_copy(update={"theta0": str(folder / THETA0)})})
     seed_everything(config.seed)
     model = build_model(config)
     model.load_weights(model_folder(folder))
     prepared = prepare(config)
     log_audit_warnings(prepared)
-    metrics = prepared.auditor.evaluate(model.to(prepared.device).eval())
-    return prepared.auditor.verdict({**metrics, **load_provenance(model_folder(folder))})
+    metrics = {**prepared.auditor.evaluate(model.to(prepared.device).eval()), **load_provenance(model_folder(folder))}
+    if lineage is not None:  # every earlier request judged against what its certificate recorded
+        return judge_chain(prepared, metrics, Lineage(lineage.dataset, lineage.poisoned, lineage.requests[:-1]))
+    return prepared.auditor.verdict(metrics)
 
 
 _fmt = format_figure  # the catalogue's one way of printing a figure
@@ -133,16 +139,17 @@ def write_bundle(folder: Path, prepared: Any, model: I2IModel, method: str, metr
 
 def write_certificate(folder: Path, data: Any, stage_keys: dict[str, str], method: str, metrics: dict[str, float],
                       references: dict[str, dict[str, float]], spread: dict[str, float] | None = None,
-                      location: str | None = None) -> Path:
+                      location: str | None = None, chain: list[str] | None = None) -> Path:
     """certificate.md beside the weights and config.yaml that `save_run` wrote into `folder`; `data`: the split
     (UnlearningData), `stage_keys`: stage name -> cache key; `location`: where the model will be found (a runs:/ or
-    models:/ URI; default: the folder)."""
+    models:/ URI; default: the folder); `chain`: the lines of a request's chain (`unlearn.chain.chain_lines`)."""
     config = load_config(str(folder / "config.yaml"))
     lines = [
         f"# Unlearning certificate: {method}", "",
         *_forgotten_lines(config, data), "",
         *_how_lines(config, folder, stage_keys, method), "",
         *_verdict_lines(config, metrics), "",
+        *(chain or []),
         *_figure_lines(metrics, references), "",
         *_seed_lines(spread, shown_in("certificate"), metrics),
         "## Gradient-ascent guarantee bookkeeping", "",
@@ -158,7 +165,9 @@ def write_certificate(folder: Path, data: Any, stage_keys: dict[str, str], metho
 
 def _forgotten_lines(config: Config, data: Any) -> list[str]:
     classes = sorted({data.class_names[int(c)] for c in data.forget_train.labels.unique()})
-    if config.data.forget_list:
+    if isinstance(config.data.forget_list, list):
+        what = f"the images this request names (listed in config.yaml, data.forget_list; classes {classes})"
+    elif config.data.forget_list:
         what = f"the images listed in `{config.data.forget_list}` (classes {classes})"
     else:
         what = f"forget classes {config.data.forget_classes}, forget fraction {config.data.forget_fraction}"
@@ -177,6 +186,8 @@ def _how_lines(config: Config, folder: Path, stage_keys: dict[str, str], method:
                   "estimated as stages.epochs x |D_r|")
     theta0 = (f"- theta0 = the user's model `{config.stages.theta0}` (`{stage_keys['attack']}`)" if config.stages.theta0
               else f"- theta0 = the attack stage `{stage_keys['attack']}`")
+    if (folder / "theta0").is_dir():  # a request of a chain (unlearn.chain)
+        theta0 = f"- theta0 = the parent version, kept in `theta0/` of this folder (`{stage_keys['attack']}`)"
     weights = model_folder(folder) / WEIGHTS_FILE
     return ["## How",
             f"- method `{method}`" + (" (a reference model, not an unlearning run)" if method in REFERENCE_MODELS else ""),
