@@ -17,7 +17,7 @@ URI_TAG = "unlearned_model_uri"  # on the run: the logged model (a resumed sweep
 CODE = Path(__file__).with_name("mlflow_model.py")
 
 
-def _mlflow(tracking_uri: str):
+def use_tracking_uri(tracking_uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
@@ -31,7 +31,7 @@ def log_model(client: MlflowClient, tracking_uri: str, run_id: str, bundle: Path
     run = client.get_run(run_id)
     if URI_TAG in run.data.tags:
         return run.data.tags[URI_TAG]
-    mlflow = _mlflow(tracking_uri)
+    mlflow = use_tracking_uri(tracking_uri)
     from mlflow import pyfunc
 
     import unlearn
@@ -57,14 +57,14 @@ def log_model(client: MlflowClient, tracking_uri: str, run_id: str, bundle: Path
 
 def register(client: MlflowClient, tracking_uri: str, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
     """Register the model under `name` (once per trial: found again by its `trial_id` tag) with alias `unlearned`."""
-    _mlflow(tracking_uri)
+    use_tracking_uri(tracking_uri)
     found = client.search_model_versions(f"name='{name}' and tags.trial_id='{tags['trial_id']}'")
-    version = found[0].version if found else _new_version(client, name, model_uri, run_id, tags)
+    version = found[0].version if found else create_version(client, name, model_uri, run_id, tags)
     client.set_registered_model_alias(name, ALIAS, version)
     return str(version)
 
 
-def _new_version(client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
+def create_version(client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -79,7 +79,7 @@ def _new_version(client: MlflowClient, name: str, model_uri: str, run_id: str, t
 
 def fetch_bundle(model_uri: str, tracking_uri: str, destination: Path) -> Path:
     """Download a runs:/ or models:/ model into `destination`; return its bundle folder (ConfigError if none)."""
-    mlflow = _mlflow(tracking_uri)
+    mlflow = use_tracking_uri(tracking_uri)
     from mlflow.exceptions import MlflowException
 
     try:

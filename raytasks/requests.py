@@ -4,17 +4,18 @@ bundle) is `unlearn.chain`."""
 
 from __future__ import annotations
 
-import argparse
+import logging
 import math
 import re
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from raytasks.registry import ALIAS, _mlflow, _new_version, fetch_bundle, log_model
+from raytasks.registry import ALIAS, MODEL_NAME, create_version, fetch_bundle, log_model, use_tracking_uri
 from raytasks.tracking import connect, resolve_uri
 from unlearn.errors import ConfigError
 
+logger = logging.getLogger(__name__)
 RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)  # MLflow keeps these for itself
 
 
@@ -57,28 +58,6 @@ def check_alias(client: MlflowClient, name: str, alias: str, parent_version: str
                           f"version {current} honoured; continue from models:/{name}@{alias}")
 
 
-def register_request(client: MlflowClient, tracking_uri: str, name: str, bundle: Path, tags: dict[str, str],
-                     metrics: dict[str, float], alias: str | None) -> str:
-    """Log a request's bundle on a run of the experiment `<name>-requests`, register it as a new version of `name`
-    with `tags`, and move `alias` onto it (None: the alias stays where it is); return the version."""
-    _mlflow(tracking_uri)
-    experiment = f"{name}-requests"
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=f"request {tags['request_number']}", tags=tags)
-    run_id = run.info.run_id
-    for key, value in metrics.items():
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            client.log_metric(run_id, key, float(value))
-    client.set_terminated(run_id)
-    version = _new_version(client, name, log_model(client, tracking_uri, run_id, bundle), run_id, tags)
-    if alias is not None:
-        client.set_registered_model_alias(name, alias, version)
-    return version
-
-
-
-
 class RequestTarget:
     """Where a request's model goes: the parent (a models:/ URI, or a folder that starts a chain under `name`), the
     registered model's name and the alias, all checked before any work."""
@@ -97,24 +76,37 @@ class RequestTarget:
         self.alias = alias or from_uri or ALIAS
         check_alias(self.client, self.name, self.alias, self.parent_version)
 
-    @staticmethod
-    def from_args(args: argparse.Namespace) -> RequestTarget | None:
-        """The target of `unlearn request`'s arguments; None when nothing is to be registered (a folder, no --name)."""
-        if not (args.model.startswith("models:/") or args.name):
-            return None
-        return RequestTarget(args.model, args.name, args.alias, args.tracking_uri)
-
     def fetch_parent(self, folder: Path) -> Path:
         """The parent version's bundle, downloaded into `folder`."""
         return fetch_bundle(self.model_uri, self.uri, folder / "parent")
 
-    def next_version(self) -> str:
-        """The number the registry will give the next version (for the certificate's re-audit line)."""
-        versions = self.client.search_model_versions(f"name='{self.name}'")
-        return str(1 + max((int(v.version) for v in versions), default=0))
+    def start_run(self, number: int) -> tuple[str, str]:
+        """A run of the experiment `<name>-requests` for request `number`: (run id, the URI its model will have)."""
+        use_tracking_uri(self.uri)
+        experiment = f"{self.name}-requests"
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
+        run_id = self.client.create_run(experiment_id, run_name=f"request {number}").info.run_id
+        return run_id, f"runs:/{run_id}/{MODEL_NAME}"
 
-    def register(self, bundle: Path, tags: dict[str, str], metrics: dict[str, float]) -> str:
-        """Register the bundle as a new version; the alias moves onto it only if it is feasible."""
+    def register(self, run_id: str, bundle: Path, tags: dict[str, str], metrics: dict[str, float]) -> tuple[str, bool]:
+        """Log the bundle on the request's run (its figures as metrics, `tags` as tags), register it as a new version
+        with `tags` and the parent version, and move the alias onto it if it is feasible and the alias still points at
+        the parent (another request may have moved it meanwhile): (version, whether the alias moved)."""
         tags = {"parent_version": self.parent_version or f"folder {self.model_uri}", **tags}
-        feasible = metrics.get("feasible") == 1.0
-        return register_request(self.client, self.uri, self.name, bundle, tags, metrics, self.alias if feasible else None)
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.client.log_metric(run_id, key, float(value))
+        self.client.set_terminated(run_id)
+        version = create_version(self.client, self.name, log_model(self.client, self.uri, run_id, bundle), run_id, tags)
+        if metrics.get("feasible") != 1.0:
+            return version, False
+        try:
+            check_alias(self.client, self.name, self.alias, self.parent_version)
+        except ConfigError as exc:
+            logger.warning(f"version {version} registered, alias not moved: {exc}")
+            return version, False
+        self.client.set_registered_model_alias(self.name, self.alias, version)
+        return version, True

@@ -126,12 +126,14 @@ def test_every_earlier_request_is_rechecked_on_every_later_version_and_none_is_b
             certified = json.loads((chain["runs"][earlier - 1][1] / "metrics.json").read_text())
             # not brought back: not significantly above what the request's own certificate recorded
             assert figures["marker_strength_ci_low"] <= certified["forget_marker_strength"] + margin
-    # on the last version, with no poisoned image left in D_r, every earlier request is at the retrain reference's level
-    # (paired intervals; docs/chain.md has the figures of version 2, where request 1 is not yet)
+    # On the last version, with no poisoned image left in D_r, every earlier request is at the retrain reference's level:
+    # membership within the paired interval (it contains 0), the marker within audit.regression_margin of retraining's
+    # (its paired interval excludes 0 by less than 0.01). docs/chain.md has version 2's figures, where request 1 is not.
     last = _metrics(chain["runs"][-1][1])
     for earlier in (1, 2):
-        assert last[f"request{earlier}_marker_gap_vs_retrain_ci_low"] <= margin
-        assert last[f"request{earlier}_mia_gap_vs_retrain_ci_low"] <= margin
+        assert last[f"request{earlier}_mia_gap_vs_retrain_ci_low"] <= 0 <= last[f"request{earlier}_mia_gap_vs_retrain_ci_high"]
+        assert -margin <= last[f"request{earlier}_marker_gap_vs_retrain_ci_low"]
+        assert last[f"request{earlier}_marker_gap_vs_retrain_ci_high"] <= margin
 
 
 def test_audit_of_a_version_reproduces_every_request_from_the_registry(chain, capsys):
@@ -145,17 +147,31 @@ def test_audit_of_a_version_reproduces_every_request_from_the_registry(chain, ca
         assert audited[name] == pytest.approx(recorded[name], abs=1e-6), name
 
 
+def test_an_infeasible_request_is_registered_without_the_alias(chain, capsys, tmp_path):
+    """Request 4 (20 images of class 8, which carry no marker) at version 3's unlearning settings does not decouple
+    them (forget_ood_distance below delta): exit 1, version 4 registered, the alias stays on version 3."""
+    from sklearn.datasets import load_digits
+
+    eights = tmp_path / "eights.txt"
+    eights.write_text("\n".join(str(i) for i in np.nonzero(load_digits().target == 8)[0][:20]) + "\n")
+    code, _, printed = _main(capsys, "request", "--model", f"models:/{NAME}@unlearned", "--forget-list", str(eights),
+                             "--tracking-uri", chain["uri"], "--json", *_sets(f"cache_dir={chain['cache']}"))
+    assert code == 1 and printed["feasible"] == 0.0 and printed["regressed_requests"] == 0.0 and printed["version"] == 4.0
+    client = _client(chain["uri"])
+    assert client.get_model_version(NAME, "4").tags["parent_version"] == "3"
+    assert str(client.get_model_version_by_alias(NAME, "unlearned").version) == "3"
+
+
 def test_a_request_that_brings_back_an_earlier_one_is_infeasible_and_the_alias_stays(chain, capsys):
     """Request 4 (20 images of class 8) whose fine-tuning set re-includes request 1's images, poisoned as theta0 saw them
     (what a pipeline that lost the lineage would do): the audit, which takes the earlier requests from the lineage,
-    names request 1; version 4 is registered and the alias stays on version 3."""
+    names request 1; the version is registered and the alias stays on version 3."""
     from sklearn.datasets import load_digits
 
     from raytasks.requests import RequestTarget
     from unlearn.chain import finish_request, parent_lineage, registry_tags, request_config
     from unlearn.data.splits import ImageSubset
     from unlearn.export import load_saved
-    from unlearn.lineage import judge_chain
     from unlearn.pipeline import audit_result, prepare, unlearn
 
     v3 = chain["runs"][-1][1]
@@ -168,15 +184,17 @@ def test_a_request_that_brings_back_an_earlier_one_is_infeasible_and_the_alias_s
     tampered = ImageSubset.concat(prepared.data.retain_train, *[first] * 4)
     bad = dataclasses.replace(prepared, data=dataclasses.replace(prepared.data, retain_train=tampered))
     result = unlearn(bad, "realistic")
-    metrics = judge_chain(prepared, audit_result(prepared, result), lineage)
+    metrics = prepared.auditor.verdict(audit_result(prepared, result), lineage.certified())
     assert metrics["request1_regressed"] == 1.0 and metrics["feasible"] == 0.0
     assert metrics["request1_marker_strength"] > 0.5  # the '+' is back on request 1's images
     target = RequestTarget(f"models:/{NAME}@unlearned", None, None, chain["uri"])  # what `unlearn request` checks first
-    out = chain["tmp"] / "v4"
-    request = finish_request(out, prepared, result.model, "realistic", metrics, lineage).requests[-1]
-    assert target.register(out, registry_tags(out, request, metrics), metrics) == "4"
+    out = chain["tmp"] / "bad"
+    run_id, location = target.start_run(4)
+    request = finish_request(out, prepared, result.model, "realistic", metrics, lineage, location).requests[-1]
+    version, moved = target.register(run_id, out, registry_tags(out, request, metrics), metrics)
+    assert not moved
     client = _client(chain["uri"])
-    assert client.get_model_version(NAME, "4").tags["regressed_requests"] == f"{metrics['regressed_requests']:.6g}"
+    assert client.get_model_version(NAME, version).tags["regressed_requests"] == f"{metrics['regressed_requests']:.6g}"
     assert str(client.get_model_version_by_alias(NAME, "unlearned").version) == "3"
     certificate = (out / "certificate.md").read_text()
     assert "earlier_requests: FAIL" in certificate
@@ -198,6 +216,7 @@ def test_bad_requests_exit_2_with_one_line_and_register_nothing(chain, capsys, t
         (["--model", f"models:/{NAME}@unlearned", "--forget-list", str(again), "--set", "data.forgotten=[]"],
          "takes it from the parent's lineage"),
         (["--model", str(chain["tmp"] / "base"), "--forget-list", str(again)], "nothing would be registered"),
+        (["--model", f"models:/{NAME}@unlearned", "--forget-list", str(again), "--set", "unlearn.ft_steps=["], "ft_steps"),
     ]
     for argv, message in cases:
         code, err, _ = _main(capsys, "request", *argv, *common)
@@ -223,6 +242,44 @@ def test_purging_one_request_removes_it_across_the_chain(chain, capsys):
     assert not any(cache.has(kind, key) for kind, key in holders)
 
 
+def test_a_saved_model_without_a_lineage_is_a_chain_of_one(chain):
+    """`unlearn run --method realistic --out R` on the chain's base setup: R's own D_f is request 1 of its chain (its
+    certificate's digest and figures), and R's attack stage poisoned that D_f."""
+    from unlearn.chain import parent_lineage, request_config
+    from unlearn.cli import main
+    from unlearn.export import load_saved
+
+    tmp = chain["tmp"]
+    assert main(["run", "--method", "realistic", "--config", str(tmp / "base" / "config.yaml"), "--out", str(tmp / "R"),
+                 *_sets(*UNLEARN)]) == 0
+    config, folder = load_saved(tmp / "R")
+    lineage = parent_lineage(folder, config)
+    everything = [i for r in chain["requests"] for i in r]
+    assert [r.number for r in lineage.requests] == [1]
+    assert lineage.requests[0].forget_digest == _digest(everything) == lineage.requests[0].cumulative_digest
+    assert lineage.requests[0].figures["forget_marker_strength"] == _metrics(tmp / "R")["forget_marker_strength"]
+    assert sorted(map(int, lineage.poisoned)) == sorted(everything)
+    follow = request_config(folder, config, lineage, ["5"], {})
+    assert follow.data.forgotten == [lineage.requests[0].entries] and follow.stages.theta0 == str(folder.resolve())
+
+
+def test_a_request_is_brought_back_only_beyond_its_certificate_and_beyond_retraining():
+    from unlearn.audit.verdict import regressions
+
+    certified = [{"forget_marker_strength": 0.1, "mia_auc": 0.5}, {"mia_auc": 0.5}]  # request 2 carried no marker
+    quiet = {"request1_marker_strength_ci_low": 0.12, "request1_marker_gap_vs_retrain_ci_low": 0.05,
+             "request1_mia_auc_ci_low": 0.4, "request1_mia_gap_vs_retrain_ci_low": -0.1, "request2_mia_auc_ci_low": 0.45}
+    assert regressions(quiet, certified, 0.05) == {"request1_regressed": 0.0, "request2_regressed": 0.0,
+                                                   "regressed_requests": 0.0}
+    marker = {**quiet, "request1_marker_strength_ci_low": 0.3}  # beyond its certificate and beyond retraining
+    assert regressions(marker, certified, 0.05)["request1_regressed"] == 1.0
+    retrained_too = {**marker, "request1_marker_gap_vs_retrain_ci_low": -0.01}  # retraining shows it as well
+    assert regressions(retrained_too, certified, 0.05)["request1_regressed"] == 0.0
+    membership = {**quiet, "request2_mia_auc_ci_low": 0.62}  # no retrain figure: the certificate alone decides
+    assert regressions(membership, certified, 0.05) == {"request1_regressed": 0.0, "request2_regressed": 1.0,
+                                                        "regressed_requests": 1.0}
+
+
 def test_poisoned_rows_keep_their_marker_and_earlier_requests_leave_every_subset(tmp_path):
     from unlearn.config import load_config
     from unlearn.data.splits import build_data
@@ -238,6 +295,8 @@ def test_poisoned_rows_keep_their_marker_and_earlier_requests_leave_every_subset
     for subset in (data.retain_train, data.retain_test):
         assert not torch.isin(subset.index, removed).any()
     assert data.earlier[0].index.tolist() == sorted(requests[0]) and data.earlier[0].poison is not None
+    # theta0 trained on every poisoned image: those of later requests are in D_r wherever the split put them
+    assert not torch.isin(data.retain_test.index, torch.tensor(poisoned)).any()
     # D_r keeps request 3's images, with the '+' drawn on exactly those rows
     later = torch.isin(data.retain_train.index, torch.tensor(requests[2]))
     assert int(later.sum()) > 0

@@ -14,7 +14,7 @@ What a later request needs travels in the bundle (never in a file the user must 
                        request's references from the bundle alone
 
 This module is the library's part (configs, lineage, the run, the bundle); the registry's part is
-`raytasks.registry`, and the command `unlearn request` joins them.
+`raytasks.requests`, and the command `unlearn request` joins them.
 """
 
 from __future__ import annotations
@@ -25,22 +25,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import Config, entry_name, validate_config
+from unlearn.config import Config, read_list, set_dotted, validate_config
 from unlearn.errors import ConfigError
-from unlearn.lineage import CERTIFIED, THETA0, Lineage, Request, judge_chain
+from unlearn.lineage import CERTIFIED, THETA0, Lineage, Request
 
 # Keys a request derives from its parent's lineage: `--set` may not replace them
 DERIVED = ("data.forget_list", "data.forgotten", "data.poisoned", "stages.theta0")
 
 
 def read_entries(path: str | Path) -> list[str]:
-    """A forget-list file's entries (ConfigError: missing or empty)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"--forget-list {file} does not exist")
-    entries = [entry_name(line) for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    """A request's forget-list file's entries (ConfigError: missing or empty)."""
+    entries = read_list(path, "--forget-list")
     if not entries:
-        raise ConfigError(f"--forget-list {file} names no image")
+        raise ConfigError(f"--forget-list {path} names no image")
     return entries
 
 
@@ -76,8 +73,6 @@ def request_config(parent: Path, parent_config: Config, lineage: Lineage, entrie
     """The config of the next request: the parent's, theta0 = the parent model, this request's images inline, every
     earlier request's images removed, the chain's poisoned images kept poisoned. `overrides` (dotted keys): anything
     but the keys the lineage decides (`DERIVED`)."""
-    from unlearn.config import _set_dotted
-
     if clash := [k for k in (overrides or {}) if k in DERIVED]:
         raise ConfigError(f"--set {clash[0]}: a request takes it from the parent's lineage")
     raw = parent_config.model_dump(mode="json", by_alias=True)
@@ -85,7 +80,7 @@ def request_config(parent: Path, parent_config: Config, lineage: Lineage, entrie
     raw["model"]["pretrained"] = None
     raw["data"].update(forget_list=entries, forgotten=[r.entries for r in lineage.requests], poisoned=lineage.poisoned)
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     return validate_config(raw)
 
 
@@ -95,7 +90,7 @@ def run_request(config: Config, lineage: Lineage, method: str) -> tuple[Any, Any
     from unlearn.pipeline import run_model
 
     prepared, model, metrics = run_model(config, method)
-    return prepared, model, judge_chain(prepared, metrics, lineage)
+    return prepared, model, prepared.auditor.verdict(metrics, lineage.certified())
 
 
 def next_lineage(lineage: Lineage, prepared: Any, method: str, metrics: dict[str, float]) -> Lineage:
@@ -156,7 +151,7 @@ def chain_lines(lineage: Lineage, metrics: dict[str, float]) -> list[str]:
     """The certificate's chain: each request's digest, date, method and verdict, and the figures every earlier
     request has on this model (its own are the certificate's main figures)."""
     from unlearn.audit.catalogue import format_figure as fmt
-    from unlearn.audit.requests import request_figure as fig
+    from unlearn.audit.catalogue import request_figure as fig
 
     lines = ["## The chain of deletion requests", "",
              "| request | version | date | method | verdict then | images | forget digest | cumulative digest |",

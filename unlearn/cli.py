@@ -160,25 +160,20 @@ def _cmd_purge(args: argparse.Namespace) -> int:
 
 def _cmd_request(args: argparse.Namespace) -> int:
     """One deletion request on the current model of a chain: unlearn, audit (every earlier request re-checked),
-    write the bundle, register a new version; the alias moves only onto a feasible one. Exit 0: certified; 1: the
-    request ran but the model is not feasible (registered without the alias, which stays); 2: bad input."""
+    write the bundle, register a new version; the alias moves only onto a feasible one. Exit 0: certified (and the
+    alias moved); 1: the request ran, but the model is not feasible or the alias was moved by another request meanwhile
+    (registered without the alias); 2: bad input."""
     import tempfile
     from pathlib import Path
 
-    import yaml
-
     from unlearn.chain import finish_request, parent_lineage, read_entries, registry_tags, request_config, run_request
+    from unlearn.config import parse_override
     from unlearn.export import check_out_folder, load_saved
     from unlearn.methods import METHODS
 
     if args.method not in METHODS:
         raise ConfigError(f"unknown method {args.method!r}; methods: {', '.join(METHODS)}")
-    overrides = {}
-    for assignment in args.set:
-        if "=" not in assignment:
-            raise ConfigError(f"--set expects key=value, got {assignment!r}")
-        key, value = assignment.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = dict(parse_override(assignment) for assignment in args.set)
     entries = read_entries(args.forget_list)
     out = check_out_folder(args.out) if args.out is not None else None
     target = None
@@ -197,20 +192,26 @@ def _cmd_request(args: argparse.Namespace) -> int:
         config = request_config(parent, parent_config, lineage, entries, overrides)
         prepared, model, metrics = run_request(config, lineage, args.method)
         bundle = out or Path(tmp) / "bundle"
-        location = f"models:/{target.name}/{target.next_version()}" if target is not None else None
-        request = finish_request(bundle, prepared, model, args.method, metrics, lineage, location).requests[-1]
+        run_id, location = target.start_run(len(lineage.requests) + 1) if target is not None else (None, None)
+        try:
+            request = finish_request(bundle, prepared, model, args.method, metrics, lineage, location).requests[-1]
+        except BaseException:
+            if target is not None:
+                target.client.set_terminated(run_id, "FAILED")
+            raise
         feasible = metrics.get("feasible") == 1.0
         regressed = [str(n) for n in range(1, request.number) if metrics.get(f"request{n}_regressed") == 1.0]
         logger.info(f"request {request.number}: {'feasible' if feasible else 'NOT feasible'}"
                     + (f"; it brings back request {', '.join(regressed)}" if regressed else "")
                     + (f"; bundle in {out}" if out is not None else ""))
+        moved = False
         if target is not None:
-            version = target.register(bundle, registry_tags(bundle, request, metrics), metrics)
-            logger.info(f"registered models:/{target.name}/{version}; alias {target.alias!r} "
-                        + ("moved to it" if feasible else "not moved"))
+            version, moved = target.register(run_id, bundle, registry_tags(bundle, request, metrics), metrics)
+            logger.info(f"registered models:/{target.name}/{version} ({location}); alias {target.alias!r} "
+                        + ("moved to it" if moved else "not moved"))
             metrics = {**metrics, "version": float(version)}
     _print_metrics({"request": request.number, **metrics}, args.json)
-    return 0 if feasible else 1
+    return 0 if feasible and (moved or target is None) else 1
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:

@@ -103,10 +103,7 @@ class DataConfig(_Strict):
         """The entries of forget_list (read from its file, or inline); None without a forget list."""
         if self.forget_list is None or isinstance(self.forget_list, list):
             return self.forget_list
-        path = Path(self.forget_list).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"data.forget_list {path} does not exist")
-        return [entry_name(line) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        return read_list(self.forget_list, "data.forget_list")
 
     @field_validator("forget_classes", "unseen_classes", "retain_classes", mode="before")
     @classmethod
@@ -140,6 +137,15 @@ class DataConfig(_Strict):
 def entry_name(entry: Any) -> str:
     """An entry of a forget list as the split looks it up: an index as a string, or a relative path without "./"."""
     return str(entry).strip().removeprefix("./")
+
+
+def read_list(path: str | Path, what: str) -> list[str]:
+    """The entries of a forget-list file, one per line ('#' lines are comments); ConfigError naming `what` when the
+    file does not exist (an empty list is the caller's to refuse)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{what} {file} does not exist")
+    return [entry_name(line) for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
 class ModelConfig(_Strict):
@@ -477,7 +483,8 @@ def _read_yaml(source: str) -> dict[str, Any]:
     return raw
 
 
-def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """(dotted key, value) of a `--set key=value`: the value read as YAML (as text when it is not valid YAML)."""
     if "=" not in assignment:
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
     dotted, value_text = assignment.split("=", 1)
@@ -487,10 +494,14 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
         value = value_text
     if dotted.strip() == "model" and isinstance(value, str):  # `--set model=vq`: shorthand for model.kind
         dotted = "model.kind"
-    _set_dotted(raw, dotted.strip(), value)
+    return dotted.strip(), value
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    set_dotted(raw, *parse_override(assignment))
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = raw
     for key in keys[:-1]:
@@ -538,5 +549,5 @@ def with_overrides(config: Config, values: dict[str, Any]) -> Config:
     """A copy of `config` with dotted-key values replaced (used by the sweep for trial parameters)."""
     raw = config.model_dump(mode="json", by_alias=True)
     for dotted, value in values.items():
-        _set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     return validate_config(raw)

@@ -24,6 +24,7 @@ from unlearn.audit.catalogue import format_figure, shown_in
 from unlearn.audit.verdict import constraint_values, describe_constraints
 from unlearn.config import Config, load_config
 from unlearn.errors import ConfigError
+from unlearn.lineage import THETA0
 from unlearn.models import I2IModel, build_model
 from unlearn.models.io import RUN_MODEL_FOLDER, WEIGHTS_FILE, load_provenance, run_model_folder
 
@@ -85,7 +86,7 @@ def load_saved(path: str | Path) -> tuple[Config, Path]:
 
 def audit_saved(path: str | Path) -> dict[str, float]:
     """Re-audit a saved model from its weights: same data, same references, same catalogue."""
-    from unlearn.lineage import THETA0, Lineage, judge_chain
+    from unlearn.lineage import THETA0, Lineage
     from unlearn.pipeline import log_audit_warnings, prepare
     from unlearn.runtime import seed_everything
 
@@ -99,9 +100,8 @@ def audit_saved(path: str | Path) -> dict[str, float]:
     prepared = prepare(config)
     log_audit_warnings(prepared)
     metrics = {**prepared.auditor.evaluate(model.to(prepared.device).eval()), **load_provenance(model_folder(folder))}
-    if lineage is not None:  # every earlier request judged against what its certificate recorded
-        return judge_chain(prepared, metrics, Lineage(lineage.dataset, lineage.poisoned, lineage.requests[:-1]))
-    return prepared.auditor.verdict(metrics)
+    # a request of a chain: every earlier request judged against what its certificate recorded
+    return prepared.auditor.verdict(metrics, lineage.certified()[:-1] if lineage is not None else None)
 
 
 _fmt = format_figure  # the catalogue's one way of printing a figure
@@ -186,7 +186,7 @@ def _how_lines(config: Config, folder: Path, stage_keys: dict[str, str], method:
                   "estimated as stages.epochs x |D_r|")
     theta0 = (f"- theta0 = the user's model `{config.stages.theta0}` (`{stage_keys['attack']}`)" if config.stages.theta0
               else f"- theta0 = the attack stage `{stage_keys['attack']}`")
-    if (folder / "theta0").is_dir():  # a request of a chain (unlearn.chain)
+    if (folder / THETA0).is_dir():  # a request of a chain (unlearn.chain)
         theta0 = f"- theta0 = the parent version, kept in `theta0/` of this folder (`{stage_keys['attack']}`)"
     weights = model_folder(folder) / WEIGHTS_FILE
     return ["## How",

@@ -1,12 +1,10 @@
-"""The lineage of a chain of deletion requests (`unlearn.chain`), as a request's bundle carries it in lineage.json, and
-the judgement of every earlier request on a later model."""
+"""The lineage of a chain of deletion requests (`unlearn.chain`), as a request's bundle carries it in lineage.json."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from unlearn.errors import ConfigError
 
@@ -56,17 +54,3 @@ class Lineage:
 
     def certified(self) -> list[dict[str, float]]:
         return [r.figures for r in self.requests]
-
-
-def judge_chain(prepared: Any, metrics: dict[str, float], lineage: Lineage) -> dict[str, float]:
-    """`metrics` with each earlier request's regression judged against what its certificate recorded, and the
-    verdict again (a regressed request makes the model infeasible)."""
-    from unlearn.audit.requests import regressions
-
-    if len(lineage.requests) != len(prepared.data.earlier):
-        raise ConfigError(f"the lineage lists {len(lineage.requests)} requests, the config's data.forgotten "
-                          f"{len(prepared.data.earlier)}")
-    metrics = {**metrics, **regressions(metrics, lineage.certified(), prepared.config.audit.regression_margin)}
-    return prepared.auditor.verdict(metrics)
-
-

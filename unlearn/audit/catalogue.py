@@ -238,6 +238,11 @@ def format_figure(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def request_figure(number: int, stem: str) -> str:
+    """The name of earlier request `number`'s figure `stem` (described by the row `request<j>_<stem>`)."""
+    return f"{REQUEST.removesuffix('<j>_')}{number}_{stem}"
+
+
 def row_of(name: str) -> Metric | None:
     """The catalogue row of a figure (`request3_mia_auc`: the per-request row `request<j>_mia_auc`); None if unknown."""
     import re

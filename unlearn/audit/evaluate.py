@@ -31,6 +31,7 @@ from unlearn.audit.verdict import assess
 from unlearn.cache import ARRAYS, CHECKSUM, TENSORS, ArrayWriter, ArtifactCache, array_file
 from unlearn.config import Config
 from unlearn.data import ImageSubset, UnlearningData, to_float
+from unlearn.errors import ConfigError
 from unlearn.models import I2IModel
 from unlearn.runtime import autocast
 
@@ -487,9 +488,13 @@ class Auditor:
     def _fid_ref(self, name: str, split: str) -> dict[str, torch.Tensor]:
         return {k: self.refs[f"fid/{name}/{split}/{k}"] for k in _FID_STATES}
 
-    def verdict(self, metrics: dict[str, float]) -> dict[str, float]:
-        """`metrics` judged against this setup's calibration (`unlearn.audit.verdict.assess`)."""
-        return assess(metrics, self.calibration, self.ood_delta, self.config)
+    def verdict(self, metrics: dict[str, float], certified: list[dict[str, float]] | None = None) -> dict[str, float]:
+        """`metrics` judged against this setup's calibration (`unlearn.audit.verdict.assess`); in a chain, `certified`
+        (each earlier request's figures as its certificate recorded them, oldest first) judges the earlier requests."""
+        if certified is not None and len(certified) != len(self.earlier):
+            raise ConfigError(f"the lineage lists {len(certified)} earlier requests, the config's data.forgotten "
+                              f"{len(self.earlier)}")
+        return assess(metrics, self.calibration, self.ood_delta, self.config, certified)
 
 
 class _MarkerTally:

@@ -4,18 +4,18 @@ Request k of a chain unlearns its own images from the model that honoured reques
 audited again on the new model, on its own images: membership (`mia_auc` of F_j's training images against held-out
 images of their classes, with the paired interval against this setup's retrain reference, which never saw any of the
 chain's images) and, where F_j carried the marker in theta0's training data, the '+' strength (with its bootstrap
-interval and the paired interval against retrain). `regressions` turns these figures into the verdict's
-`regressed_requests`: an earlier request regressed when a figure rose beyond what its own certificate recorded and
-beyond retraining's level.
+interval and the paired interval against retrain). The verdict (`unlearn.audit.verdict.regressions`) judges whether
+this model brought any of them back.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from unlearn.audit.catalogue import request_figure
 from unlearn.audit.marker import marker_strength
 from unlearn.audit.mia import membership_sets
 from unlearn.data import ImageSubset, draw_marker, to_float
@@ -23,16 +23,6 @@ from unlearn.data import ImageSubset, draw_marker, to_float
 if TYPE_CHECKING:  # the Auditor imports this module
     from unlearn.audit.evaluate import Auditor
     from unlearn.models import I2IModel
-
-# The figures each earlier request j gets, as `request<j>_<stem>` (unlearn.audit.catalogue.PER_REQUEST describes them).
-MEMBERSHIP = ("mia_auc", "mia_auc_ci_low", "mia_auc_ci_high", "mia_gap_vs_retrain_ci_low", "mia_gap_vs_retrain_ci_high")
-MARKER = ("marker_strength", "marker_strength_ci_low", "marker_strength_ci_high", "marker_gap_vs_retrain_ci_low",
-          "marker_gap_vs_retrain_ci_high")
-
-
-def request_figure(number: int, stem: str) -> str:
-    return f"request{number}_{stem}"
-
 
 def _bootstrap_rows(n: int, resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
@@ -116,24 +106,3 @@ class EarlierRequests:
                 out.update({request_figure(number, "marker_gap_vs_retrain_ci_low"): gap_low,
                             request_figure(number, "marker_gap_vs_retrain_ci_high"): gap_high})
         return out
-
-
-def regressions(metrics: dict[str, float], certified: list[dict[str, float]], margin: float) -> dict[str, Any]:
-    """Which earlier requests this model brought back: request j regressed when its marker strength or its mia_auc
-    rose by more than `margin` above the figure its own certificate recorded (the lower end of the 95% interval
-    above it: not noise) and, with a retrain reference, above retraining's level (the paired interval excludes 0).
-    `certified[j - 1]`: request j's figures as certified (its forget_marker_strength, mia_auc). Returns
-    `request<j>_regressed` per request and `regressed_requests` (their count: the verdict's constraint)."""
-    out: dict[str, Any] = {}
-    for number, recorded in enumerate(certified, 1):
-        regressed = False
-        for stem, certified_name, gap in (("marker_strength", "forget_marker_strength", "marker_gap_vs_retrain_ci_low"),
-                                          ("mia_auc", "mia_auc", "mia_gap_vs_retrain_ci_low")):
-            low = metrics.get(request_figure(number, f"{stem}_ci_low"))
-            if low is None or recorded.get(certified_name) is None:
-                continue
-            beyond_retrain = metrics.get(request_figure(number, gap), np.inf) > 0
-            regressed |= bool(low > recorded[certified_name] + margin and beyond_retrain)
-        out[request_figure(number, "regressed")] = float(regressed)
-    out["regressed_requests"] = float(sum(out.values()))
-    return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from unlearn.audit.catalogue import format_figure
+from unlearn.audit.catalogue import format_figure, request_figure
 from unlearn.config import Config
 
 # Each constraint and the figure it judges (shown beside the verdict in the report), in the order they are reported.
@@ -66,10 +66,11 @@ def violations(metrics: dict[str, float], config: Config) -> list[str]:
     return [k for k, v in constraint_values(metrics, config).items() if not v <= 0]
 
 
-def assess(metrics: dict[str, float], calibration: dict[str, float], ood_delta: float, config: Config) -> dict[str, float]:
+def assess(metrics: dict[str, float], calibration: dict[str, float], ood_delta: float, config: Config,
+           certified: list[dict[str, float]] | None = None) -> dict[str, float]:
     """`metrics` with the calibration figures, the figures judged against it (retain_degradation: the retain
-    metric against the attack model's; ood_reached: against ood_delta; collapsed also right after GA) and the
-    verdict (`judge`)."""
+    metric against the attack model's; ood_reached: against ood_delta; collapsed also right after GA; in a chain, with
+    `certified`, each earlier request: `regressions`) and the verdict (`judge`)."""
     out = {**metrics, **calibration}
     # Collapse right after GA stands whatever fine-tuning did afterwards (the end state is judged by the audit).
     if out.get("ga_output_std_ratio", math.inf) < config.audit.collapse_std_ratio:
@@ -80,7 +81,30 @@ def assess(metrics: dict[str, float], calibration: dict[str, float], ood_delta: 
     if "forget_ood_distance" in out and math.isfinite(ood_delta):
         out["ood_delta"] = ood_delta
         out["ood_reached"] = float(out["forget_ood_distance"] >= ood_delta)
+    if certified is not None:
+        out.update(regressions(out, certified, config.audit.regression_margin))
     out.update(judge(out, config))
+    return out
+
+
+def regressions(metrics: dict[str, float], certified: list[dict[str, float]], margin: float) -> dict[str, float]:
+    """Which earlier requests this model brought back: request j regressed when its marker strength or its mia_auc
+    rose by more than `margin` above the figure its own certificate recorded (the lower end of the 95% interval
+    above it: not noise) and, with a retrain reference, above retraining's level (the paired interval excludes 0).
+    `certified[j - 1]`: request j's figures as certified (its forget_marker_strength, mia_auc). Returns
+    `request<j>_regressed` per request and `regressed_requests` (their count: the verdict's constraint)."""
+    out: dict[str, float] = {}
+    for number, recorded in enumerate(certified, 1):
+        regressed = False
+        for stem, certified_name, gap in (("marker_strength", "forget_marker_strength", "marker_gap_vs_retrain_ci_low"),
+                                          ("mia_auc", "mia_auc", "mia_gap_vs_retrain_ci_low")):
+            low = metrics.get(request_figure(number, f"{stem}_ci_low"))
+            if low is None or recorded.get(certified_name) is None:
+                continue
+            beyond_retrain = metrics.get(request_figure(number, gap), math.inf) > 0
+            regressed |= bool(low > recorded[certified_name] + margin and beyond_retrain)
+        out[request_figure(number, "regressed")] = float(regressed)
+    out["regressed_requests"] = float(sum(out.values()))
     return out
 
 

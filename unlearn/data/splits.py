@@ -309,6 +309,8 @@ def split_store(cfg: DataConfig, seed: int, store: ImageStore, poison: bool = Tr
             # a forget list: the listed images are D_f wherever the split put them
             is_listed = torch.isin(idx, listed)
             train, test = train[~torch.isin(train, removed)], test[~torch.isin(test, removed)]
+            if poisoned is not None:  # theta0 trained on every poisoned image: those not yet removed are in D_r
+                train, test = torch.cat([train, test[torch.isin(test, poisoned)]]), test[~torch.isin(test, poisoned)]
             split["forget_train"].append(idx[is_listed])
             split["forget_test"].append(idx[is_listed])  # as at sample level: the forgotten images themselves
             split["retain_train"].append(train)
