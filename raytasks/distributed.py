@@ -66,7 +66,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from raytasks.outcome import finish_trial
+    from raytasks.trial_outcome import finish_trial
     from unlearn.pipeline import prepare, unlearn
 
     torch.set_num_threads(loop_config.get("threads", 1))

@@ -19,11 +19,11 @@ from ray import tune
 
 from raytasks import tracking
 from raytasks.distributed import train_stages_data_parallel
-from raytasks.outcome import WEIGHTS_FOLDER
 from raytasks.preparation import Preparation, prepare_data_on_worker, prepare_on_worker
 from raytasks.progress import ProgressCallback
 from raytasks.resources import TrialPlan
 from raytasks.search import CONFIRMS_KEY, METHOD_KEY, SweepSearch, confirmation_points, make_searcher
+from raytasks.trial_outcome import WEIGHTS_FOLDER
 from unlearn.audit.best import best_per_method, confirmed, mean_pm_std, pareto_front
 from unlearn.audit.catalogue import shown_in
 from unlearn.audit.verdict import violation_counts

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from raytasks.outcome import failed_trial, finish_trial
 from raytasks.search import CONFIRMS_KEY, METHOD_KEY
+from raytasks.trial_outcome import failed_trial, finish_trial
 from unlearn.config import validate_config, with_overrides
 
 

@@ -147,3 +147,15 @@ def test_the_console_script_and_the_decoding_workers_import_no_torch():
     code = "import sys, unlearn.cli, unlearn.data.store; assert 'torch' not in sys.modules"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-1000:]
+
+
+def test_no_module_of_a_script_folder_shadows_an_installed_package():
+    """`raytasks/sweep.py` and `analysis/bench.py` run as scripts (`ray submit`, `python analysis/bench.py`), which puts
+    their folder first on sys.path: a module there named like an installed package (`requests.py`, `outcome.py`)
+    would be imported in its place by MLflow, Ray and their dependencies."""
+    import importlib.util
+
+    for folder in ("raytasks", "analysis"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            spec = importlib.util.find_spec(path.stem) if path.stem != "__init__" else None
+            assert spec is None, f"{folder}/{path.name} shadows the installed {spec.origin}"

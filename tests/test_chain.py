@@ -168,7 +168,7 @@ def test_a_request_that_brings_back_an_earlier_one_is_infeasible_and_the_alias_s
     names request 1; the version is registered and the alias stays on version 3."""
     from sklearn.datasets import load_digits
 
-    from raytasks.requests import RequestTarget
+    from raytasks.request_registry import RequestTarget
     from unlearn.chain import finish_request, parent_lineage, registry_tags, request_config
     from unlearn.data.splits import ImageSubset
     from unlearn.export import load_saved

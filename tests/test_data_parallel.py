@@ -24,7 +24,7 @@ def photo_config(tmp_path_factory):
 
 def test_two_workers_train_the_stages_and_a_trial_each_reading_half_of_every_batch(ray_session, photo_config, tmp_path):
     from raytasks.distributed import run_data_parallel, train_stages_data_parallel
-    from raytasks.outcome import finish_trial
+    from raytasks.trial_outcome import finish_trial
     from unlearn.pipeline import load_data, prepare, unlearn
     from unlearn.stages import prepare_stages
 

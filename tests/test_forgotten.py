@@ -193,7 +193,7 @@ def test_a_method_best_is_never_a_hole_painter(prepared):
     """A trial that keeps retain quality but paints grey or red into the forget holes (what noisy_label does):
     its forget figures are audited for real, its retain figures are the retrain model's. It wins on strength, yet
     only the forget-gap rule stops it, and it is never a method's best."""
-    from raytasks.outcome import sanitise
+    from raytasks.trial_outcome import sanitise
     from unlearn.audit.best import best_per_method
     from unlearn.audit.verdict import violations
 

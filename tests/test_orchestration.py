@@ -188,7 +188,7 @@ def test_an_audit_bug_surfaces_and_only_a_diverged_model_is_failed_infeasible(pr
     """outcome.finish_trial catches no audit failure: a bug in a metric surfaces (with its traceback) on a finite
     model; a model whose outputs are not finite is diverged and reported failed-infeasible without an audit."""
 
-    from raytasks import outcome
+    from raytasks import trial_outcome as outcome
     from unlearn.pipeline import unlearn
 
     result = unlearn(prepared, "finetune", prepared.config.unlearn.model_copy(update={"ft_steps": 2}))

@@ -63,7 +63,7 @@ def test_fine_tuning_decays_its_rate_on_a_cosine_and_keeps_it_constant_when_aske
 def test_keep_weights_decides_which_trials_keep_a_bundle(prepared, tmp_path):
     """sweep.keep_weights: `feasible` (and `best`, whose choice is made among feasible trials) keeps the weights of
     feasible trials only; `all` keeps an infeasible trial's too."""
-    from raytasks.outcome import WEIGHTS_FOLDER, finish_trial
+    from raytasks.trial_outcome import WEIGHTS_FOLDER, finish_trial
     from unlearn.pipeline import unlearn
 
     result = unlearn(prepared, "finetune", prepared.config.unlearn.model_copy(update={"ft_steps": 2}))  # infeasible

@@ -145,8 +145,8 @@ def test_two_worker_trial_through_tune_resumes_from_its_phase_checkpoint_and_mat
     parent run and report say that this audit cannot decide (one sweep for both: each costs ~30 s of Ray start-up)."""
     import threading
 
-    from raytasks.outcome import finish_trial
     from raytasks.sweep import parse_args, run_sweep
+    from raytasks.trial_outcome import finish_trial
     from unlearn.config import with_overrides
     from unlearn.pipeline import prepare, unlearn
 

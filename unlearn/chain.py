@@ -14,7 +14,7 @@ What a later request needs travels in the bundle (never in a file the user must 
                        request's references from the bundle alone
 
 This module is the library's part (configs, lineage, the run, the bundle); the registry's part is
-`raytasks.requests`, and the command `unlearn request` joins them.
+`raytasks.request_registry`, and the command `unlearn request` joins them.
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def _cmd_request(args: argparse.Namespace) -> int:
     out = check_out_folder(args.out) if args.out is not None else None
     target = None
     if args.model.startswith("models:/") or args.name:  # the registry, checked before any work
-        from raytasks.requests import RequestTarget
+        from raytasks.request_registry import RequestTarget
 
         target = RequestTarget(args.model, args.name, args.alias, args.tracking_uri)
     elif out is None:

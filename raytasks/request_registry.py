@@ -12,7 +12,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from raytasks.registry import ALIAS, MODEL_NAME, create_version, fetch_bundle, log_model, use_tracking_uri
-from raytasks.tracking import connect, resolve_uri
+from raytasks.tracking import connect, experiment_id, resolve_uri
 from unlearn.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -83,10 +83,8 @@ class RequestTarget:
     def start_run(self, number: int) -> tuple[str, str]:
         """A run of the experiment `<name>-requests` for request `number`: (run id, the URI its model will have)."""
         use_tracking_uri(self.uri)
-        experiment = f"{self.name}-requests"
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
-        run_id = self.client.create_run(experiment_id, run_name=f"request {number}").info.run_id
+        experiment = experiment_id(self.client, f"{self.name}-requests")  # artifacts beside a sqlite store
+        run_id = self.client.create_run(experiment, run_name=f"request {number}").info.run_id
         return run_id, f"runs:/{run_id}/{MODEL_NAME}"
 
     def register(self, run_id: str, bundle: Path, tags: dict[str, str], metrics: dict[str, float]) -> tuple[str, bool]:
