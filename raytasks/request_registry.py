@@ -97,8 +97,8 @@ class RequestTarget:
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.client.log_metric(run_id, key, float(value))
-        self.client.set_terminated(run_id)
         version = create_version(self.client, self.name, log_model(self.client, self.uri, run_id, bundle), run_id, tags)
+        self.client.set_terminated(run_id)  # finished once its model is registered (a failure before: cli marks it FAILED)
         if metrics.get("feasible") != 1.0:
             return version, False
         try:

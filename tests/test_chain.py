@@ -149,14 +149,14 @@ def test_audit_of_a_version_reproduces_every_request_from_the_registry(chain, ca
 
 def test_an_infeasible_request_is_registered_without_the_alias(chain, capsys, tmp_path):
     """Request 4 (20 images of class 8, which carry no marker) at version 3's unlearning settings does not decouple
-    them (forget_ood_distance below delta): exit 1, version 4 registered, the alias stays on version 3."""
+    them (forget_ood_distance below delta): exit 3 (not certified), version 4 registered, the alias stays on version 3."""
     from sklearn.datasets import load_digits
 
     eights = tmp_path / "eights.txt"
     eights.write_text("\n".join(str(i) for i in np.nonzero(load_digits().target == 8)[0][:20]) + "\n")
     code, _, printed = _main(capsys, "request", "--model", f"models:/{NAME}@unlearned", "--forget-list", str(eights),
                              "--tracking-uri", chain["uri"], "--json", *_sets(f"cache_dir={chain['cache']}"))
-    assert code == 1 and printed["feasible"] == 0.0 and printed["regressed_requests"] == 0.0 and printed["version"] == 4.0
+    assert code == 3 and printed["feasible"] == 0.0 and printed["regressed_requests"] == 0.0 and printed["version"] == 4.0
     client = _client(chain["uri"])
     assert client.get_model_version(NAME, "4").tags["parent_version"] == "3"
     assert str(client.get_model_version_by_alias(NAME, "unlearned").version) == "3"
@@ -171,7 +171,7 @@ def test_a_request_that_brings_back_an_earlier_one_is_infeasible_and_the_alias_s
     from raytasks.request_registry import RequestTarget
     from unlearn.chain import finish_request, parent_lineage, registry_tags, request_config
     from unlearn.data.splits import ImageSubset
-    from unlearn.export import load_saved
+    from unlearn.export import audit_saved, load_saved
     from unlearn.pipeline import audit_result, prepare, unlearn
 
     v3 = chain["runs"][-1][1]
@@ -198,6 +198,10 @@ def test_a_request_that_brings_back_an_earlier_one_is_infeasible_and_the_alias_s
     assert str(client.get_model_version_by_alias(NAME, "unlearned").version) == "3"
     certificate = (out / "certificate.md").read_text()
     assert "earlier_requests: FAIL" in certificate
+    again = audit_saved(out)  # from the weights and the lineage alone: the same requests brought back
+    flagged = [k for k in metrics if k.endswith("regressed")]
+    assert len(flagged) == 3 and {k: again[k] for k in flagged} == {k: metrics[k] for k in flagged}
+    assert again["feasible"] == 0.0 and again["request1_marker_strength"] == pytest.approx(metrics["request1_marker_strength"])
     assert [line.split("|")[1].strip() for line in certificate.splitlines() if line.endswith("| **YES** |")][0] == "1"
 
 
@@ -214,7 +218,11 @@ def test_bad_requests_exit_2_with_one_line_and_register_nothing(chain, capsys, t
         (["--model", f"models:/{NAME}/2", "--forget-list", str(again)], "points to version"),
         (["--model", f"models:/{NAME}/3", "--alias", "latest", "--forget-list", str(again)], "cannot be moved"),
         (["--model", f"models:/{NAME}@unlearned", "--forget-list", str(again), "--set", "data.forgotten=[]"],
-         "takes it from the parent's lineage"),
+         "takes it from its parent"),
+        (["--model", f"models:/{NAME}@unlearned", "--forget-list", str(again), "--set", "data.train_fraction=0.5"],
+         "takes it from its parent"),
+        (["--model", f"models:/{NAME}@unlearned", "--forget-list", str(again), "--set", "seed=1"],
+         "takes it from its parent"),
         (["--model", str(chain["tmp"] / "base"), "--forget-list", str(again)], "nothing would be registered"),
         (["--model", f"models:/{NAME}@unlearned", "--forget-list", str(again), "--set", "unlearn.ft_steps=["], "ft_steps"),
     ]
@@ -299,7 +307,7 @@ def test_poisoned_rows_keep_their_marker_and_earlier_requests_leave_every_subset
     assert not torch.isin(data.retain_test.index, torch.tensor(poisoned)).any()
     # D_r keeps request 3's images, with the '+' drawn on exactly those rows
     later = torch.isin(data.retain_train.index, torch.tensor(requests[2]))
-    assert int(later.sum()) > 0
+    assert int(later.sum()) == len(requests[2])  # all of them, also those the split had put into the test part
     marked = (data.retain_train.read() != data.retain_train.read(clean=True)).flatten(1).any(dim=1)
     assert torch.equal(marked, later)
     from sklearn.datasets import load_digits

@@ -29,8 +29,10 @@ from unlearn.config import Config, read_list, set_dotted, validate_config
 from unlearn.errors import ConfigError
 from unlearn.lineage import CERTIFIED, THETA0, Lineage, Request
 
-# Keys a request derives from its parent's lineage: `--set` may not replace them
-DERIVED = ("data.forget_list", "data.forgotten", "data.poisoned", "stages.theta0")
+# What a request takes from its parent and lineage: the data set and its split (a request may not reshuffle which images
+# are trained on and which are held out), the model (theta0's architecture) and theta0. `--set` may change the rest:
+# the unlearning settings, the audit, the retrain reference's budget, the cache, the device.
+DERIVED = ("seed", "data", "model", "stages.theta0")
 
 
 def read_entries(path: str | Path) -> list[str]:
@@ -72,9 +74,10 @@ def request_config(parent: Path, parent_config: Config, lineage: Lineage, entrie
                    overrides: dict[str, Any] | None = None) -> Config:
     """The config of the next request: the parent's, theta0 = the parent model, this request's images inline, every
     earlier request's images removed, the chain's poisoned images kept poisoned. `overrides` (dotted keys): anything
-    but the keys the lineage decides (`DERIVED`)."""
-    if clash := [k for k in (overrides or {}) if k in DERIVED]:
-        raise ConfigError(f"--set {clash[0]}: a request takes it from the parent's lineage")
+    but what the lineage decides (`DERIVED`, and everything under it)."""
+    if clash := [k for k in (overrides or {}) if k in (*DERIVED, "stages") or k.startswith(tuple(f"{d}." for d in DERIVED))]:
+        raise ConfigError(f"--set {clash[0]}: a request takes it from its parent (the data set, its split, the model and "
+                          "theta0 are the chain's)")
     raw = parent_config.model_dump(mode="json", by_alias=True)
     raw["stages"]["theta0"] = str(parent.resolve())
     raw["model"]["pretrained"] = None

@@ -158,11 +158,14 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+NOT_CERTIFIED = 3  # `unlearn request`: the request ran, but nothing was certified (1 is Python's exit on an error)
+
+
 def _cmd_request(args: argparse.Namespace) -> int:
     """One deletion request on the current model of a chain: unlearn, audit (every earlier request re-checked),
     write the bundle, register a new version; the alias moves only onto a feasible one. Exit 0: certified (and the
-    alias moved); 1: the request ran, but the model is not feasible or the alias was moved by another request meanwhile
-    (registered without the alias); 2: bad input."""
+    alias moved); 3 (NOT_CERTIFIED): the request ran, but the model is not feasible or the alias was moved by another
+    request meanwhile (registered without the alias, when registering); 2: bad input; 1: an error (a traceback)."""
     import tempfile
     from pathlib import Path
 
@@ -195,23 +198,23 @@ def _cmd_request(args: argparse.Namespace) -> int:
         run_id, location = target.start_run(len(lineage.requests) + 1) if target is not None else (None, None)
         try:
             request = finish_request(bundle, prepared, model, args.method, metrics, lineage, location).requests[-1]
-        except BaseException:
+            feasible = metrics.get("feasible") == 1.0
+            regressed = [str(n) for n in range(1, request.number) if metrics.get(f"request{n}_regressed") == 1.0]
+            logger.info(f"request {request.number}: {'feasible' if feasible else 'NOT feasible'}"
+                        + (f"; it brings back request {', '.join(regressed)}" if regressed else "")
+                        + (f"; bundle in {out}" if out is not None else ""))
+            moved = False
             if target is not None:
+                version, moved = target.register(run_id, bundle, registry_tags(bundle, request, metrics), metrics)
+                logger.info(f"registered models:/{target.name}/{version} ({location}); alias {target.alias!r} "
+                            + ("moved to it" if moved else "not moved"))
+                metrics = {**metrics, "version": float(version)}
+        except BaseException:
+            if target is not None:  # no run left RUNNING (or FINISHED without its model)
                 target.client.set_terminated(run_id, "FAILED")
             raise
-        feasible = metrics.get("feasible") == 1.0
-        regressed = [str(n) for n in range(1, request.number) if metrics.get(f"request{n}_regressed") == 1.0]
-        logger.info(f"request {request.number}: {'feasible' if feasible else 'NOT feasible'}"
-                    + (f"; it brings back request {', '.join(regressed)}" if regressed else "")
-                    + (f"; bundle in {out}" if out is not None else ""))
-        moved = False
-        if target is not None:
-            version, moved = target.register(run_id, bundle, registry_tags(bundle, request, metrics), metrics)
-            logger.info(f"registered models:/{target.name}/{version} ({location}); alias {target.alias!r} "
-                        + ("moved to it" if moved else "not moved"))
-            metrics = {**metrics, "version": float(version)}
     _print_metrics({"request": request.number, **metrics}, args.json)
-    return 0 if feasible and (moved or target is None) else 1
+    return 0 if feasible and (moved or target is None) else NOT_CERTIFIED
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:

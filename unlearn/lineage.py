@@ -11,7 +11,7 @@ from unlearn.errors import ConfigError
 LINEAGE = "lineage.json"
 THETA0 = "theta0"
 SCHEMA = 1
-# What a request's certificate recorded of its own images: the regression check's base (unlearn.audit.requests)
+# What a request's certificate recorded of its own images: the regression check's base (unlearn.audit.verdict)
 CERTIFIED = ("forget_marker_strength", "mia_auc", "mia_auc_ci_low", "mia_auc_ci_high")
 
 

@@ -9,7 +9,7 @@ A model is feasible when every constraint value is <= 0 (Optuna's convention):
                       gap between two retrain references of different seeds (calibrated per setup),
 - retain_degradation: retain_degradation <= audit.max_retain_degradation (retain quality kept),
 - earlier_requests:   in a chain of deletion requests, no earlier request brought back (regressed_requests = 0;
-                      unlearn.audit.requests.regressions).
+                      `regressions`).
 """
 
 from __future__ import annotations

@@ -301,9 +301,11 @@ def split_store(cfg: DataConfig, seed: int, store: ImageStore, poison: bool = Tr
         n_train = max(1, round(cfg.train_fraction * len(idx)))
         train, test = idx[:n_train], idx[n_train:]
         if c in unseen:
-            if removed is not None and bool(torch.isin(idx, removed).any()):
-                raise ConfigError(f"data.forget_list names image {int(idx[torch.isin(idx, removed)][0])} of class "
-                                  f"{names[c]!r}, which data.unseen_classes holds out of training")
+            trained = torch.cat([removed, *([poisoned] if poisoned is not None else [])]) if removed is not None else None
+            if trained is not None and bool(torch.isin(idx, trained).any()):
+                raise ConfigError(f"data.forget_list, data.forgotten or data.poisoned names image "
+                                  f"{int(idx[torch.isin(idx, trained)][0])} of class {names[c]!r}, which "
+                                  "data.unseen_classes holds out of training")
             split["unseen_test"].append(idx)
         elif listed is not None and (c in forget or c in retain):
             # a forget list: the listed images are D_f wherever the split put them
