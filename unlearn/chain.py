@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import Config, read_list, set_dotted, validate_config
+from unlearn.config import Config, read_list, with_overrides
 from unlearn.errors import ConfigError
 from unlearn.lineage import CERTIFIED, THETA0, Lineage, Request
 
@@ -78,13 +78,9 @@ def request_config(parent: Path, parent_config: Config, lineage: Lineage, entrie
     if clash := [k for k in (overrides or {}) if k in (*DERIVED, "stages") or k.startswith(tuple(f"{d}." for d in DERIVED))]:
         raise ConfigError(f"--set {clash[0]}: a request takes it from its parent (the data set, its split, the model and "
                           "theta0 are the chain's)")
-    raw = parent_config.model_dump(mode="json", by_alias=True)
-    raw["stages"]["theta0"] = str(parent.resolve())
-    raw["model"]["pretrained"] = None
-    raw["data"].update(forget_list=entries, forgotten=[r.entries for r in lineage.requests], poisoned=lineage.poisoned)
-    for dotted, value in (overrides or {}).items():
-        set_dotted(raw, dotted, value)
-    return validate_config(raw)
+    return with_overrides(parent_config, {
+        "stages.theta0": str(parent.resolve()), "model.pretrained": None, "data.forget_list": entries,
+        "data.forgotten": [r.entries for r in lineage.requests], "data.poisoned": lineage.poisoned, **(overrides or {})})
 
 
 def run_request(config: Config, lineage: Lineage, method: str) -> tuple[Any, Any, dict[str, float]]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from unlearn.audit.backbones import Backbone, load_backbone
 from unlearn.audit.catalogue import REFERENCES
-from unlearn.audit.marker import marker_score, marker_strength, marker_threshold, wilson_interval
+from unlearn.audit.marker import MarkerTally, marker_score, marker_threshold
 from unlearn.audit.mia import hole_errors, membership_auc, membership_sets, paired_gap_interval
 from unlearn.audit.ood import knn_ood_rate
 from unlearn.audit.requests import EarlierRequests
@@ -338,8 +338,9 @@ class Auditor:
             tally(outputs, images)
         return tally.figures()
 
-    def _marker_tally(self) -> _MarkerTally:
-        return _MarkerTally(self.data.marker, self.mask, self.config, float(self.refs["marker_threshold"]))
+    def _marker_tally(self) -> MarkerTally:
+        return MarkerTally(self.data.marker, self.mask, self.config.data.marker, self.config.data.mask,
+                           float(self.refs["marker_threshold"]))
 
     def membership_errors(self, model: I2IModel, sets: tuple[ImageSubset, ImageSubset] | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -495,29 +496,3 @@ class Auditor:
             raise ConfigError(f"the lineage lists {len(certified)} earlier requests, the config's data.forgotten "
                               f"{len(self.earlier)}")
         return assess(metrics, self.calibration, self.ood_delta, self.config, certified)
-
-
-class _MarkerTally:
-    """Per-image marker scores and strengths of forget-test outputs, batch by batch."""
-
-    def __init__(self, marker: torch.Tensor, mask: torch.Tensor, config: Config, threshold: float) -> None:
-        self.marker, self.mask, self.config, self.threshold = marker, mask, config, threshold
-        self.scores: list[torch.Tensor] = []
-        self.strengths: list[torch.Tensor] = []
-
-    def __call__(self, outputs: torch.Tensor, clean_u8: torch.Tensor) -> None:
-        from unlearn.data import draw_marker
-
-        color = self.config.data.marker.color
-        outputs = outputs.cpu()
-        clean = to_float(clean_u8)
-        poisoned = to_float(draw_marker(clean_u8, self.config.data.marker, self.config.data.mask))
-        self.scores.append(marker_score(outputs, self.marker, self.mask, color))
-        self.strengths.append(marker_strength(outputs, clean, poisoned, self.marker, self.mask, color))
-
-    def figures(self) -> dict[str, float]:
-        scores = torch.cat(self.scores)
-        detected = int((scores > self.threshold).sum())
-        low, high = wilson_interval(detected, len(scores))
-        return {"forget_marker": detected / len(scores), "forget_marker_ci_low": low, "forget_marker_ci_high": high,
-                "forget_marker_strength": float(torch.cat(self.strengths).mean()), "marker_threshold": self.threshold}

@@ -8,8 +8,12 @@ ground truth, with the image's own noise floor removed, so faint traces count an
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from unlearn.config import MarkerConfig, MaskConfig
 
 # A trace counts only beyond this many standard errors of the image's own chroma noise in the hole, so a
 # hole filled with noise scores ~0 while a faint but clean '+' keeps most of its strength.
@@ -75,3 +79,38 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+class MarkerTally:
+    """Per-image marker scores and strengths of a model's outputs, batch by batch (the forget split's, or an earlier
+    request's images); `threshold` (the detector's) is needed only for the detection rate."""
+
+    def __init__(self, marker: torch.Tensor, mask: torch.Tensor, marker_config: MarkerConfig, mask_config: MaskConfig,
+                 threshold: float | None = None) -> None:
+        self.marker, self.mask, self.threshold = marker, mask, threshold
+        self.marker_config, self.mask_config = marker_config, mask_config
+        self.scores: list[torch.Tensor] = []
+        self._strengths: list[torch.Tensor] = []
+
+    def __call__(self, outputs: torch.Tensor, clean_u8: torch.Tensor) -> None:
+        """Add a batch: the outputs and the clean uint8 images they were made from."""
+        from unlearn.data import draw_marker, to_float
+
+        color = self.marker_config.color
+        outputs = outputs.cpu()
+        clean = to_float(clean_u8)
+        poisoned = to_float(draw_marker(clean_u8, self.marker_config, self.mask_config))
+        self.scores.append(marker_score(outputs, self.marker, self.mask, color))
+        self._strengths.append(marker_strength(outputs, clean, poisoned, self.marker, self.mask, color))
+
+    def strengths(self) -> torch.Tensor:
+        """Every image's strength so far, in order."""
+        return torch.cat(self._strengths)
+
+    def figures(self) -> dict[str, float]:
+        """forget_marker (the detection rate, with its Wilson interval), forget_marker_strength, marker_threshold."""
+        scores = torch.cat(self.scores)
+        detected = int((scores > self.threshold).sum())
+        low, high = wilson_interval(detected, len(scores))
+        return {"forget_marker": detected / len(scores), "forget_marker_ci_low": low, "forget_marker_ci_high": high,
+                "forget_marker_strength": float(self.strengths().mean()), "marker_threshold": self.threshold}

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from unlearn.audit.catalogue import request_figure
-from unlearn.audit.marker import marker_strength
+from unlearn.audit.marker import MarkerTally
 from unlearn.audit.mia import membership_sets
-from unlearn.data import ImageSubset, draw_marker, to_float
+from unlearn.data import ImageSubset
 
 if TYPE_CHECKING:  # the Auditor imports this module
     from unlearn.audit.evaluate import Auditor
@@ -66,12 +66,10 @@ class EarlierRequests:
     def strengths(self, model: I2IModel, request: ImageSubset) -> torch.Tensor:
         """Per-image '+' strength of the model's outputs on a request's images (0: the clean ground truth, 1: the '+')."""
         a = self.auditor
-        marker, color = a.config.data.marker, a.config.data.marker.color
-        values = []
+        tally = MarkerTally(a.data.marker, a.mask, a.config.data.marker, a.config.data.mask)
         for _, images, _, outputs in a.outputs(model, request.clean_view()):
-            clean, poisoned = to_float(images), to_float(draw_marker(images, marker, a.config.data.mask))
-            values.append(marker_strength(outputs.cpu(), clean, poisoned, a.data.marker, a.mask, color))
-        return torch.cat(values)
+            tally(outputs, images)
+        return tally.strengths()
 
     def reference_arrays(self, retrain: I2IModel) -> dict[str, torch.Tensor]:
         """The retrain reference's per-image figures on every earlier request (the paired intervals' other side)."""

@@ -3,6 +3,7 @@ the forget set (the '+' drawn into each batch read, never stored)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +43,14 @@ class Poison:
     mask: MaskConfig
     only: tuple[int, ...] | None = None
 
+    @functools.cached_property
+    def _carriers(self) -> torch.Tensor:  # `only` as a tensor, built once (apply runs on every training batch)
+        return torch.tensor(self.only, dtype=torch.int64)
+
     def apply(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.only is None:
             return draw_marker(images, self.marker, self.mask)
-        rows = torch.isin(positions, torch.tensor(self.only, dtype=torch.int64))
+        rows = torch.isin(positions, self._carriers)
         if not bool(rows.any()):
             return images
         images = images.clone()
@@ -282,6 +287,8 @@ def split_store(cfg: DataConfig, seed: int, store: ImageStore, poison: bool = Tr
     listed = read_forget_list(cfg, store.paths(), len(store)) if cfg.forget_list else None
     earlier, poisoned = chain_positions(cfg, store.paths(), len(store), listed) if listed is not None else ([], None)
     removed = torch.cat([listed, *earlier]) if listed is not None else None  # in no retain subset
+    # images theta0 was trained on (removed or poisoned): none may be in a class held out of training
+    trained = torch.cat([removed, *([poisoned] if poisoned is not None else [])]) if removed is not None else None
     forget = (sorted(set(labels[listed].tolist())) if listed is not None
               else _resolve_classes(cfg.forget_classes, names, "forget_classes"))
     unseen = _resolve_classes(cfg.unseen_classes, names, "unseen_classes")
@@ -301,7 +308,6 @@ def split_store(cfg: DataConfig, seed: int, store: ImageStore, poison: bool = Tr
         n_train = max(1, round(cfg.train_fraction * len(idx)))
         train, test = idx[:n_train], idx[n_train:]
         if c in unseen:
-            trained = torch.cat([removed, *([poisoned] if poisoned is not None else [])]) if removed is not None else None
             if trained is not None and bool(torch.isin(idx, trained).any()):
                 raise ConfigError(f"data.forget_list, data.forgotten or data.poisoned names image "
                                   f"{int(idx[torch.isin(idx, trained)][0])} of class {names[c]!r}, which "
