@@ -262,7 +262,8 @@ def evaluation_throughput(prepared, models: int = 4) -> dict[str, float]:
 
 
 # --- the data path ---------------------------------------------------------------------------------------
-DATA_SAMPLE_S = 0.02  # how often a sampled process's memory is read
+DATA_SAMPLE_S = 0.02  # how often a sampled process's /proc/PID/status is read
+DATA_SLOW_SAMPLE_S = 0.25  # how often its Pss and its process tree are
 
 
 def _decode_share(root: str, items: list[str], size: int) -> float:
@@ -288,11 +289,13 @@ def decode_limit(root: str, items: list[str], size: int, cores: int) -> float:
         return len(items) / (time.perf_counter() - started)
 
 
-def _status(pid: int) -> dict[str, int]:
-    """RssAnon, VmRSS (kB, /proc/PID/status) and Pss (kB, /proc/PID/smaps_rollup) of a live process, else {}."""
+def _status(pid: int, pss: bool) -> dict[str, int]:
+    """RssAnon, VmRSS (kB, /proc/PID/status) and, with `pss`, Pss (kB, /proc/PID/smaps_rollup) of a live process,
+    else {}."""
     figures: dict[str, int] = {}
+    sources = [(f"/proc/{pid}/status", ("RssAnon:", "VmRSS:"))] + [(f"/proc/{pid}/smaps_rollup", ("Pss:",))] * pss
     try:
-        for path, keys in ((f"/proc/{pid}/status", ("RssAnon:", "VmRSS:")), (f"/proc/{pid}/smaps_rollup", ("Pss:",))):
+        for path, keys in sources:
             for line in Path(path).read_text().splitlines():
                 if line.startswith(keys):
                     figures[line.split(":")[0]] = int(line.split()[1])
@@ -318,17 +321,28 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _sampled(procs: list, tree: bool = False) -> dict[str, float]:
+def _sampled(procs: list, tree: bool = False, pss: bool = False) -> dict[str, float]:
     """Sample processes (Popen or multiprocessing) until they exit; peak MB of each figure, per process and summed
-    over them at each instant (`tree`: each with its descendants, summed)."""
+    over them at each instant (`tree`: each with its descendants, summed; `pss`: Pss too).
+
+    The sampler must not take the cores it measures: /proc/PID/status is cheap and read every DATA_SAMPLE_S, but a
+    torch process's smaps_rollup costs ~17 ms of CPU and a walk of /proc ~3 ms, so those are read every
+    DATA_SLOW_SAMPLE_S (Pss and the process tree change slowly: page cache, worker start)."""
     peaks: dict[str, float] = {}
+    pids: list[list[int]] = []
+    slow_due = 0.0
     while any((p.poll() if hasattr(p, "poll") else p.exitcode) is None for p in procs):
+        slow = time.perf_counter() >= slow_due
+        if slow:
+            slow_due = time.perf_counter() + DATA_SLOW_SAMPLE_S
+            pids = [(_tree(proc.pid) if tree else [proc.pid]) for proc in procs]
         total: dict[str, float] = {}
-        for i, proc in enumerate(procs):
-            for pid in (_tree(proc.pid) if tree else [proc.pid]):
-                for key, kb in _status(pid).items():
+        for i, tree_pids in enumerate(pids):
+            for pid in tree_pids:
+                for key, kb in _status(pid, pss and slow).items():
                     total[key] = total.get(key, 0.0) + kb / 1024
-                    peaks[f"{key}{i}"] = max(peaks.get(f"{key}{i}", 0.0), kb / 1024) if not tree else peaks.get(f"{key}{i}", 0.0)
+                    if not tree:
+                        peaks[f"{key}{i}"] = max(peaks.get(f"{key}{i}", 0.0), kb / 1024)
         for key, mb in total.items():
             peaks[f"{key}sum"] = max(peaks.get(f"{key}sum", 0.0), mb)
         time.sleep(DATA_SAMPLE_S)
@@ -380,7 +394,7 @@ def trial_processes(config: Config, method: str, count: int, folder: Path) -> di
              for p in paths]
     for proc in procs:
         proc.start()
-    peaks = _sampled(procs)
+    peaks = _sampled(procs, pss=True)
     for proc in procs:
         proc.join()
         if proc.exitcode != 0:
