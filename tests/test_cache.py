@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -66,6 +67,37 @@ def test_an_entry_written_before_checksums_loads_and_is_still_checked_by_loading
     assert store.get("stages", "broken") is None and len(lines) == 1 and "broken" in lines[0]
 
 
+def test_arrays_are_checked_by_their_xxh3_and_entries_with_a_sha256_still_verify(tmp_path):
+    """Arrays carry an xxh3-128 (cheap enough to compute while decoding); an entry written when arrays carried a
+    sha256 verifies against that; a flipped byte fails either way."""
+    import hashlib
+
+    import numpy as np
+
+    from unlearn.cache import ARRAY_DIGEST, ARRAYS, DamagedEntry
+
+    store, _ = _store(tmp_path)
+    rows = np.arange(3 * 8 * 8, dtype=np.float32).reshape(3, 8, 8)
+    for key in ("new", "old"):
+        store.save("refs", key, {}, {}, arrays={"x": rows})
+    folder = store.entry("refs", "new")
+    spec = json.loads((folder / "meta.json").read_text())[ARRAYS]["x"]
+    assert ARRAY_DIGEST in spec and "sha256" not in spec
+    meta_path = store.entry("refs", "old") / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta[ARRAYS]["x"][ARRAY_DIGEST]
+    meta[ARRAYS]["x"]["sha256"] = hashlib.sha256(rows.tobytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+    for key in ("new", "old"):
+        store.verify("refs", key)
+        path = store.entry("refs", key) / spec["file"]
+        data = bytearray(path.read_bytes())
+        data[7] ^= 0x01
+        path.write_bytes(bytes(data))
+        with pytest.raises(DamagedEntry, match="checksum"):
+            store.verify("refs", key)
+
+
 def test_purge_lists_an_entry_whose_meta_is_damaged_instead_of_failing(tmp_path):
     from unlearn.purge import purge_cache
 
@@ -112,7 +144,7 @@ def test_concurrent_preparers_of_one_key_never_corrupt_it(tmp_path):
     assert [p.name for p in (tmp_path / "stages").iterdir()] == ["shared"]  # no temporary folder left behind
 
 
-def test_a_damaged_cached_stage_is_retrained_to_the_same_weights(tmp_path, capsys):
+def test_a_damaged_cached_stage_is_retrained_to_the_same_weights(tmp_path, log_lines):
     from unlearn.config import load_config
     from unlearn.pipeline import load_data
     from unlearn.stages import prepare_stages
@@ -124,11 +156,10 @@ def test_a_damaged_cached_stage_is_retrained_to_the_same_weights(tmp_path, capsy
     folder = config.resolved_cache_dir() / "stages" / first["original"].key
     _truncate(folder / "tensors.pt")
     _truncate(config.resolved_cache_dir() / "stages" / first["retrain"].key / "meta.json")
-    capsys.readouterr()
+    warnings = log_lines("unlearn.cache", logging.WARNING)  # whatever an earlier test did to logging's handlers
     again = prepare_stages(config, load_data(config), torch.device("cpu"), only=only)
-    err = capsys.readouterr().err.splitlines()
-    damaged = [line for line in err if "damaged entry" in line]
-    assert len(damaged) == 2 and any(str(folder) in line for line in damaged), err
+    damaged = [line for line in warnings if "damaged entry" in line]
+    assert len(damaged) == 2 and any(str(folder) in line for line in damaged), warnings
     assert not again["original"].reused and not again["retrain"].reused
     for name in ("original", "retrain"):
         for key, value in first[name].model.state_dict().items():

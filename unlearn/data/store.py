@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from unlearn.cache import ARRAYS, FILES, ArrayWriter, ArtifactCache, file_sha256, mapped_region
+from unlearn.cache import ARRAYS, FILES, ArrayWriter, ArtifactCache, file_digest, file_sha256, mapped_region
 from unlearn.data.sources import Listing, Unreadable, decode
 from unlearn.errors import ConfigError
 
@@ -57,7 +57,7 @@ class ShardTask:
 
 @dataclass
 class ShardWritten:
-    array: dict[str, Any]  # the shard's entry in meta.json (file, shape, bytes, sha256)
+    array: dict[str, Any]  # the shard's entry in meta.json (file, shape, bytes, checksum)
     kept: list[bool]  # per item: decoded (False: unreadable and skipped)
     skipped: list[str] = field(default_factory=list)  # "path: reason"
 
@@ -291,12 +291,12 @@ def verify_store(cache: ArtifactCache, key: str, workers: int | None = None) -> 
     """Hash every file of a store against its meta.json, in parallel (DamagedEntry on a mismatch)."""
     count = workers or usable_cores()
 
-    def hash_files(paths: list[Path]) -> list[str]:
-        if count <= 1 or len(paths) <= 1:
-            return [file_sha256(p) for p in paths]
+    def hash_files(jobs: list[tuple[Path, str]]) -> list[str]:
+        if count <= 1 or len(jobs) <= 1:
+            return [file_digest(*job) for job in jobs]
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(count) as pool:  # hashlib releases the GIL on large buffers
-            return list(pool.map(file_sha256, paths))
+        with ThreadPoolExecutor(count) as pool:  # reads overlap; sha256 (older stores) releases the GIL
+            return list(pool.map(lambda job: file_digest(*job), jobs))
 
     cache.verify(KIND, key, hash_files)
