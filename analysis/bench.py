@@ -290,10 +290,10 @@ def decode_limit(root: str, items: list[str], size: int, cores: int) -> float:
 
 
 def _status(pid: int, pss: bool) -> dict[str, int]:
-    """RssAnon, VmRSS (kB, /proc/PID/status) and, with `pss`, Pss (kB, /proc/PID/smaps_rollup) of a live process,
-    else {}."""
+    """RssAnon, VmRSS (kB, /proc/PID/status) and, with `pss`, Pss and its file-backed part Pss_File (kB,
+    /proc/PID/smaps_rollup) of a live process, else {}."""
     figures: dict[str, int] = {}
-    sources = [(f"/proc/{pid}/status", ("RssAnon:", "VmRSS:"))] + [(f"/proc/{pid}/smaps_rollup", ("Pss:",))] * pss
+    sources = [(f"/proc/{pid}/status", ("RssAnon:", "VmRSS:"))] + [(f"/proc/{pid}/smaps_rollup", ("Pss:", "Pss_File:"))] * pss
     try:
         for path, keys in sources:
             for line in Path(path).read_text().splitlines():
@@ -374,18 +374,20 @@ def _trial_process(config_dict: dict, method: str, result_path: str) -> None:
     from unlearn.runtime import import_before_timing
 
     import_before_timing(audit=True)
+    imports_private_mb = _status(os.getpid(), False)["RssAnon"] / 1024  # the runtime's own: torch, the libraries
     entered = time.perf_counter()
     prepared = prepare_warm(validate_config(config_dict))
     first: list[float] = []
     result = unlearn(prepared, method, on_step=lambda *_: first or first.append(time.perf_counter()))
     metrics = audit_result(prepared, result)
-    Path(result_path).write_text(json.dumps({"first_step_seconds": first[0] - entered,
+    Path(result_path).write_text(json.dumps({"first_step_seconds": first[0] - entered, "imports_private_mb": imports_private_mb,
                                              "images_read": metrics["unlearn_images_read_per_rank"]}))
 
 
 def trial_processes(config: Config, method: str, count: int, folder: Path) -> dict[str, Any]:
     """`count` trial processes started together, sampled: each one's peak private memory (RssAnon) and the peak of
-    their summed PSS (pages shared through the page cache count once, split between the processes)."""
+    their summed PSS (pages shared through the page cache count once, split between the processes), in all and its
+    file-backed part (the store's pages, the libraries' code)."""
     import multiprocessing
 
     spawn = multiprocessing.get_context("spawn")
@@ -401,7 +403,8 @@ def trial_processes(config: Config, method: str, count: int, folder: Path) -> di
             raise RuntimeError(f"a trial process failed (exit code {proc.exitcode})")
     results = [json.loads(p.read_text()) for p in paths]
     return {"private_mb": [peaks[f"RssAnon{i}"] for i in range(count)], "pss_mb_sum": peaks["Psssum"],
-            "first_step_seconds": [r["first_step_seconds"] for r in results]}
+            "file_pss_mb_sum": peaks["Pss_Filesum"], "first_step_seconds": [r["first_step_seconds"] for r in results],
+            "imports_private_mb": [r["imports_private_mb"] for r in results]}
 
 
 def _store_bytes(cache: Path) -> tuple[int, int]:
@@ -457,6 +460,10 @@ def data_path(config: Config, args: list[str], out: Path, reps: int, method: str
         trial_private_mb_quarter=trials["quarter"]["private_mb"][0], trial_private_mb_full=trials["full"]["private_mb"][0],
         trial_first_step_seconds=trials["full"]["first_step_seconds"][0],
         two_trials_pss_over_one=trials["two"]["pss_mb_sum"] / trials["full"]["pss_mb_sum"],
+        # what the total is made of: the file-backed part (1.0: the second trial maps the same pages; 2.0: its own
+        # copy) and each trial's private memory before its first step (the runtime: torch and the libraries)
+        two_trials_file_pss_over_one=trials["two"]["file_pss_mb_sum"] / trials["full"]["file_pss_mb_sum"],
+        trial_imports_private_mb=trials["full"]["imports_private_mb"][0],
         trials=trials,
     )
     rows["private_full_over_quarter"] = rows["trial_private_mb_full"] / rows["trial_private_mb_quarter"]
