@@ -365,6 +365,26 @@ def prepare_store_process(args: list[str], cache: Path) -> dict[str, float]:
     return {**figures, "peak_rss_mb": peaks.get("VmRSSsum", math.nan)}
 
 
+def _prepare_setup(config_dict: dict) -> None:
+    from unlearn.config import validate_config
+    from unlearn.pipeline import prepare
+
+    prepare(validate_config(config_dict))
+
+
+def _prepare_process(config: Config) -> None:
+    """`prepare` in a process of its own: the bench's process must not map the store, or the pages it read would
+    count in the trials' PSS as shared with it (one trial's share of them halved, two trials' a third each)."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=_prepare_setup,
+                                                        args=(config.model_dump(mode="json", by_alias=True),))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"preparing the trials' setup failed (exit code {proc.exitcode})")
+
+
 def _trial_process(config_dict: dict, method: str, result_path: str) -> None:
     """One sweep trial in a fresh process on a warm cache: prepare_warm, unlearn, audit. Imports come first (a trial
     worker process has them already); its first step is timed from the trial's start."""
@@ -377,6 +397,8 @@ def _trial_process(config_dict: dict, method: str, result_path: str) -> None:
     imports_private_mb = _status(os.getpid(), False)["RssAnon"] / 1024  # the runtime's own: torch, the libraries
     entered = time.perf_counter()
     prepared = prepare_warm(validate_config(config_dict))
+    if trained := [name for name, stage in prepared.stages.items() if not stage.reused]:
+        raise RuntimeError(f"the trial trained {trained}: its setup was not prepared, so its figures would be a build's")
     first: list[float] = []
     result = unlearn(prepared, method, on_step=lambda *_: first or first.append(time.perf_counter()))
     metrics = audit_result(prepared, result)
@@ -447,8 +469,6 @@ def data_path(config: Config, args: list[str], out: Path, reps: int, method: str
                  "prepare_images_per_second": [p["data_prepare_images_per_second"] for p in prepares]},
     }
     # trial processes: everything prepared once per setup (store reused, stages, references), then measured
-    from unlearn.pipeline import prepare
-
     per_class = int(np.bincount(listing.labels).max())
     cache = out / "data-cache-trials"
     shutil.copytree(out / f"data-cache-{reps - 1}", cache, dirs_exist_ok=True)  # the full store, warm
@@ -456,7 +476,7 @@ def data_path(config: Config, args: list[str], out: Path, reps: int, method: str
     setups = {"quarter": with_overrides(full, {"data.max_per_class": max(2, per_class // 4)}), "full": full}
     trials: dict[str, Any] = {}
     for name, setup in setups.items():
-        prepare(setup)  # stages, backbone, references, calibration: trials only load them
+        _prepare_process(setup)  # stages, backbone, references, calibration: trials only load them
         trials[name] = trial_processes(setup, method, 1, out)
     trials["two"] = trial_processes(setups["full"], method, 2, out)
     rows.update(
