@@ -2,9 +2,10 @@
 
 Real loaders only: scikit-learn's bundled digits, CIFAR-10 python batches in a local folder, and any ImageFolder tree
 (ImageNet, Places365). Nothing is downloaded. `list_images` names every image of a setup in store order (its label,
-and the item decoding reads) without decoding any; `decode` turns a run of items into uint8 pixels (3, H, W), one
-image at a time. This module imports neither torch nor torchvision at module level: decoding runs in worker
-processes whose start-up must stay cheap (importing torch takes about 2 s per process on these CPUs).
+and the item decoding reads) without decoding any; `decode` turns a run of items into uint8 pixels (H, W, 3), one
+image at a time (the store's row layout: what a JPEG decoder produces, so writing a row is a plain copy). This module
+imports neither torch nor torchvision at module level: decoding runs in worker processes whose start-up must stay cheap
+(importing torch takes about 2 s per process on these CPUs).
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def _to_rgb(image):
         image = Image.fromarray((values * (255.0 / max(values.max(), 1.0))).round().astype(np.uint8), mode="L")
     with warnings.catch_warnings():  # "palette images with transparency ... should be converted to RGBA": we convert
         warnings.simplefilter("ignore", UserWarning)
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
 
 
 def resize_center_crop(image, size: int):
@@ -233,6 +234,8 @@ def resize_center_crop(image, size: int):
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     if (new_h, new_w) != (h, w):
         image = image.resize((new_w, new_h), Image.BILINEAR)
+    if image.size == (size, size):  # nothing to crop (crop would copy)
+        return image
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return image.crop((left, top, left + size, top + size))
 
@@ -248,11 +251,11 @@ def _decode_file(path: str, size: int) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # truncated data ("image file is truncated"), not an image, a broken header
         raise Unreadable(path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from exc
-    return pixels.transpose(2, 0, 1)
+    return pixels
 
 
 def decode(dataset: str, root: str | None, items: list[str], size: int) -> Iterator[tuple[str, np.ndarray | Unreadable]]:
-    """(item, uint8 pixels (3, size, size)) for each item, in order; an unreadable file yields its `Unreadable`."""
+    """(item, uint8 pixels (size, size, 3)) for each item, in order; an unreadable file yields its `Unreadable`."""
     if dataset == "imagefolder":
         for item in items:
             try:
@@ -271,7 +274,7 @@ def decode(dataset: str, root: str | None, items: list[str], size: int) -> Itera
         pixels = np.concatenate(parts) if parts else np.zeros((0, 3, 32, 32), np.uint8)
         if size != 32:
             pixels = _resize_float(pixels.astype(np.float32) / 255, size)
-    yield from zip(items, pixels, strict=True)
+    yield from zip(items, pixels.transpose(0, 2, 3, 1), strict=True)  # (3, H, W) arrays -> the store's rows
 
 
 def _group_by_file(items: list[str]) -> Iterator[tuple[str, list[int]]]:
