@@ -66,7 +66,8 @@ def test_the_store_holds_torchvisions_pixels_once_and_reads_only_the_rows_asked(
 def test_images_already_at_the_store_size_are_stored_as_decoded_and_an_earlier_layouts_store_is_named(photos, tmp_path,
                                                                                                       log_lines):
     """No resize and no crop (the files are 40 px, the store too): still torchvision's pixels. A store written by an
-    earlier layout (another STORE_SCHEMA) is never read again: building a store names it, with its size, for removal."""
+    earlier layout (an older STORE_SCHEMA) is never read again: building a store names it, with its size, for removal;
+    one of a later layout (a newer version on a shared cache) is neither read nor named."""
     from PIL import Image
     from torchvision.transforms import functional as TF
 
@@ -74,6 +75,9 @@ def test_images_already_at_the_store_size_are_stored_as_decoded_and_an_earlier_l
     stale.mkdir(parents=True)
     (stale / "meta.json").write_text(json.dumps({"schema": 1}))
     (stale / "shard-00000.bin").write_bytes(bytes(2**20))
+    later = tmp_path / KIND / "imagefolder-16px-fedcba9876543210"
+    later.mkdir()
+    (later / "meta.json").write_text(json.dumps({"schema": 99}))
     lines = log_lines("unlearn.data.store")
     cfg = DataConfig(dataset="imagefolder", root=str(photos), image_size=40, forget_classes=["0"],
                      mask=MaskConfig(size=6), marker=MarkerConfig(size=5))
@@ -84,7 +88,8 @@ def test_images_already_at_the_store_size_are_stored_as_decoded_and_an_earlier_l
         assert torch.equal(store.read([position])[0], expected)
     assert store.read([0, 29]).is_contiguous() and store.image_shape == (3, 40, 40)
     assert [line for line in lines if str(stale) in line and "earlier layout" in line and "0.00 GiB" in line]
-    assert stale.is_dir()  # named, not removed: another version may still be reading it
+    assert not [line for line in lines if str(later) in line]
+    assert stale.is_dir() and later.is_dir()  # named, not removed: another version may still be reading it
 
 
 def test_a_split_entry_is_index_lists_and_two_setups_share_one_store(photos, tmp_path):

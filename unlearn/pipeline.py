@@ -56,9 +56,10 @@ class Prepared:
     device: torch.device
 
 
-# Bump when a split entry changes meaning (v3: index lists into the image store; v2 held the pixels themselves).
-# (Chains added the earlier/<j> and poisoned lists: absent from every other split, so v3 entries keep their meaning.)
-SPLIT_SCHEMA = 3
+# Bump when a split entry changes meaning (v4: its store is of STORE_SCHEMA 2, rows (H, W, 3); v3: index lists into
+# a store of rows (3, H, W); v2 held the pixels themselves). (Chains added the earlier/<j> and poisoned lists: absent
+# from every other split, so entries keep their meaning.)
+SPLIT_SCHEMA = 4
 
 
 def load_data(config: Config, map_shards: MapShards | None = None, verify: bool = False) -> UnlearningData:

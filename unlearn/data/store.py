@@ -16,6 +16,7 @@ written, so a failure (an unreadable image, a full disk) leaves no half store be
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from unlearn.cache import ARRAYS, FILES, ArrayWriter, ArtifactCache, file_digest, file_sha256, mapped_region
+from unlearn.cache import ARRAYS, FILES, ArrayWriter, ArtifactCache, DamagedEntry, file_digest, file_sha256, mapped_region
 from unlearn.data.sources import Listing, Unreadable, decode
 from unlearn.errors import ConfigError
 
@@ -181,23 +182,27 @@ def build_store(cache: ArtifactCache, listing: Listing, image_size: int, skip_un
                 "skipped": skipped[:SKIPPED_SHOWN], ARRAYS: arrays, FILES: files}
 
     cache.build(KIND, key, write)
-    for stale in _stale_stores(cache):
+    for stale in _earlier_layouts(cache):
         logger.warning(f"{stale}: an image store of an earlier layout, no longer read by this version; remove it to "
-                       f"free {sum(p.stat().st_size for p in stale.iterdir()) / 2**30:.2f} GiB")
+                       f"free {_folder_gib(stale):.2f} GiB")
     return key
 
 
-def _stale_stores(cache: ArtifactCache) -> list[Path]:
-    """Store entries written by another STORE_SCHEMA (their keys can never be asked for again)."""
-    stale = []
-    for meta in sorted((cache.root / KIND).glob("*/meta.json")):
-        try:
-            schema = json.loads(meta.read_text()).get("schema")
-        except (OSError, ValueError):
-            continue  # being written or damaged: the cache's own checks deal with it
-        if schema != STORE_SCHEMA:
-            stale.append(meta.parent)
-    return stale
+def _earlier_layouts(cache: ArtifactCache) -> list[Path]:
+    """Store entries of an earlier STORE_SCHEMA: this version never asks for their keys (a later version's, on a
+    shared cache, are left unnamed: they are in use)."""
+    return [cache.entry(KIND, name) for name, meta in cache.entries(KIND)
+            if not name.startswith(".") and isinstance(meta, dict) and meta.get("schema", 1) < STORE_SCHEMA]
+
+
+def _folder_gib(folder: Path) -> float:
+    """Size of a folder's files (best effort: it may be removed meanwhile)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for path in folder.iterdir():
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+    return total / 2**30
 
 
 class ImageStore:
@@ -220,6 +225,8 @@ class ImageStore:
 
     @classmethod
     def _from_entry(cls, cache: ArtifactCache, key: str, arrays: dict[str, Any], meta: dict[str, Any]) -> ImageStore:
+        if meta.get("schema", 1) != STORE_SCHEMA:  # keys name the layout: only a hand-made key gets here
+            raise DamagedEntry(f"an image store of layout {meta.get('schema', 1)}; this version reads {STORE_SCHEMA}")
         shards = [arrays[name] for name in sorted(n for n in meta[ARRAYS] if n.startswith("shard-"))]
         return cls(shards, np.asarray(arrays["labels"]), list(meta["class_names"]), key, cache.entry(KIND, key), meta)
 
@@ -306,7 +313,9 @@ def _reopen(root: str, key: str) -> ImageStore:
 def open_store(cache: ArtifactCache, key: str) -> ImageStore | None:
     """The store, or None when it is absent or damaged (reported and removed: the caller rebuilds it)."""
     hit = cache.get(KIND, key)
-    return None if hit is None else ImageStore._from_entry(cache, key, *hit)
+    if hit is None or hit[1].get("schema", 1) != STORE_SCHEMA:  # another layout: absent for this version, kept
+        return None
+    return ImageStore._from_entry(cache, key, *hit)
 
 
 def verify_store(cache: ArtifactCache, key: str, workers: int | None = None) -> None:
