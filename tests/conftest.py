@@ -254,6 +254,9 @@ def small_sweep_interruption(ray_session, prepared, default_config, tmp_path_fac
     address = ray_session.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     stderr = tmp / "driver.stderr"  # a file, not a pipe: an unread pipe that fills up would block the driver
+    # MLflow creates a sqlite store's tables on first open; this process polls the store while the driver starts, and
+    # two first opens at once collide ("table _alembic_tmp_experiments already exists": seen on a loaded machine)
+    child_runs(uri, "t-sweep")
     with stderr.open("w") as err:
         proc = subprocess.Popen([sys.executable, str(ROOT / "raytasks" / "sweep.py"), "--address", address, *args],
                                 env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
