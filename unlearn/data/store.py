@@ -282,13 +282,15 @@ class ImageStore:
         import torch
 
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-        rows = np.empty((len(positions), *self.shards[0].shape[1:]), dtype=np.uint8)
+        out = np.empty((len(positions), *self.image_shape), dtype=np.uint8)
         shard, row = self._locate(positions)
         for s in np.unique(shard):
             where = np.flatnonzero(shard == s)
-            rows[where] = self.shards[s][row[where]]
+            # rows (H, W, 3) into (3, H, W): numpy's strided copy, ~3 ms a batch of 32 at 256 px where torch's
+            # permute().contiguous() took ~9 (one thread)
+            out[where] = self.shards[s][row[where]].transpose(0, 3, 1, 2)
         self.images_read += len(positions)
-        return torch.from_numpy(rows).permute(0, 3, 1, 2).contiguous()  # one transposing copy of the batch
+        return torch.from_numpy(out)
 
     def prefetch(self, positions: Any) -> None:
         """Ask the kernel to read these rows ahead (asynchronously), so that the next batch finds them in memory."""
