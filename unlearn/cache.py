@@ -101,10 +101,11 @@ class ArrayWriter:
         self._error: BaseException | None = None
         self._free: queue.Queue = queue.Queue()
         for _ in range(3):
-            chunk = mmap.mmap(-1, self.CHUNK)  # anonymous maps are page-aligned, as O_DIRECT needs
-            # huge pages: an O_DIRECT write pins the buffer's pages, 2048 of 4 kB per chunk against 4 of 2 MB
-            # (measured with row-major rows: preparation 2900-3500 images/s with them, 2500-2650 without). Advice
-            # only: a kernel without transparent huge pages refuses it (EINVAL), and the write path is the same.
+            # anonymous maps are page-aligned, as O_DIRECT needs; private, so that the huge-page advice applies (a
+            # shared anonymous map is shmem, which ignores it): an O_DIRECT write pins its buffer's pages, 4 of 2 MB
+            # per chunk instead of 2048 of 4 kB (measured: 2 GB written with 0.03 s of system time against 0.13-0.15).
+            # Advice only: a kernel without transparent huge pages refuses it (EINVAL), and the write is the same.
+            chunk = mmap.mmap(-1, self.CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             with contextlib.suppress(AttributeError, OSError):
                 chunk.madvise(mmap.MADV_HUGEPAGE)
             self._free.put(chunk)
