@@ -192,7 +192,12 @@ def _earlier_layouts(cache: ArtifactCache) -> list[Path]:
     """Store entries of an earlier STORE_SCHEMA: this version never asks for their keys (a later version's, on a
     shared cache, are left unnamed: they are in use)."""
     return [cache.entry(KIND, name) for name, meta in cache.entries(KIND)
-            if not name.startswith(".") and isinstance(meta, dict) and meta.get("schema", 1) < STORE_SCHEMA]
+            if not name.startswith(".") and isinstance(meta, dict) and _layout(meta) < STORE_SCHEMA]
+
+
+def _layout(meta: dict[str, Any]) -> int:
+    """The STORE_SCHEMA a store entry was written with (entries before the field existed: 1)."""
+    return int(meta.get("schema", 1))
 
 
 def _folder_gib(folder: Path) -> float:
@@ -225,8 +230,8 @@ class ImageStore:
 
     @classmethod
     def _from_entry(cls, cache: ArtifactCache, key: str, arrays: dict[str, Any], meta: dict[str, Any]) -> ImageStore:
-        if meta.get("schema", 1) != STORE_SCHEMA:  # keys name the layout: only a hand-made key gets here
-            raise DamagedEntry(f"an image store of layout {meta.get('schema', 1)}; this version reads {STORE_SCHEMA}")
+        if _layout(meta) != STORE_SCHEMA:  # keys name the layout: only a hand-made key gets here
+            raise DamagedEntry(f"an image store of layout {_layout(meta)}; this version reads {STORE_SCHEMA}")
         shards = [arrays[name] for name in sorted(n for n in meta[ARRAYS] if n.startswith("shard-"))]
         return cls(shards, np.asarray(arrays["labels"]), list(meta["class_names"]), key, cache.entry(KIND, key), meta)
 
@@ -315,9 +320,7 @@ def _reopen(root: str, key: str) -> ImageStore:
 def open_store(cache: ArtifactCache, key: str) -> ImageStore | None:
     """The store, or None when it is absent or damaged (reported and removed: the caller rebuilds it)."""
     hit = cache.get(KIND, key)
-    if hit is None or hit[1].get("schema", 1) != STORE_SCHEMA:  # another layout: absent for this version, kept
-        return None
-    return ImageStore._from_entry(cache, key, *hit)
+    return None if hit is None else ImageStore._from_entry(cache, key, *hit)
 
 
 def verify_store(cache: ArtifactCache, key: str, workers: int | None = None) -> None:
