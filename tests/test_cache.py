@@ -144,6 +144,49 @@ def test_concurrent_preparers_of_one_key_never_corrupt_it(tmp_path):
     assert [p.name for p in (tmp_path / "stages").iterdir()] == ["shared"]  # no temporary folder left behind
 
 
+@pytest.mark.parametrize("when", ["after meta.json", "after tensors.pt"])
+def test_an_entry_replaced_while_it_is_read_is_never_reported_damaged_nor_removed(tmp_path, monkeypatch, when):
+    """Another process removes the entry and builds the key again between two of a reader's file reads (racing
+    preparers of one stage): the reader returns one whole entry, reports nothing, and the new entry stays."""
+    import unlearn.cache as cache_module
+
+    store, lines = _store(tmp_path)
+    store.save("stages", "k", {"w": torch.zeros(64, 64)}, {"writer": 0})
+    real_read = cache_module._read_bytes
+    swapped = []
+
+    def read_then_replace(name, dir_fd):
+        payload = real_read(name, dir_fd)
+        if not swapped and name == (cache_module.META if when == "after meta.json" else cache_module.TENSORS):
+            swapped.append(name)
+            other = ArtifactCache(tmp_path)
+            other.remove("stages", "k")
+            other.save("stages", "k", {"w": torch.ones(64, 64)}, {"writer": 1})
+        return payload
+
+    monkeypatch.setattr(cache_module, "_read_bytes", read_then_replace)
+    tensors, meta = store.get("stages", "k")
+    assert swapped and torch.all(tensors["w"] == meta["writer"])  # one entry's meta with its own tensors
+    assert lines == []
+    monkeypatch.setattr(cache_module, "_read_bytes", real_read)
+    tensors, meta = store.get("stages", "k")
+    assert meta["writer"] == 1 and torch.all(tensors["w"] == 1)
+
+
+def test_a_damaged_entry_replaced_before_its_clean_up_leaves_the_new_one_in_place(tmp_path):
+    from unlearn.cache import DamagedEntry
+
+    store, lines = _store(tmp_path)
+    store.save("stages", "k", {"w": torch.zeros(8)}, {"writer": 0})
+    _truncate(store.entry("stages", "k") / "tensors.pt")
+    with pytest.raises(DamagedEntry) as damaged:
+        store.read("stages", "k")
+    store.remove("stages", "k")
+    store.save("stages", "k", {"w": torch.ones(8)}, {"writer": 1})  # another process rebuilt it meanwhile
+    store.discard_damaged("stages", "k", damaged.value)
+    assert lines == [] and store.get("stages", "k")[1]["writer"] == 1
+
+
 def test_a_damaged_cached_stage_is_retrained_to_the_same_weights(tmp_path, log_lines):
     from unlearn.config import load_config
     from unlearn.pipeline import load_data

@@ -25,6 +25,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,17 @@ FILES = "files"  # in meta.json: other files -> {bytes, sha256}
 # here, sha256 at 1.8 GB/s (110 us of CPU per 256-px image, on the cores that decode). It guards against accidental
 # damage (a half copy, a flipped bit), which is all a cache needs; nothing here defends against tampering.
 ARRAY_DIGEST = "xxh3_128"
+ENTRY_ID = "entry_id"  # in meta.json: a random id per build, telling a rebuilt entry from the one it replaced
 DIGESTS = "forget-digests"  # a folder of empty files named by the forget digests of the D_f an entry holds
 
 
 class DamagedEntry(Exception):
-    """A cache entry whose files are missing, truncated or fail their checksum."""
+    """A cache entry whose files are missing, truncated or fail their checksum. `folder_id` names the entry found
+    damaged (`_folder_id`), so that a clean-up never removes another process's entry put in its place since."""
+
+    def __init__(self, message: str, folder_id: tuple[int, int, str] | None = None) -> None:
+        super().__init__(message)
+        self.folder_id = folder_id
 
 
 def new_digest(kind: str) -> Any:
@@ -200,14 +207,41 @@ def _open_for_writing(path: Path) -> tuple[int, bool]:
     return os.open(path, flags, 0o644), False
 
 
-def map_array(path: Path, dtype: str, shape: Iterable[int]) -> np.ndarray:
-    """A read-only array over a raw file, memory-mapped (pages shared with every process mapping it)."""
+def map_array(path: Path | str, dtype: str, shape: Iterable[int], dir_fd: int | None = None) -> np.ndarray:
+    """A read-only array over a raw file (`path` relative to `dir_fd` when given), memory-mapped (pages shared with
+    every process mapping it)."""
     shape = tuple(int(s) for s in shape)
     if int(np.prod(shape, dtype=np.int64)) == 0:
         return np.empty(shape, dtype=dtype)
-    with open(path, "rb") as handle:
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
+    try:
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)  # the map keeps the file
     return np.frombuffer(mapped, dtype=dtype).reshape(shape)
+
+
+def _folder_id(fd: int) -> tuple[int, int, str]:
+    """Which entry an open folder is: its inode and the entry id its meta.json names (inodes are reused once a
+    folder is removed; an entry without an id, or with a damaged meta.json, falls back to the folder's ctime)."""
+    stat = os.fstat(fd)
+    try:
+        entry_id = str(json.loads(_read_bytes(META, fd))[ENTRY_ID])
+    except (OSError, ValueError, KeyError, TypeError):
+        entry_id = f"ctime {stat.st_ctime_ns}"
+    return stat.st_dev, stat.st_ino, entry_id
+
+
+def _current_id(folder: Path) -> tuple[int, int, str] | None:
+    """Which entry is at `folder` now; None when none is."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
+    try:
+        return _folder_id(fd)
+    finally:
+        os.close(fd)
 
 
 def mapped_region(array: np.ndarray) -> mmap.mmap | None:
@@ -232,23 +266,45 @@ class ArtifactCache:
 
     def read(self, kind: str, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """(tensors, meta) of an entry, checked; its arrays are in `tensors` too, as read-only memory-mapped numpy
-        arrays (checked by size). Raises DamagedEntry (or FileNotFoundError when absent)."""
-        folder = self.entry(kind, key)
-        meta = self._meta(folder)
+        arrays (checked by size). Raises DamagedEntry (or FileNotFoundError when absent).
+
+        Every file is read through one handle on the entry's folder: another process may remove the entry and build
+        the key again while this one reads (a stage's racing preparers), and reading by path would then pair one
+        entry's meta.json with the other's tensors.pt, a false checksum failure that removed a sound entry. A
+        failure met in a folder that is no longer the key's is read again from what is there now."""
+        return self._in_folder(self.entry(kind, key), self._read_at)
+
+    def _in_folder(self, folder: Path, check: Callable[[int], Any]) -> Any:
+        """`check(fd)` on the folder opened once; a DamagedEntry met in a folder that is no longer the key's (removed
+        or replaced meanwhile) is checked again on what is there now, at most twice."""
+        for attempt in range(3):
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # FileNotFoundError: absent (or removed meanwhile)
+            try:
+                return check(fd)
+            except DamagedEntry as exc:
+                read_id = _folder_id(fd)
+                if attempt < 2 and _current_id(folder) != read_id:
+                    continue  # replaced or removed while read: not damage
+                raise DamagedEntry(str(exc), read_id) from exc
+            finally:
+                os.close(fd)
+        raise AssertionError("unreachable")
+
+    def _read_at(self, fd: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        meta = self._meta(fd)
         tensors: dict[str, Any] = {}
-        if CHECKSUM in meta or (folder / TENSORS).exists() or not (meta.get(ARRAYS) or meta.get(FILES)):
-            tensors.update(self._tensors(folder, meta))
+        if CHECKSUM in meta or _exists(TENSORS, fd) or not (meta.get(ARRAYS) or meta.get(FILES)):
+            tensors.update(self._tensors(fd, meta))
         for name, spec in (meta.get(FILES) or {}).items():
-            self._check_size(folder / name, spec["bytes"])
+            self._check_size(name, spec["bytes"], fd)
         for name, spec in (meta.get(ARRAYS) or {}).items():
-            path = folder / spec["file"]
-            self._check_size(path, spec["bytes"])
-            tensors[name] = map_array(path, spec["dtype"], spec["shape"])
+            self._check_size(spec["file"], spec["bytes"], fd)
+            tensors[name] = map_array(spec["file"], spec["dtype"], spec["shape"], dir_fd=fd)
         return tensors, meta
 
-    def _tensors(self, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    def _tensors(self, fd: int, meta: dict[str, Any]) -> dict[str, Any]:
         try:
-            payload = (folder / TENSORS).read_bytes()
+            payload = _read_bytes(TENSORS, fd)
         except FileNotFoundError as exc:
             raise DamagedEntry(f"{TENSORS} missing") from exc
         expected = meta.get(CHECKSUM)
@@ -263,18 +319,18 @@ class ArtifactCache:
                 raise DamagedEntry(f"{TENSORS} does not load: {type(exc).__name__}") from exc
             # its bytes are the ones written: not damage (a torch that cannot read what another wrote, say), and
             # removing it would only rebuild it on every run
-            raise RuntimeError(f"cache entry {folder} matches its checksum but does not load "
+            raise RuntimeError(f"cache entry {_path_of(fd)} matches its checksum but does not load "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); remove it by hand if it "
                                "should be rebuilt") from exc
 
     @staticmethod
-    def _check_size(path: Path, expected: int) -> None:
+    def _check_size(name: str, expected: int, fd: int) -> None:
         try:
-            size = path.stat().st_size
+            size = os.stat(name, dir_fd=fd).st_size
         except FileNotFoundError as exc:
-            raise DamagedEntry(f"{path.name} missing") from exc
+            raise DamagedEntry(f"{name} missing") from exc
         if size != expected:
-            raise DamagedEntry(f"{path.name} has {size} bytes, {expected} expected (truncated or half-copied)")
+            raise DamagedEntry(f"{name} has {size} bytes, {expected} expected (truncated or half-copied)")
 
     def verify(self, kind: str, key: str, hash_files: Callable[[list[tuple[Path, str]]], list[str]] | None = None
                ) -> None:
@@ -282,18 +338,23 @@ class ArtifactCache:
         `hash_files` maps (path, digest kind) pairs to hex digests, and may do so in parallel (default: one after
         another)."""
         folder = self.entry(kind, key)
-        meta = self._meta(folder)
-        specs = [(folder / s["file"], s) for s in (meta.get(ARRAYS) or {}).values()]
-        specs += [(folder / name, s) for name, s in (meta.get(FILES) or {}).items()]
-        for path, spec in specs:
-            self._check_size(path, spec["bytes"])
-        jobs = [(path, _expected_digest(spec)[0]) for path, spec in specs]
-        digests = hash_files(jobs) if hash_files is not None else [file_digest(*job) for job in jobs]
-        for (path, spec), digest in zip(specs, digests, strict=True):
-            if digest != _expected_digest(spec)[1]:
-                raise DamagedEntry(f"{path.name} does not match its checksum")
-        if CHECKSUM in meta:
-            self._tensors(folder, meta)
+
+        def check(fd: int) -> None:
+            meta = self._meta(fd)
+            specs = [(s["file"], s) for s in (meta.get(ARRAYS) or {}).values()]
+            specs += list((meta.get(FILES) or {}).items())
+            for name, spec in specs:
+                self._check_size(name, spec["bytes"], fd)
+            # hashed by path (hash_files may hand them to threads): a folder replaced meanwhile fails and is read again
+            jobs = [(folder / name, _expected_digest(spec)[0]) for name, spec in specs]
+            digests = hash_files(jobs) if hash_files is not None else [file_digest(*job) for job in jobs]
+            for (name, spec), digest in zip(specs, digests, strict=True):
+                if digest != _expected_digest(spec)[1]:
+                    raise DamagedEntry(f"{name} does not match its checksum")
+            if CHECKSUM in meta:
+                self._tensors(fd, meta)
+
+        self._in_folder(folder, check)
 
     def get(self, kind: str, key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(tensors, meta) of a sound entry; None when there is none, or when it was damaged (reported, removed)."""
@@ -301,13 +362,17 @@ class ArtifactCache:
             return None
         try:
             return self.read(kind, key)
+        except FileNotFoundError:  # removed by another process since `has`
+            return None
         except DamagedEntry as exc:
             self.discard_damaged(kind, key, exc)
             return None
 
     def discard_damaged(self, kind: str, key: str, exc: Exception) -> None:
-        """Report a damaged entry in one line and remove it (unless another process removed it meanwhile)."""
-        if not self.entry(kind, key).exists():  # removed by another process while being read: simply absent
+        """Report a damaged entry in one line and remove it, unless another process removed it meanwhile or put
+        another entry in its place (then the damaged one is not there to remove)."""
+        now = _current_id(self.entry(kind, key))
+        if now is None or (isinstance(exc, DamagedEntry) and exc.folder_id not in (None, now)):
             return
         self.warn(f"cache: damaged entry {self.entry(kind, key)} ({exc}): removed, rebuilding it")
         self.remove(kind, key)
@@ -320,9 +385,11 @@ class ArtifactCache:
         out: list[tuple[str, dict[str, Any] | None]] = []
         for path in sorted(folder.glob(f"*/{META}")):
             try:
-                out.append((path.parent.name, self._meta(path.parent)))
+                out.append((path.parent.name, self._in_folder(path.parent, self._meta)))
             except DamagedEntry:
                 out.append((path.parent.name, None))
+            except FileNotFoundError:  # removed meanwhile
+                continue
         return out
 
     def add_forget_digest(self, kind: str, key: str, digest: str) -> None:
@@ -381,7 +448,7 @@ class ArtifactCache:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
         try:
-            meta = write(tmp)
+            meta = {**write(tmp), ENTRY_ID: uuid.uuid4().hex}
             (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))  # written last: marks complete
             for attempt in range(10):
                 try:
@@ -399,9 +466,9 @@ class ArtifactCache:
         return target
 
     @staticmethod
-    def _meta(folder: Path) -> dict[str, Any]:
+    def _meta(fd: int) -> dict[str, Any]:
         try:
-            meta = json.loads((folder / META).read_text())
+            meta = json.loads(_read_bytes(META, fd))
         except FileNotFoundError as exc:
             raise DamagedEntry(f"{META} missing") from exc
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -409,6 +476,27 @@ class ArtifactCache:
         if not isinstance(meta, dict):
             raise DamagedEntry(f"{META} is not a JSON object")
         return meta
+
+
+def _read_bytes(name: str, dir_fd: int) -> bytes:
+    with open(name, "rb", opener=lambda path, flags: os.open(path, flags, dir_fd=dir_fd)) as handle:
+        return handle.read()
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _path_of(fd: int) -> str:
+    """The path of an open folder, for messages (Linux names it; elsewhere the descriptor)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"<folder fd {fd}>"
 
 
 def array_file(name: str) -> str:
