@@ -144,29 +144,35 @@ def test_concurrent_preparers_of_one_key_never_corrupt_it(tmp_path):
     assert [p.name for p in (tmp_path / "stages").iterdir()] == ["shared"]  # no temporary folder left behind
 
 
-@pytest.mark.parametrize("when", ["after meta.json", "after tensors.pt"])
+@pytest.mark.parametrize("when", ["after meta.json", "after tensors.pt", "before the arrays"])
 def test_an_entry_replaced_while_it_is_read_is_never_reported_damaged_nor_removed(tmp_path, monkeypatch, when):
     """Another process removes the entry and builds the key again between two of a reader's file reads (racing
     preparers of one stage): the reader returns one whole entry, reports nothing, and the new entry stays."""
+    import numpy as np
+
     import unlearn.cache as cache_module
 
     store, lines = _store(tmp_path)
-    store.save("stages", "k", {"w": torch.zeros(64, 64)}, {"writer": 0})
+    arrays = (lambda value: {"rows": np.full((4, 8), value, np.float32)}) if when == "before the arrays" else (lambda _: {})
+    store.save("stages", "k", {"w": torch.zeros(64, 64)}, {"writer": 0}, arrays=arrays(0))
     real_read = cache_module._read_bytes
     swapped = []
 
     def read_then_replace(name, dir_fd):
         payload = real_read(name, dir_fd)
         if not swapped and name == (cache_module.META if when == "after meta.json" else cache_module.TENSORS):
+            # "before the arrays": the tensors are read, the arrays (mapped after them) are the next entry's
             swapped.append(name)
             other = ArtifactCache(tmp_path)
             other.remove("stages", "k")
-            other.save("stages", "k", {"w": torch.ones(64, 64)}, {"writer": 1})
+            other.save("stages", "k", {"w": torch.ones(64, 64)}, {"writer": 1}, arrays=arrays(1))
         return payload
 
     monkeypatch.setattr(cache_module, "_read_bytes", read_then_replace)
     tensors, meta = store.get("stages", "k")
     assert swapped and torch.all(tensors["w"] == meta["writer"])  # one entry's meta with its own tensors
+    if arrays(0):
+        assert np.all(tensors["rows"] == meta["writer"])
     assert lines == []
     monkeypatch.setattr(cache_module, "_read_bytes", real_read)
     tensors, meta = store.get("stages", "k")
@@ -185,6 +191,26 @@ def test_a_damaged_entry_replaced_before_its_clean_up_leaves_the_new_one_in_plac
     store.save("stages", "k", {"w": torch.ones(8)}, {"writer": 1})  # another process rebuilt it meanwhile
     store.discard_damaged("stages", "k", damaged.value)
     assert lines == [] and store.get("stages", "k")[1]["writer"] == 1
+    # the same guard at the removal itself (the key rebuilt between the check and the rename): put back
+    assert store.remove("stages", "k", only=damaged.value.folder_id) is False
+    assert store.get("stages", "k")[1]["writer"] == 1
+
+
+def test_verify_of_an_entry_removed_meanwhile_is_absence_not_damage(tmp_path):
+    store, lines = _store(tmp_path)
+    store.save("refs", "k", {}, {}, arrays={"x": torch.zeros(4, 4).numpy()})
+    hashed = []
+
+    def remove_then_hash(jobs):
+        store.remove("refs", "k")  # another process purges it while this one hashes
+        hashed.extend(jobs)
+        return [cache_file_digest(*job) for job in jobs]
+
+    from unlearn.cache import file_digest as cache_file_digest
+
+    with pytest.raises(FileNotFoundError):
+        store.verify("refs", "k", remove_then_hash)
+    assert hashed and lines == []
 
 
 def test_a_damaged_cached_stage_is_retrained_to_the_same_weights(tmp_path, log_lines):

@@ -221,15 +221,12 @@ def map_array(path: Path | str, dtype: str, shape: Iterable[int], dir_fd: int | 
     return np.frombuffer(mapped, dtype=dtype).reshape(shape)
 
 
-def _folder_id(fd: int) -> tuple[int, int, str]:
-    """Which entry an open folder is: its inode and the entry id its meta.json names (inodes are reused once a
-    folder is removed; an entry without an id, or with a damaged meta.json, falls back to the folder's ctime)."""
+def _folder_id(fd: int, meta: dict[str, Any] | None) -> tuple[int, int, str]:
+    """Which entry an open folder is: its inode and the entry id its meta.json names. While a reader holds the
+    folder open its inode cannot be reused; after that a rebuilt entry may reuse it, but carries a new id (an entry
+    without one, older or with a damaged meta.json, has "")."""
     stat = os.fstat(fd)
-    try:
-        entry_id = str(json.loads(_read_bytes(META, fd))[ENTRY_ID])
-    except (OSError, ValueError, KeyError, TypeError):
-        entry_id = f"ctime {stat.st_ctime_ns}"
-    return stat.st_dev, stat.st_ino, entry_id
+    return stat.st_dev, stat.st_ino, str(meta.get(ENTRY_ID, "")) if isinstance(meta, dict) else ""
 
 
 def _current_id(folder: Path) -> tuple[int, int, str] | None:
@@ -239,7 +236,11 @@ def _current_id(folder: Path) -> tuple[int, int, str] | None:
     except FileNotFoundError:
         return None
     try:
-        return _folder_id(fd)
+        try:
+            meta = ArtifactCache._meta(fd)
+        except DamagedEntry:
+            meta = None
+        return _folder_id(fd, meta)
     finally:
         os.close(fd)
 
@@ -274,24 +275,28 @@ class ArtifactCache:
         failure met in a folder that is no longer the key's is read again from what is there now."""
         return self._in_folder(self.entry(kind, key), self._read_at)
 
-    def _in_folder(self, folder: Path, check: Callable[[int], Any]) -> Any:
-        """`check(fd)` on the folder opened once; a DamagedEntry met in a folder that is no longer the key's (removed
-        or replaced meanwhile) is checked again on what is there now, at most twice."""
+    def _in_folder(self, folder: Path, check: Callable[[int, dict[str, Any]], Any]) -> Any:
+        """`check(fd, meta)` on the folder opened once (meta: its meta.json, read through `fd`). A damaged or missing
+        file met in a folder that is no longer the key's (removed or replaced meanwhile) is checked again on what is
+        there now, at most twice; FileNotFoundError when the key is absent."""
         for attempt in range(3):
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # FileNotFoundError: absent (or removed meanwhile)
+            meta: dict[str, Any] | None = None
             try:
-                return check(fd)
-            except DamagedEntry as exc:
-                read_id = _folder_id(fd)
+                meta = self._meta(fd)
+                return check(fd, meta)
+            except (DamagedEntry, FileNotFoundError) as exc:
+                read_id = _folder_id(fd, meta)
                 if attempt < 2 and _current_id(folder) != read_id:
                     continue  # replaced or removed while read: not damage
-                raise DamagedEntry(str(exc), read_id) from exc
+                if isinstance(exc, DamagedEntry):
+                    raise DamagedEntry(str(exc), read_id) from exc
+                raise DamagedEntry(f"{Path(exc.filename or '?').name} missing", read_id) from exc
             finally:
                 os.close(fd)
         raise AssertionError("unreachable")
 
-    def _read_at(self, fd: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        meta = self._meta(fd)
+    def _read_at(self, fd: int, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         tensors: dict[str, Any] = {}
         if CHECKSUM in meta or _exists(TENSORS, fd) or not (meta.get(ARRAYS) or meta.get(FILES)):
             tensors.update(self._tensors(fd, meta))
@@ -339,8 +344,7 @@ class ArtifactCache:
         another)."""
         folder = self.entry(kind, key)
 
-        def check(fd: int) -> None:
-            meta = self._meta(fd)
+        def check(fd: int, meta: dict[str, Any]) -> None:
             specs = [(s["file"], s) for s in (meta.get(ARRAYS) or {}).values()]
             specs += list((meta.get(FILES) or {}).items())
             for name, spec in specs:
@@ -371,11 +375,12 @@ class ArtifactCache:
     def discard_damaged(self, kind: str, key: str, exc: Exception) -> None:
         """Report a damaged entry in one line and remove it, unless another process removed it meanwhile or put
         another entry in its place (then the damaged one is not there to remove)."""
+        damaged = exc.folder_id if isinstance(exc, DamagedEntry) else None
         now = _current_id(self.entry(kind, key))
-        if now is None or (isinstance(exc, DamagedEntry) and exc.folder_id not in (None, now)):
+        if now is None or damaged not in (None, now):
             return
-        self.warn(f"cache: damaged entry {self.entry(kind, key)} ({exc}): removed, rebuilding it")
-        self.remove(kind, key)
+        if self.remove(kind, key, only=damaged):
+            self.warn(f"cache: damaged entry {self.entry(kind, key)} ({exc}): removed, rebuilding it")
 
     def entries(self, kind: str) -> list[tuple[str, dict[str, Any] | None]]:
         """(key, meta) of every entry of `kind`; meta is None where meta.json is damaged."""
@@ -385,7 +390,7 @@ class ArtifactCache:
         out: list[tuple[str, dict[str, Any] | None]] = []
         for path in sorted(folder.glob(f"*/{META}")):
             try:
-                out.append((path.parent.name, self._in_folder(path.parent, self._meta)))
+                out.append((path.parent.name, self._in_folder(path.parent, lambda _, meta: meta)))
             except DamagedEntry:
                 out.append((path.parent.name, None))
             except FileNotFoundError:  # removed meanwhile
@@ -406,17 +411,26 @@ class ArtifactCache:
         folder = self.entry(kind, key) / DIGESTS
         return digests | ({p.name for p in folder.iterdir()} if folder.is_dir() else set())
 
-    def remove(self, kind: str, key: str) -> None:
-        """Delete an entry: renamed out of place first, so no reader sees it half-deleted."""
+    def remove(self, kind: str, key: str, only: tuple[int, int, str] | None = None) -> bool:
+        """Delete an entry: renamed out of place first, so no reader sees it half-deleted. With `only` (an entry's
+        `_folder_id`), a different entry found there (another process rebuilt the key meanwhile) is put back. Whether
+        an entry was removed."""
         target = self.entry(kind, key)
         if not target.exists():
-            return
+            return False
         doomed = Path(tempfile.mkdtemp(prefix=f".rm-{key}-", dir=target.parent))
+        removed = True
         try:
             os.rename(target, doomed / key)
         except FileNotFoundError:  # another process removed it first
-            pass
+            removed = False
+        else:
+            if only is not None and _current_id(doomed / key) != only:
+                with contextlib.suppress(OSError):  # the key taken again meanwhile: this one goes (a rebuild, no loss)
+                    os.rename(doomed / key, target)
+                    removed = False
         shutil.rmtree(doomed, ignore_errors=True)
+        return removed
 
     def save(self, kind: str, key: str, tensors: dict[str, Any], meta: dict[str, Any],
              arrays: dict[str, np.ndarray] | None = None) -> Path:

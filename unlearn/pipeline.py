@@ -84,6 +84,8 @@ def load_data(config: Config, map_shards: MapShards | None = None, verify: bool 
         except DamagedEntry as exc:
             cache.discard_damaged(STORE_KIND, store.key, exc)
             continue
+        except FileNotFoundError:  # removed by another process (purge, a clean-up) since it was opened
+            continue
         logger.info(f"image store: reused {store.key} ({len(store)} images), verified in {time.perf_counter() - started:.1f} s")
         return data
     raise RuntimeError(f"the image store {cache.entry(STORE_KIND, store.key)} failed verification again after a rebuild")
