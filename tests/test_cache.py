@@ -197,6 +197,8 @@ def test_a_damaged_entry_replaced_before_its_clean_up_leaves_the_new_one_in_plac
 
 
 def test_verify_of_an_entry_removed_meanwhile_is_absence_not_damage(tmp_path):
+    from unlearn.cache import file_digest
+
     store, lines = _store(tmp_path)
     store.save("refs", "k", {}, {}, arrays={"x": torch.zeros(4, 4).numpy()})
     hashed = []
@@ -204,9 +206,7 @@ def test_verify_of_an_entry_removed_meanwhile_is_absence_not_damage(tmp_path):
     def remove_then_hash(jobs):
         store.remove("refs", "k")  # another process purges it while this one hashes
         hashed.extend(jobs)
-        return [cache_file_digest(*job) for job in jobs]
-
-    from unlearn.cache import file_digest as cache_file_digest
+        return [file_digest(*job) for job in jobs]
 
     with pytest.raises(FileNotFoundError):
         store.verify("refs", "k", remove_then_hash)
